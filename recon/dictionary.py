@@ -21,6 +21,13 @@ import torch
 NORM_TOLERANCE = 1e-3
 
 
+def _as_complex(x: torch.Tensor) -> torch.Tensor:
+    """Complex view of ``x`` keeping its precision (float64 → complex128, else complex64)."""
+    if x.is_complex():
+        return x
+    return x.to(torch.complex128 if x.dtype == torch.float64 else torch.complex64)
+
+
 class DictionaryError(ValueError):
     """A dictionary file or tensor is unusable (wrong shape, non-finite values, non-unit norms, unreadable)."""
 
@@ -72,19 +79,21 @@ class Dictionary:
         return Dictionary(self.filters[order], name=f"{self.name}-permuted", meta=self.meta)
 
     # ---- FFT-domain machinery -------------------------------------------------------------------------------
-    def spectra(self, shape: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
-        """d̂_k on an ``shape`` grid: complex64 ``(K, ny, nx)``, cached per (shape, device)."""
+    def spectra(self, shape: tuple[int, int], device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.complex64) -> torch.Tensor:
+        """d̂_k on an ``shape`` grid: ``(K, ny, nx)`` of ``dtype``, cached per (shape, device, dtype)."""
         device = torch.device(device)
-        key = (tuple(shape), device.type, device.index)
+        key = (tuple(shape), device.type, device.index, dtype)
         if key not in self._spectra:
             ny, nx = shape
             kf = self.kernel_size
             if kf > ny or kf > nx:
                 raise DictionaryError(f"filters of size {kf} do not fit an image of shape {shape}")
-            padded = torch.zeros(self.num_filters, ny, nx, device=device)
-            padded[:, :kf, :kf] = self.filters.to(device)
+            real_dtype = torch.float64 if dtype == torch.complex128 else torch.float32
+            padded = torch.zeros(self.num_filters, ny, nx, device=device, dtype=real_dtype)
+            padded[:, :kf, :kf] = self.filters.to(device=device, dtype=real_dtype)
             padded = torch.roll(padded, shifts=(-(kf // 2), -(kf // 2)), dims=(-2, -1))
-            self._spectra[key] = torch.fft.fft2(padded).to(torch.complex64)
+            self._spectra[key] = torch.fft.fft2(padded).to(dtype)
         return self._spectra[key]
 
     def lipschitz(self, shape: tuple[int, int]) -> float:
@@ -93,18 +102,18 @@ class Dictionary:
 
     def synthesize_fourier(self, codes_hat: torch.Tensor) -> torch.Tensor:
         """Σ_k d̂_k ŝ_k for code spectra ``(..., K, ny, nx)`` → image spectrum ``(..., ny, nx)``."""
-        d_hat = self.spectra(codes_hat.shape[-2:], codes_hat.device)
+        d_hat = self.spectra(codes_hat.shape[-2:], codes_hat.device, codes_hat.dtype)
         return torch.einsum("...kyx,kyx->...yx", codes_hat, d_hat)
 
     def synthesize(self, codes: torch.Tensor) -> torch.Tensor:
         """D s = Σ_k d_k ∗ s_k: ``(..., K, ny, nx)`` → ``(..., ny, nx)``."""
-        codes = codes.to(torch.complex64)
+        codes = _as_complex(codes)
         return torch.fft.ifft2(self.synthesize_fourier(torch.fft.fft2(codes)))
 
     def analyze(self, image: torch.Tensor) -> torch.Tensor:
         """Dᴴ x (correlation with each filter): ``(..., ny, nx)`` → ``(..., K, ny, nx)``."""
-        image = image.to(torch.complex64)
-        d_hat = self.spectra(image.shape[-2:], image.device)
+        image = _as_complex(image)
+        d_hat = self.spectra(image.shape[-2:], image.device, image.dtype)
         return torch.fft.ifft2(torch.fft.fft2(image).unsqueeze(-3) * d_hat.conj())
 
     # ---- I/O ------------------------------------------------------------------------------------------------

@@ -56,14 +56,21 @@ def _complex_to_channels(x: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(x).permute(0, 1, 4, 2, 3).flatten(1, 2)
 
 
+INITIAL_LOGIT = -3.0
+
+
 class LambdaNet(nn.Module):
-    """Common output activation: Λ = u_b · sigmoid(u)."""
+    """Common output activation: Λ = u_b · sigmoid(u). The head's bias starts at ``INITIAL_LOGIT`` so an untrained
+    network begins with weak regularisation (Λ ≈ 0.05 u_b), where the soft-threshold still passes gradients."""
 
     version = "base"
 
     def __init__(self, upper_bound: float = 1.0):
         super().__init__()
         self.upper_bound = upper_bound
+
+    def _init_head(self) -> None:
+        nn.init.constant_(self.unet.head.bias, INITIAL_LOGIT)
 
     def activate(self, u: torch.Tensor) -> torch.Tensor:
         return self.upper_bound * torch.sigmoid(u)
@@ -82,6 +89,7 @@ class LambdaNetV1(LambdaNet):
         self.num_filters = num_filters
         self.base_channels, self.stages = base_channels, stages
         self.unet = UNet(2, num_filters, base_channels, stages)
+        self._init_head()
 
     def forward(self, x0: torch.Tensor, dictionary: Dictionary) -> torch.Tensor:
         if dictionary.num_filters != self.num_filters:
@@ -103,6 +111,7 @@ class LambdaNetV2(LambdaNetV1):
         self.num_filters = num_filters
         self.base_channels, self.stages = base_channels, stages
         self.unet = UNet(2 * num_filters, num_filters, base_channels, stages)
+        self._init_head()
 
     def forward(self, x0: torch.Tensor, dictionary: Dictionary) -> torch.Tensor:
         if dictionary.num_filters != self.num_filters:
@@ -121,6 +130,7 @@ class LambdaNetV3(LambdaNet):
         super().__init__(upper_bound)
         self.base_channels, self.stages, self.chunk = base_channels, stages, chunk
         self.unet = UNet(2, 1, base_channels, stages)
+        self._init_head()
 
     def forward(self, x0: torch.Tensor, dictionary: Dictionary) -> torch.Tensor:
         coefficients = dictionary.analyze(x0)  # (B, K, ny, nx)

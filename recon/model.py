@@ -6,9 +6,9 @@
 One FISTA gradient costs 2K FFTs (codes ↔ Fourier) plus 2C + 2 for a C-coil operator (none for a single coil,
 where A D s = S Σ_k d̂_k ŝ_k directly in k-space). Step τ = c / L with L = max_ω Σ_k |d̂_k(ω)|² ≥ ‖A D‖².
 
-Data normalisation: k-space is divided by the RMS of its measured samples (per batch item) before anything else;
-the image is scaled back, so outputs share the units of the input's zero-filled image. Inputs and outputs use the
-centred layout; internally everything runs in the native FFT layout (shifts only at entry and exit).
+Data normalisation: k-space is divided by ‖Aᴴy‖/√M (the RMS of the measured samples for one coil, see
+:func:`data_scale`) before anything else; the image is scaled back, so outputs share the units of the input's
+zero-filled image. Λ is in normalised units. Inputs and outputs use the centred layout; internally everything runs in the native FFT layout (shifts only at entry and exit).
 """
 
 from __future__ import annotations
@@ -38,13 +38,14 @@ class ReconOutput:
     scale: torch.Tensor
 
 
-def kspace_scale(kspace: torch.Tensor, mask: torch.Tensor, coil_dims: int) -> torch.Tensor:
-    """RMS of the measured samples per batch item: ``(B,)``. ``coil_dims`` = 1 for (B, C, ny, nx), else 0."""
-    mask = mask.expand(kspace.shape[:1] + mask.shape[-2:]) if mask.ndim == 2 else mask
-    reduce = tuple(range(1, kspace.ndim))
-    power = (kspace.abs() ** 2).sum(dim=reduce)
-    count = mask.sum(dim=(-2, -1)) * (kspace.shape[1] if coil_dims else 1)
-    return (power / count.clamp_min(1)).sqrt().clamp_min(1e-12)
+def data_scale(zero_filled: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Normalisation factor per batch item, ``(B,)``: ‖Aᴴy‖ / √M with M the number of measured k-space locations.
+    For a single coil ‖Aᴴy‖ = ‖y‖, so this is the RMS of the measured samples (the paper's k-space
+    normalisation); for several coils it uses the coil-combined energy, so the scale does not depend on the coil
+    count."""
+    count = mask.expand(zero_filled.shape).sum(dim=(-2, -1)) if mask.ndim == 2 else mask.sum(dim=(-2, -1))
+    energy = zero_filled.abs().pow(2).sum(dim=(-2, -1))
+    return (energy / count.clamp_min(1)).sqrt().clamp_min(1e-12)
 
 
 class CDLLambda(nn.Module):
@@ -84,26 +85,27 @@ class CDLLambda(nn.Module):
         if kspace.ndim != (4 if multi else 3):
             raise ValueError(f"k-space must be {'(B, C, ny, nx) with coil maps' if multi else '(B, ny, nx)'}, "
                              f"got shape {tuple(kspace.shape)}")
-        kspace = kspace.to(torch.complex64)
-        mask = mask.to(device=kspace.device, dtype=torch.float32)
-        scale = kspace_scale(kspace, mask, coil_dims=int(multi))
-        unsqueeze = (slice(None),) + (None,) * (kspace.ndim - 1)
-        y = _fft.to_native(kspace / scale[unsqueeze])
+        if not kspace.is_complex():
+            raise ValueError(f"k-space must be complex, got {kspace.dtype}")
+        mask = mask.to(device=kspace.device, dtype=kspace.real.dtype)
         native_mask = _fft.to_native(mask)
-        maps = _fft.to_native(coil_maps.to(torch.complex64)) if multi else None
+        maps = _fft.to_native(coil_maps.to(kspace.dtype)) if multi else None
         op = make_operator(native_mask, maps, centred=False)
-
+        y = _fft.to_native(kspace)
         x0 = op.adjoint(y)
+        scale = data_scale(x0, mask)
+        x0 = x0 / scale[:, None, None]
+        y = y / scale.view(-1, *(1,) * (y.ndim - 1))
         x_low = self.split(x0)
         residual_data = y - op.forward(x_low)
         b_hat = residual_data if not multi else _fft.fft2(op.adjoint(residual_data))
 
         x0_centred = _fft.from_native(x0)
-        lam = self.lambda_maps(x0_centred, dictionary)
+        lam = self.lambda_maps(x0_centred, dictionary).to(x0.real.dtype)
         lam_native = _fft.to_native(lam)
 
         shape = tuple(x0.shape[-2:])
-        d_hat = dictionary.spectra(shape, x0.device)
+        d_hat = dictionary.spectra(shape, x0.device, x0.dtype)
         step = self.step_factor / dictionary.lipschitz(shape)
 
         def gradient(z: torch.Tensor) -> torch.Tensor:
@@ -111,7 +113,7 @@ class CDLLambda(nn.Module):
             r = op.normal_fourier(u) - b_hat                             # F Aᴴ(A D z − y′)
             return _fft.ifft2(r.unsqueeze(1) * d_hat.conj())            # Dᴴ Aᴴ(A D z − y′)
 
-        codes0 = torch.zeros(x0.shape[0], dictionary.num_filters, *shape, dtype=torch.complex64, device=x0.device)
+        codes0 = torch.zeros(x0.shape[0], dictionary.num_filters, *shape, dtype=x0.dtype, device=x0.device)
         codes = fista(gradient, lam_native, codes0, step, iterations, grad_iterations, self.inertia)
         image = x_low + _fft.ifft2(torch.einsum("bkyx,kyx->byx", _fft.fft2(codes), d_hat))
 

@@ -1,0 +1,88 @@
+"""NET_Θ: V3 is exactly permutation-equivariant and takes any dictionary; V1 and V2 are not."""
+
+import pytest
+import torch
+
+from helpers import phantom, random_dictionary
+from recon.fft import fft2c
+from recon.lambda_nets import LambdaNetV1, LambdaNetV2, LambdaNetV3, build_lambda_net
+from recon.model import CDLLambda
+from recon.sampling import central_window_mask
+
+SHAPE = (32, 32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.manual_seed(0)
+    mask = central_window_mask(SHAPE, (16, 16))
+    x = phantom(*SHAPE).unsqueeze(0)
+    noise = 0.05 * torch.randn(1, *SHAPE, dtype=torch.complex64)
+    return (fft2c(x) + noise) * mask, mask
+
+
+def _randomise(net):
+    """Untrained nets output ≈ constant maps; perturb the weights so the test sees a real spatial dependence."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return net
+
+
+def reconstruct(net, kspace, mask, dictionary):
+    model = CDLLambda(net, iterations=30)
+    with torch.no_grad():
+        return model(kspace, mask, dictionary)
+
+
+def relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_v3_permutation_leaves_image_unchanged(data):
+    kspace, mask = data
+    dictionary = random_dictionary(12, 5, seed=3)
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(7))
+    net = _randomise(LambdaNetV3(base_channels=8))
+    out = reconstruct(net, kspace, mask, dictionary)
+    permuted = reconstruct(net, kspace, mask, dictionary.permuted(order))
+    assert relative(permuted.image, out.image) < 1e-5
+    assert torch.allclose(permuted.lambda_maps, out.lambda_maps[:, order], atol=1e-6)  # Λ(πD) = πΛ(D)
+    assert out.lambda_maps.std() > 1e-3  # the maps are not trivially constant
+
+
+@pytest.mark.parametrize("net_class", [LambdaNetV1, LambdaNetV2])
+def test_v1_v2_are_not_permutation_invariant(data, net_class):
+    kspace, mask = data
+    dictionary = random_dictionary(12, 5, seed=3)
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(7))
+    net = _randomise(net_class(12, base_channels=8))
+    out = reconstruct(net, kspace, mask, dictionary)
+    permuted = reconstruct(net, kspace, mask, dictionary.permuted(order))
+    assert relative(permuted.image, out.image) > 1e-3
+
+
+@pytest.mark.parametrize("num_filters, kernel_size", [(8, 5), (24, 7), (64, 11)])
+def test_v3_accepts_any_dictionary(data, num_filters, kernel_size):
+    kspace, mask = data
+    net = LambdaNetV3(base_channels=8)
+    out = reconstruct(net, kspace, mask, random_dictionary(num_filters, kernel_size, seed=num_filters))
+    assert out.lambda_maps.shape == (1, num_filters, *SHAPE)
+    assert torch.isfinite(out.image).all()
+    assert (out.lambda_maps >= 0).all() and (out.lambda_maps <= net.upper_bound).all()
+
+
+def test_v1_refuses_a_dictionary_of_another_size(data):
+    kspace, mask = data
+    with pytest.raises(ValueError, match="K=12"):
+        reconstruct(LambdaNetV1(12, base_channels=8), kspace, mask, random_dictionary(8, 5))
+
+
+def test_networks_rebuild_from_their_config():
+    for net in (LambdaNetV1(8, base_channels=8), LambdaNetV2(8, base_channels=8), LambdaNetV3(base_channels=8)):
+        rebuilt = build_lambda_net(net.config())
+        assert type(rebuilt) is type(net)
+        rebuilt.load_state_dict(net.state_dict())
+    with pytest.raises(ValueError, match="unknown"):
+        build_lambda_net({"version": "v9"})

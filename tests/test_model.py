@@ -1,0 +1,110 @@
+"""CDL-Λ end to end on small problems: exactness, coil consistency, denoising, the pipeline's input checks."""
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import phantom, random_dictionary
+from recon.device import choose_device
+from recon.dictionary import dct_dictionary
+from recon.fft import fft2c, ifft2c
+from recon.lambda_nets import LambdaNetV3
+from recon.model import CDLLambda
+from recon.pipeline import Reconstructor, default_calibration_mask
+from recon.sampling import equispaced_line_mask
+from test_coils import synthetic_maps
+
+SHAPE = (48, 48)
+
+
+def relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_noiseless_full_sampling_returns_the_image():
+    x = phantom(*SHAPE).unsqueeze(0)
+    out = CDLLambda(None, scalar_lambda=1e-4, iterations=40)(fft2c(x), torch.ones(SHAPE), random_dictionary(8, 5))
+    assert relative(out.image, x) < 1e-3
+    assert relative(out.zero_filled, x) < 1e-5
+
+
+def test_multi_coil_matches_single_coil_when_fully_sampled():
+    """With full sampling and Σ|c|² = 1, AᴴA = I for both operators: the two paths must agree."""
+    torch.manual_seed(0)
+    x = phantom(*SHAPE).unsqueeze(0)
+    maps = synthetic_maps(4, SHAPE)
+    maps = (maps / maps.abs().pow(2).sum(dim=0, keepdim=True).sqrt()).unsqueeze(0)
+    noise = 0.1 * torch.randn(1, *SHAPE, dtype=torch.complex64)
+    single_k = fft2c(x + noise)
+    multi_k = fft2c(maps * (x + noise).unsqueeze(1))
+    model = CDLLambda(LambdaNetV3(base_channels=4), iterations=20)
+    dictionary = random_dictionary(8, 5)
+    with torch.no_grad():
+        single = model(single_k, torch.ones(SHAPE), dictionary)
+        multi = model(multi_k, torch.ones(SHAPE), dictionary, coil_maps=maps)
+    assert relative(multi.image, single.image) < 1e-4
+
+
+def test_scalar_lambda_denoises():
+    torch.manual_seed(1)
+    x = phantom(64, 64).unsqueeze(0)
+    y = fft2c(x) + 0.15 * torch.randn(1, 64, 64, dtype=torch.complex64)
+    with torch.no_grad():
+        out = CDLLambda(None, scalar_lambda=0.3, iterations=64)(y, torch.ones(64, 64), dct_dictionary(7))
+    zero_filled_error = relative(ifft2c(y), x)
+    assert relative(out.image, x) < 0.75 * zero_filled_error
+
+
+def test_output_units_follow_the_input():
+    x = phantom(*SHAPE).unsqueeze(0)
+    mask = equispaced_line_mask(SHAPE, 2, 8)
+    model = CDLLambda(None, scalar_lambda=0.01, iterations=10)
+    with torch.no_grad():
+        small = model(fft2c(x) * mask, mask, random_dictionary(8, 5)).image
+        large = model(1000 * fft2c(x) * mask, mask, random_dictionary(8, 5)).image
+    assert relative(large, 1000 * small) < 1e-5
+
+
+def test_pipeline_reconstructs_multi_coil_slices():
+    x = phantom(*SHAPE)
+    maps = synthetic_maps(4, SHAPE)
+    maps = maps / maps.abs().pow(2).sum(dim=0, keepdim=True).sqrt()
+    mask = equispaced_line_mask(SHAPE, 2, 16)
+    kspace = (mask * fft2c(maps * x)).unsqueeze(0).repeat(3, 1, 1, 1)
+    reconstructor = Reconstructor(network="none", iterations=30, device="cpu", batch_size=2, scalar_lambda=0.01)
+    result = reconstructor.reconstruct(kspace.numpy(), mask.numpy())
+    assert result.image.shape == (3, *SHAPE) and result.image.dtype == np.complex64
+    assert result.lambda_maps.shape[:2] == (3, reconstructor.dictionary.num_filters)
+    inside = x.abs().numpy() > 0.3
+    error = np.abs(np.abs(result.image[1]) - np.abs(x.numpy()))[inside].mean()
+    zero_filled_error = np.abs(np.abs(result.zero_filled[1]) - np.abs(x.numpy()))[inside].mean()
+    assert error < zero_filled_error and error < 0.1
+    assert np.allclose(result.image[0], result.image[2], rtol=1e-4, atol=1e-5)  # slices are independent
+
+
+def test_pipeline_rejects_bad_input():
+    reconstructor = Reconstructor(network="none", iterations=5, device="cpu")
+    kspace = np.zeros((1, 2, 32, 32), np.complex64)
+    mask = np.ones((32, 32), np.float32)
+    kspace[0, 1, 3, 4] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        reconstructor.reconstruct(kspace, mask)
+    with pytest.raises(ValueError, match="does not match"):
+        reconstructor.reconstruct(np.zeros((1, 2, 32, 32), np.complex64), np.ones((16, 32), np.float32))
+    with pytest.raises(ValueError, match="slices, coils"):
+        reconstructor.reconstruct(np.zeros((32, 32), np.complex64), mask)
+
+
+def test_calibration_region_is_the_central_block():
+    mask = equispaced_line_mask((64, 32), 4, 12)
+    calibration = default_calibration_mask(mask)
+    rows = torch.nonzero(calibration[:, 0]).flatten()
+    assert rows.min() == 26 and rows.max() == 37
+
+
+def test_device_choice():
+    assert choose_device(None).type in ("cpu", "cuda")
+    assert choose_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            choose_device("cuda")
