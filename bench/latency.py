@@ -1,0 +1,126 @@
+"""Per-slice latency of one CDL-Λ reconstruction (V3, T = 64) and its ratio to the FFT floor.
+
+For each case: ms per slice (network + split + T FISTA iterations), ms per FISTA iteration, and that iteration time
+divided by the time of the FFTs one iteration must do, 2K + 2C + 2 FFTs of the image size (C = 1 for a single
+coil), measured in the same run with the same torch FFT calls. Writes a Markdown table (default docs/bench_latency.md).
+
+    python bench/latency.py [--device auto|cpu|cuda] [--threads N] [--repeats 3] [--out docs/bench_latency.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from recon.device import choose_device  # noqa: E402
+from recon.dictionary import Dictionary  # noqa: E402
+from recon.fft import fft2c  # noqa: E402
+from recon.lambda_nets import LambdaNetV3  # noqa: E402
+from recon.model import CDLLambda  # noqa: E402
+from recon.sampling import central_window_mask, equispaced_line_mask  # noqa: E402
+
+CASES = [  # name, image size, coils, K, k_f
+    ("160² single coil, K=32, 9×9", 160, 1, 32, 9),
+    ("256² 8 coils, K=32, 9×9", 256, 8, 32, 9),
+]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int) -> float:
+    """Median wall time in seconds of ``fn()`` over ``repeats`` runs, after one warm-up run."""
+    fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def random_dictionary(num_filters: int, kernel_size: int) -> Dictionary:
+    filters = torch.randn(num_filters, kernel_size, kernel_size, generator=torch.Generator().manual_seed(0))
+    return Dictionary(filters / filters.flatten(1).norm(dim=1)[:, None, None], name="bench")
+
+
+def run_case(size, coils, num_filters, kernel_size, device, repeats, iterations=64, batch=1):
+    torch.manual_seed(0)
+    shape = (size, size)
+    dictionary = random_dictionary(num_filters, kernel_size)
+    model = CDLLambda(LambdaNetV3(base_channels=16), iterations=iterations).to(device).eval()
+    image = torch.randn(batch, *shape, dtype=torch.complex64, device=device)
+    if coils == 1:
+        mask = central_window_mask(shape, (size // 2, size // 2)).to(device)
+        kspace, maps = mask * fft2c(image), None
+    else:
+        mask = equispaced_line_mask(shape, 4, 24).to(device)
+        maps = torch.randn(batch, coils, *shape, dtype=torch.complex64, device=device)
+        maps = maps / maps.abs().pow(2).sum(dim=1, keepdim=True).sqrt()
+        kspace = mask * fft2c(maps * image.unsqueeze(1))
+
+    def reconstruct(t):
+        with torch.inference_mode():
+            model(kspace, mask, dictionary, coil_maps=maps, iterations=t)
+
+    total = timed(lambda: reconstruct(iterations), device, repeats)
+    without_loop = timed(lambda: reconstruct(0), device, repeats)
+    per_iteration = (total - without_loop) / iterations
+
+    codes = torch.randn(batch, num_filters, *shape, dtype=torch.complex64, device=device)
+    coil_images = torch.randn(batch, max(coils, 1), *shape, dtype=torch.complex64, device=device)
+    one = torch.randn(batch, *shape, dtype=torch.complex64, device=device)
+
+    def fft_floor():
+        with torch.inference_mode():
+            for _ in range(8):
+                torch.fft.fft2(codes, norm="ortho"), torch.fft.ifft2(codes, norm="ortho")
+                torch.fft.fft2(coil_images, norm="ortho"), torch.fft.ifft2(coil_images, norm="ortho")
+                torch.fft.fft2(one, norm="ortho"), torch.fft.ifft2(one, norm="ortho")
+
+    floor = timed(fft_floor, device, repeats) / 8
+    return total / batch, per_iteration / batch, floor / batch
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1, help="slices per forward pass")
+    parser.add_argument("--out", default="docs/bench_latency.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = choose_device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {args.threads} threads"
+    rows = ["| case | batch | ms / slice | ms / FISTA iteration | FFT floor ms / iteration | ratio |",
+            "|---|---|---|---|---|---|"]
+    for name, size, coils, k, kf in CASES:
+        per_slice, per_iteration, floor = run_case(size, coils, k, kf, device, args.repeats, batch=args.batch)
+        rows.append(f"| {name} | {args.batch} | {per_slice * 1e3:.1f} | {per_iteration * 1e3:.2f} | "
+                    f"{floor * 1e3:.2f} | {per_iteration / floor:.2f} |")
+        print(rows[-1], file=sys.stderr)
+    text = (f"# CDL-Λ latency (V3, T = 64)\n\nDevice: {where}; torch {torch.__version__}.\n"
+            f"Command: `python bench/latency.py --device {args.device} --threads {args.threads} "
+            f"--batch {args.batch}`\n\n" + "\n".join(rows) + "\n\nThe FFT floor is the time of the 2K + 2C + 2 "
+            "FFTs one iteration must do (C = 1 for one coil), measured in the same run.\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
