@@ -108,13 +108,16 @@ class CDLLambda(nn.Module):
         d_hat = dictionary.spectra(shape, x0.device, x0.dtype)
         step = self.step_factor / dictionary.lipschitz(shape)
 
-        def gradient(z: torch.Tensor) -> torch.Tensor:
-            u = torch.einsum("bkyx,kyx->byx", _fft.fft2(z), d_hat)      # F(D z)
-            r = op.normal_fourier(u) - b_hat                             # F Aᴴ(A D z − y′)
-            return _fft.ifft2(r.unsqueeze(1) * d_hat.conj())            # Dᴴ Aᴴ(A D z − y′)
+        step_conj = step * d_hat.conj()
+
+        def forward_step(z: torch.Tensor) -> torch.Tensor:
+            """z − τ Dᴴ Aᴴ(A D z − y′), computed as F⁻¹(ẑ − τ d̂ᴴ (F AᴴA D z − b̂)) in the Fourier domain."""
+            z_hat = _fft.fft2(z)
+            residual = op.normal_fourier(torch.einsum("bkyx,kyx->byx", z_hat, d_hat)) - b_hat
+            return _fft.ifft2(torch.addcmul(z_hat, residual.unsqueeze(1), step_conj, value=-1))
 
         codes0 = torch.zeros(x0.shape[0], dictionary.num_filters, *shape, dtype=x0.dtype, device=x0.device)
-        codes = fista(gradient, lam_native, codes0, step, iterations, grad_iterations, self.inertia)
+        codes = fista(forward_step, step * lam_native, codes0, iterations, grad_iterations, self.inertia)
         image = x_low + _fft.ifft2(torch.einsum("bkyx,kyx->byx", _fft.fft2(codes), d_hat))
 
         rescale = scale[:, None, None]

@@ -107,7 +107,8 @@ class WeightsRegistry:
 
     def dictionary(self, name: str | None = None) -> Dictionary:
         """A shipped dictionary by name (``None``/"default" → the manifest's default; the built-in ``dct-7x7``
-        when the manifest has none). A path to a ``.pt`` file outside the manifest is loaded too (no checksum)."""
+        when the manifest has none; ``dct-N`` names the built-in N×N DCT dictionary). Only files listed in the
+        manifest, with a matching checksum, are ever loaded."""
         if name in (None, "default"):
             name = self.defaults.get("dictionary")
             if name is None:
@@ -124,8 +125,6 @@ class WeightsRegistry:
             except (DictionaryError, KeyError, TypeError, RuntimeError) as error:
                 raise WeightsError(f"dictionary {name!r} ({path}) is unusable: {error}") from None
             return dictionary
-        if Path(name).suffix == ".pt" and Path(name).exists():
-            return Dictionary.load(name)
         raise WeightsError(f"unknown dictionary {name!r}; shipped: {sorted(self.dictionaries)}")
 
     def network(self, name: str | None = None) -> LoadedNetwork | None:

@@ -7,7 +7,7 @@ from helpers import complex_randn, phantom, random_dictionary
 from recon import fft
 from recon.operators import SingleCoilOperator
 from recon.sampling import central_window_mask
-from recon.solvers import fista, soft_threshold
+from recon.solvers import fista, gradient_step, soft_threshold
 
 SHAPE = (12, 12)
 
@@ -48,7 +48,7 @@ def test_fista_reaches_independent_ista_minimiser(problem):
         flat = soft_threshold(flat - (matrix @ flat - b) / lipschitz, lam_flat / lipschitz)
     reference = flat.reshape(4, *SHAPE)
     start = torch.zeros_like(reference)
-    solution = fista(gradient, lam, start, 0.99 / lipschitz, iterations=1000)
+    solution = fista(gradient_step(gradient, 0.99 / lipschitz), 0.99 / lipschitz * lam, start, iterations=1000)
     assert (solution - reference).norm() / reference.norm() < 1e-3
     assert abs(objective(solution) - objective(reference)) / objective(reference) < 1e-6
 
@@ -58,7 +58,8 @@ def test_fista_objective_is_non_increasing_after_first_iterations(problem):
     iterations any increase must be below 1e-6 of the objective, and the total decrease large."""
     dictionary, lam, objective, gradient, lipschitz = problem
     values = []
-    fista(gradient, lam, torch.zeros(4, *SHAPE, dtype=torch.complex128), 0.99 / lipschitz, iterations=300,
+    fista(gradient_step(gradient, 0.99 / lipschitz), 0.99 / lipschitz * lam,
+          torch.zeros(4, *SHAPE, dtype=torch.complex128), iterations=300,
           callback=lambda n, s: values.append(objective(s)))
     increases = [b - a for a, b in zip(values[10:], values[11:]) if b > a + 1e-6 * abs(a)]
     assert not increases
@@ -68,4 +69,5 @@ def test_fista_objective_is_non_increasing_after_first_iterations(problem):
 def test_fista_rejects_non_convergent_inertia(problem):
     dictionary, lam, _, gradient, lipschitz = problem
     with pytest.raises(ValueError, match="a > 2"):
-        fista(gradient, lam, torch.zeros(4, *SHAPE, dtype=torch.complex128), 1 / lipschitz, 5, inertia=2.0)
+        fista(gradient_step(gradient, 1 / lipschitz), lam / lipschitz, torch.zeros(4, *SHAPE, dtype=torch.complex128),
+              5, inertia=2.0)

@@ -1,0 +1,70 @@
+"""The handler without sockets: parameters, 3-D scans through Scan, errors isolated per slice."""
+
+from __future__ import annotations
+
+import ismrmrd
+import numpy as np
+import pytest
+
+from gadgets.buffer import InputError
+from gadgets.handler import Parameters, ReconstructorCache, Scan, properties_of
+from gadgets.protocol import parse_xml_safely
+from recon import fft as _fft
+from test_buffer import acquisition, header
+
+
+def test_parameters_from_properties_and_checks():
+    config = parse_xml_safely('<configuration><property name="iterations" value="7"/>'
+                              '<property name="send_zero_filled" value="true"/></configuration>', "config")
+    params = Parameters.from_sources({"iterations": 64}, properties_of(config))
+    assert params.iterations == 7 and params.send_zero_filled is True
+    with pytest.raises(InputError, match="iterations"):
+        Parameters.from_sources({"iterations": "many"})
+    for bad in ("../../etc/passwd", "/tmp/evil.pt", "x.pt"):
+        with pytest.raises(InputError, match="not a path"):
+            Parameters.from_sources({"dictionary": bad})
+    assert properties_of(None) == {}
+
+
+@pytest.fixture(scope="module")
+def reconstructor():
+    return ReconstructorCache().get(Parameters(iterations=4))
+
+
+def test_3d_scan_transforms_along_k2_and_returns_partitions(reconstructor):
+    nz, ny, nx, coils = 4, 16, 16, 2
+    volume = np.zeros((nz, ny, nx), np.complex64)
+    volume[:, 4:12, 4:12] = (1 + np.arange(nz))[:, None, None]
+    maps = np.ones((coils, 1, 1, 1), np.complex64) / np.sqrt(coils)
+    import torch
+    k3 = _fft.fft1c(_fft.fft2c(torch.from_numpy(volume * maps)), dim=-3).numpy()  # (coils, nz, ny, nx)
+    sent = []
+    scan = Scan(header(nx=nx, ny=ny, nz=nz), Parameters(iterations=4), reconstructor, "test", sent.append)
+    for e2 in range(nz):
+        for e1 in range(ny):
+            acq = acquisition(e1, samples=nx, coils=coils, e2=e2,
+                              flags=(ismrmrd.ACQ_LAST_IN_SLICE,) if (e1, e2) == (ny - 1, nz - 1) else ())
+            acq.data[:] = k3[:, e2, e1, :]
+            acq.slice_dir[:] = (0, 0, 1)
+            scan.on_item(acq)
+    scan.finish()
+    assert scan.failures == []
+    assert [im.slice for im in sent] == [0, 1, 2, 3]
+    means = [float(im.data[0, 0, 6:10, 6:10].mean()) for im in sent]
+    assert np.all(np.diff(means) > 0)  # partition intensities 1, 2, 3, 4 in order
+    positions = [im.position[2] for im in sent]
+    assert np.allclose(np.diff(positions), 5.0)  # fov_z / nz along slice_dir
+    assert [im.image_index for im in sent] == [1, 2, 3, 4]
+
+
+def test_one_bad_slice_does_not_stop_the_others(reconstructor):
+    sent = []
+    scan = Scan(header(slices=3), Parameters(iterations=4), reconstructor, "test", sent.append)
+    for s in range(3):
+        for e1 in range(16):
+            acq = acquisition(e1, slice_=s, flags=(ismrmrd.ACQ_LAST_IN_SLICE,) if e1 == 15 else (),
+                              value=np.inf if (s, e1) == (1, 3) else 1.0)
+            scan.on_item(acq)
+    scan.finish()
+    assert [im.slice for im in sent] == [0, 2]
+    assert len(scan.failures) == 1 and "slice 1" in scan.failures[0]
