@@ -56,11 +56,11 @@ def random_dictionary(num_filters: int, kernel_size: int) -> Dictionary:
     return Dictionary(filters / filters.flatten(1).norm(dim=1)[:, None, None], name="bench")
 
 
-def run_case(size, coils, num_filters, kernel_size, device, repeats, iterations=64, batch=1):
+def run_case(size, coils, num_filters, kernel_size, device, repeats, iterations=64, batch=1, compiled=True):
     torch.manual_seed(0)
     shape = (size, size)
     dictionary = random_dictionary(num_filters, kernel_size)
-    model = CDLLambda(LambdaNetV3(base_channels=16), iterations=iterations).to(device).eval()
+    model = CDLLambda(LambdaNetV3(base_channels=16), iterations=iterations, compiled=compiled).to(device).eval()
     image = torch.randn(batch, *shape, dtype=torch.complex64, device=device)
     if coils == 1:
         mask = central_window_mask(shape, (size // 2, size // 2)).to(device)
@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, help="slices per forward pass")
     parser.add_argument("--out", default="docs/bench_latency.md")
+    parser.add_argument("--no-compile", action="store_true", help="run FISTA's element-wise work uncompiled")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = choose_device(args.device)
@@ -108,13 +109,14 @@ def main(argv=None) -> int:
     rows = ["| case | batch | ms / slice | ms / FISTA iteration | FFT floor ms / iteration | ratio |",
             "|---|---|---|---|---|---|"]
     for name, size, coils, k, kf in CASES:
-        per_slice, per_iteration, floor = run_case(size, coils, k, kf, device, args.repeats, batch=args.batch)
+        per_slice, per_iteration, floor = run_case(size, coils, k, kf, device, args.repeats, batch=args.batch,
+                                                   compiled=not args.no_compile)
         rows.append(f"| {name} | {args.batch} | {per_slice * 1e3:.1f} | {per_iteration * 1e3:.2f} | "
                     f"{floor * 1e3:.2f} | {per_iteration / floor:.2f} |")
         print(rows[-1], file=sys.stderr)
     text = (f"# CDL-Λ latency (V3, T = 64)\n\nDevice: {where}; torch {torch.__version__}.\n"
             f"Command: `python bench/latency.py --device {args.device} --threads {args.threads} "
-            f"--batch {args.batch}`\n\n" + "\n".join(rows) + "\n\nThe FFT floor is the time of the 2K + 2C + 2 "
+            f"--batch {args.batch}{' --no-compile' if args.no_compile else ''}`\n\n" + "\n".join(rows) + "\n\nThe FFT floor is the time of the 2K + 2C + 2 "
             "FFTs one iteration must do (C = 1 for one coil), measured in the same run.\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

@@ -204,7 +204,7 @@ def write_previews(result: ReplayResult, folder: str | Path) -> list[Path]:
 def add_arguments(parser) -> None:
     parser.add_argument("input", nargs="?", default=None,
                         help="ISMRMRD .h5 file (default: the bundled 128² 4-coil Shepp-Logan example)")
-    parser.add_argument("--out", default="out.h5", help="output ISMRMRD file (default out.h5)")
+    parser.add_argument("--out", default="out.h5", help="output ISMRMRD file, replaced if it exists (default out.h5)")
     parser.add_argument("--out-group", default="dataset", help="group for image_<series> in the output")
     parser.add_argument("--dataset", default="dataset", help="dataset group in the input file")
     parser.add_argument("--chain", default=None, help=f"config/chain name sent to the server (default {DEFAULT_CONFIG})")
@@ -236,6 +236,10 @@ def main(args) -> int:
         log.error("%s", error)
         return 1
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        log.info("overwriting %s", out)
+        out.unlink()
     counts = write_images(result, out, args.out_group) if result.images else {}
     log.info("%s: %d image(s) in %.1f s → %s %s", path.name, len(result.images), result.seconds, out,
              {f"image_{k}": v for k, v in counts.items()})

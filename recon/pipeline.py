@@ -8,6 +8,7 @@ removed, zeros where not measured) and a mask.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ from recon import coils as _coils
 from recon.device import choose_device
 from recon.dictionary import Dictionary
 from recon.model import CDLLambda
+from recon.solvers import compile_available
 from recon.weights import WeightsRegistry
 
 log = logging.getLogger(__name__)
@@ -54,23 +56,27 @@ class Reconstructor:
 
     dictionary / network: names from ``weights/manifest.yaml`` ("default" = the manifest's default; network
     "none" = the scalar-λ baseline). device: None/"auto" → CUDA when present, else CPU. batch_size: slices per
-    forward pass.
+    forward pass. compiled: fuse FISTA's element-wise work with ``torch.compile`` ("auto": when a compiler is
+    available; the first slice of each size then pays a one-off compile).
     """
 
     def __init__(self, dictionary: str | Dictionary = "default", network: str | None = "default",
                  iterations: int = 64, device: str | None = None, batch_size: int = 8,
-                 scalar_lambda: float = 0.05, weights_dir: str | None = None):
+                 scalar_lambda: float = 0.05, weights_dir: str | None = None, compiled: bool | str = "auto"):
         self.device = choose_device(device)
+        if compiled == "auto":
+            compiled = compile_available(self.device)
         registry = WeightsRegistry(weights_dir)
         self.dictionary = dictionary if isinstance(dictionary, Dictionary) else registry.dictionary(dictionary)
         loaded = registry.network(network)
         if loaded is None:
             log.warning("no trained Λ network selected: using the scalar-λ baseline (λ = %g)", scalar_lambda)
-            self.model = CDLLambda(None, iterations=iterations, scalar_lambda=scalar_lambda)
+            self.model = CDLLambda(None, iterations=iterations, scalar_lambda=scalar_lambda, compiled=compiled)
         else:
-            self.model = CDLLambda(loaded.network, beta=loaded.beta, iterations=iterations)
+            self.model = CDLLambda(loaded.network, beta=loaded.beta, iterations=iterations, compiled=compiled)
         self.model.to(self.device).eval()
         self.batch_size = max(1, int(batch_size))
+        self._device_lock = threading.Lock()  # one reconstruction at a time on the device (and torch.compile)
         self.identity = {
             "dictionary": self.dictionary.name,
             "dictionary_sha256": str(self.dictionary.meta.get("sha256", "builtin")),
@@ -113,6 +119,10 @@ class Reconstructor:
         else:
             maps = None
 
+        with self._device_lock:
+            return self._reconstruct_locked(kspace, mask, maps, dictionary, slices)
+
+    def _reconstruct_locked(self, kspace, mask, maps, dictionary, slices) -> ReconResult:
         images, zero_filled, lambdas = [], [], []
         for start in range(0, slices, self.batch_size):
             part = slice(start, start + self.batch_size)

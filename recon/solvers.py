@@ -17,9 +17,14 @@ does it in the Fourier domain: z − τ∇f(z) = F⁻¹(ẑ − τ d̂ᴴ r̂), 
 
 from __future__ import annotations
 
+import functools
+import logging
+import shutil
 from typing import Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 Step = Callable[[torch.Tensor], torch.Tensor]
 
@@ -41,6 +46,46 @@ def _soft_real(parts: torch.Tensor, threshold: torch.Tensor, neg_threshold: torc
     return torch.relu(parts - threshold) - torch.relu(neg_threshold - parts)
 
 
+def _shrink_extrapolate(v: torch.Tensor, s: torch.Tensor, threshold: torch.Tensor, neg_threshold: torch.Tensor,
+                        alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One FISTA proximal + inertia step on real views: s⁺ = soft(v, t), z = s⁺ + α (s⁺ − s)."""
+    s_next = _soft_real(v, threshold, neg_threshold)
+    return s_next, torch.lerp(s_next, s, -alpha)
+
+
+def compile_available(device: torch.device) -> bool:
+    """Whether ``torch.compile`` can build kernels here: Triton on CUDA, a C++ compiler on the CPU."""
+    if device.type == "cuda":
+        return True
+    return any(shutil.which(name) for name in ("c++", "g++", "clang++"))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_kernel():
+    return torch.compile(_shrink_extrapolate, dynamic=None)
+
+
+def shrink_extrapolate_kernel(compiled: bool) -> Callable:
+    """The fused element-wise kernel (``torch.compile``: one pass over the codes instead of six) or the eager one.
+    A compiler failure at first use falls back to eager with a warning."""
+    if not compiled:
+        return _shrink_extrapolate
+    kernel = _compiled_kernel()
+
+    def guarded(*args):
+        nonlocal kernel
+        try:
+            return kernel(*args)
+        except Exception as error:  # no working compiler, unsupported backend, ...
+            if kernel is _shrink_extrapolate:
+                raise
+            log.warning("torch.compile of the FISTA kernel failed (%s); continuing uncompiled", error)
+            kernel = _shrink_extrapolate
+            return kernel(*args)
+
+    return guarded
+
+
 def soft_threshold(z: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """Soft-thresholding of the real and imaginary parts of complex ``z`` by a real, non-negative ``threshold``
     (broadcast to ``z``)."""
@@ -50,12 +95,13 @@ def soft_threshold(z: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
 def fista(forward_step: Step, threshold: torch.Tensor, initial: torch.Tensor, iterations: int,
           grad_iterations: int | None = None, inertia: float = 3.0,
-          callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+          callback: Callable[[int, torch.Tensor], None] | None = None, compiled: bool = False) -> torch.Tensor:
     """Run ``iterations`` FISTA steps from ``s⁰ = initial`` (usually zeros) and return the last iterate.
 
     forward_step: z ↦ z − τ∇f(z) with τ ≤ 1/L; threshold: τΛ ≥ 0, broadcastable to the codes.
     grad_iterations: how many final steps are differentiated (None: all of them).
     callback(n, s): called after each step (for monitoring; not differentiated).
+    compiled: fuse the element-wise work with ``torch.compile`` in the steps that build no autograd graph.
     """
     if inertia <= 2:
         raise ValueError(f"convergent inertia needs a > 2, got {inertia}")
@@ -65,17 +111,18 @@ def fista(forward_step: Step, threshold: torch.Tensor, initial: torch.Tensor, it
     first_tracked = iterations - grad_iterations
     t_pos = _real_threshold(threshold.expand(initial.shape), initial)
     t_neg = -t_pos
+    # α_n as 0-d tensors, so a compiled kernel sees one input type for every n
+    alphas = [torch.tensor((n - 1) / (n + inertia), dtype=t_pos.dtype, device=t_pos.device)
+              for n in range(1, iterations + 1)]
+    fused = shrink_extrapolate_kernel(compiled)
     s = z = torch.view_as_real(initial)
     for n in range(1, iterations + 1):
-        tracked = n > first_tracked
+        tracked = n > first_tracked and torch.is_grad_enabled()
         if n == first_tracked + 1:
             s, z = s.detach(), z.detach()
-        with torch.set_grad_enabled(tracked and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(tracked):
             v = torch.view_as_real(forward_step(torch.view_as_complex(z)))
-            s_next = _soft_real(v, t_pos, t_neg)
-            alpha = (n - 1) / (n + inertia)
-            z = torch.lerp(s_next, s, -alpha) if alpha else s_next  # s_next + α (s_next − s)
-            s = s_next
+            s, z = (_shrink_extrapolate if tracked else fused)(v, s, t_pos, t_neg, alphas[n - 1])
         if callback is not None:
             callback(n, torch.view_as_complex(s.detach()))
     return torch.view_as_complex(s)

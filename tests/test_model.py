@@ -108,3 +108,17 @@ def test_device_choice():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             choose_device("cuda")
+
+
+def test_compiled_fista_kernel_matches_eager():
+    from recon.solvers import compile_available
+    if not compile_available(torch.device("cpu")):
+        pytest.skip("no C++ compiler for torch.compile")
+    x = phantom(*SHAPE).unsqueeze(0)
+    mask = equispaced_line_mask(SHAPE, 2, 8)
+    kspace = fft2c(x) * mask
+    dictionary = random_dictionary(8, 5)
+    with torch.no_grad():
+        eager = CDLLambda(None, scalar_lambda=0.05, iterations=12)(kspace, mask, dictionary).image
+        fused = CDLLambda(None, scalar_lambda=0.05, iterations=12, compiled=True)(kspace, mask, dictionary).image
+    assert relative(fused, eager) < 1e-5
