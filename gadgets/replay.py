@@ -35,7 +35,8 @@ class ReplayResult:
     arrays: list = field(default_factory=list)       # ImageArray in arrival order
     errors: list = field(default_factory=list)       # ERROR texts from the peer
     texts: list = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0                              # connection to close
+    first_image_seconds: float | None = None          # connection to the first image
 
     def series(self) -> dict[int, list]:
         groups: dict[int, list] = {}
@@ -113,6 +114,8 @@ def stream(peer: Peer, header: bytes, acquisitions, config: str, parameters: dic
     try:
         for mid, item in peer.replies():
             if mid == MSG_IMAGE:
+                if result.first_image_seconds is None:
+                    result.first_image_seconds = time.perf_counter() - start
                 result.images.append(item)
             elif mid == MSG_IMAGE_ARRAY:
                 result.arrays.append(item)
