@@ -136,7 +136,9 @@ class LambdaNetV3(LambdaNet):
         coefficients = dictionary.analyze(x0)  # (B, K, ny, nx)
         batch, k = coefficients.shape[:2]
         per_filter = _complex_to_channels(coefficients.flatten(0, 1).unsqueeze(1))  # (B·K, 2, ny, nx)
-        out = torch.cat([self.unet(part) for part in per_filter.split(self.chunk)], dim=0)
+        # channels-last activations: oneDNN/cuDNN convolutions run markedly faster in that layout
+        per_filter = per_filter.contiguous(memory_format=torch.channels_last)
+        out = torch.cat([self.unet(part) for part in per_filter.split(self.chunk)], dim=0).contiguous()
         return self.activate(out.view(batch, k, *out.shape[-2:]))
 
     def config(self) -> dict:
