@@ -25,6 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.report import publish  # noqa: E402
+
 from bench.first_image import magnitudes  # noqa: E402
 from recon import bart, coils, metrics, simulate  # noqa: E402
 from recon.fft import fft2c  # noqa: E402
@@ -101,9 +103,7 @@ def main(argv=None) -> int:
     text = (f"# CDL-Λ against BART ℓ1-wavelet CS\n\n{args.slices} slices, 256², 8 coils, R = 4 (24 calibration "
             f"lines), noise level 0.05, {args.threads} threads, brain-masked metrics.\nCommand: `python "
             f"bench/bart_compare.py --slices {args.slices} --threads {args.threads}`\n\n" + "\n".join(rows) + "\n")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    publish(text, args.out)
     return 0
 
 

@@ -28,6 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.report import publish  # noqa: E402
+
 from gadgets.protocol import Peer  # noqa: E402
 from gadgets.replay import read_recording, stream  # noqa: E402
 from recon import simulate  # noqa: E402
@@ -149,9 +151,7 @@ def main(argv=None) -> int:
             f"{args.threads} threads, torch {torch.__version__}.\nCommand: `python bench/first_image.py --size "
             f"{args.size} --coils {args.coils} --slices {args.slices} --threads {args.threads}`\n\n"
             + "\n".join(rows) + "\n")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    publish(text, args.out)
     return 0
 
 

@@ -20,6 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.report import publish  # noqa: E402
+
 from recon.device import choose_device  # noqa: E402
 from recon.dictionary import Dictionary  # noqa: E402
 from recon.fft import fft2c  # noqa: E402
@@ -118,9 +120,7 @@ def main(argv=None) -> int:
             f"Command: `python bench/latency.py --device {args.device} --threads {args.threads} "
             f"--batch {args.batch}{' --no-compile' if args.no_compile else ''}`\n\n" + "\n".join(rows) + "\n\nThe FFT floor is the time of the 2K + 2C + 2 "
             "FFTs one iteration must do (C = 1 for one coil), measured in the same run.\n")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    publish(text, args.out)
     return 0
 
 

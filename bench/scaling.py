@@ -19,6 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.report import publish  # noqa: E402
+
 from bench.latency import run_case  # noqa: E402
 from recon.device import choose_device  # noqa: E402
 
@@ -60,9 +62,7 @@ def main(argv=None) -> int:
                          f"{predicted * 1e3:.2f} | {per_iteration / predicted:.2f} |")
             print(lines[-1], file=sys.stderr)
     text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    publish(text, args.out)
     return 0
 
 
