@@ -30,6 +30,8 @@ IGNORED_FLAGS = {
     ismrmrd.ACQ_IS_PHASE_STABILIZATION_REFERENCE: "phase stabilisation reference",
 }
 COUNTERS = ("slice", "contrast", "phase", "repetition", "set", "average")
+MAX_MATRIX_VALUES = 2**27          # encoded voxels (x·y·z) one image may have
+MAX_OPEN_BYTES = 8 * 2**30         # k-space held in open groups before new ones are refused
 
 
 class InputError(ValueError):
@@ -96,6 +98,8 @@ def read_encoding(header) -> Encoding:
     encoded_fov = (float(efov.x), float(efov.y), float(efov.z)) if efov is not None else (0.0, 0.0, 0.0)
     recon_fov = (float(rfov.x), float(rfov.y), float(rfov.z)) if rfov is not None else encoded_fov
     nx_raw, ny, nz = int(size.x), int(size.y), max(int(size.z or 1), 1)
+    if nx_raw * ny * nz > MAX_MATRIX_VALUES:
+        raise InputError(f"encoded matrix {nx_raw}×{ny}×{nz} is larger than the {MAX_MATRIX_VALUES} samples supported")
     oversampling = 1
     if int(rsize.x) and nx_raw > int(rsize.x):
         ratio = encoded_fov[0] / recon_fov[0] if recon_fov[0] > 0 else nx_raw / int(rsize.x)
@@ -144,6 +148,7 @@ class SliceGroup:
     calibration_mask: np.ndarray | None = None
     sample_time_us: float = 0.0
     imaging_lines: int = 0
+    readouts: int = 0      # readouts filed into this group (imaging and calibration)
     errors: list = field(default_factory=list)
 
 
@@ -153,13 +158,17 @@ class AcquisitionBuffer:
     Noise readouts (``ACQ_IS_NOISE_MEASUREMENT``) are kept for prewhitening (:attr:`noise`, ``(coils, samples)``).
     Calibration-only readouts (``ACQ_IS_PARALLEL_CALIBRATION``) go to the coil-map data and, unless the header says
     the calibration was acquired separately, into the image's k-space too (they were measured in the same scan).
-    A readout that cannot be used (wrong channel count, NaN/Inf, counter out of range, readout too long) is refused
-    with a message in the group's ``errors`` (or :attr:`errors` when it belongs to no group); other groups go on.
+    A readout that cannot be used (wrong channel count, NaN/Inf, counter out of range, readout too long, a
+    non-Cartesian trajectory) is refused with a message in the group's ``errors`` (or :attr:`errors` when it belongs
+    to no group); other groups go on. Memory is bounded: at most ``max_open_groups`` groups and, beyond the first,
+    ``max_open_bytes`` of k-space are open at once.
     """
 
-    def __init__(self, encoding: Encoding, max_open_groups: int = 256, calibration_in_data: bool | None = None):
+    def __init__(self, encoding: Encoding, max_open_groups: int = 256, calibration_in_data: bool | None = None,
+                 max_open_bytes: int = MAX_OPEN_BYTES):
         self.enc = encoding
         self.max_open_groups = max_open_groups
+        self.max_open_bytes = max_open_bytes
         self.calibration_in_data = (encoding.calibration_mode.lower() != "separate"
                                     if calibration_in_data is None else calibration_in_data)
         self.groups: dict[GroupKey, SliceGroup] = {}
@@ -169,6 +178,7 @@ class AcquisitionBuffer:
         self.coils: int | None = None
         self.errors: list[str] = []
         self.count = 0
+        self.calibration_only_readouts = 0  # readouts of groups kept for coil maps only (no image of their own)
         self._ignored: set[str] = set()
 
     # ------------------------------------------------------------------------------------------------------ noise
@@ -211,6 +221,10 @@ class AcquisitionBuffer:
                 self.errors.append(f"{where} ({key.describe()}): more than {self.max_open_groups} images open at once "
                                    "(are ACQ_LAST_IN_SLICE flags missing?); refused")
                 return self._flush_if_last(acq)
+            if self.groups and self._open_bytes() + self._group_bytes() > self.max_open_bytes:
+                self.errors.append(f"{where} ({key.describe()}): opening another image would hold more than "
+                                   f"{self.max_open_bytes / 2**30:.1f} GiB of k-space; refused")
+                return self._flush_if_last(acq)
             group = self.groups[key] = self._new_group(key)
         try:
             self._file(group, acq, where)
@@ -226,6 +240,13 @@ class AcquisitionBuffer:
             if limit is not None and value > limit:
                 raise InputError(f"{where}: {name} counter {value} is beyond the header's maximum {limit}; refused")
         return key
+
+    def _group_bytes(self) -> int:
+        return (self.coils or 1) * self.enc.nz * self.enc.ny * self.enc.nx_raw * 9  # complex64 + bool mask
+
+    def _open_bytes(self) -> int:
+        return sum(g.kspace.nbytes + g.mask.nbytes + (0 if g.calibration is None else g.calibration.nbytes)
+                   for g in self.groups.values())
 
     def _new_group(self, key: GroupKey) -> SliceGroup:
         coils = self.coils or 1
@@ -244,6 +265,9 @@ class AcquisitionBuffer:
             raise InputError(f"{where}: {channels} channels, but this scan's readouts have {self.coils}; refused")
         if group.kspace.shape[0] != channels:
             group.kspace = np.zeros((channels, *group.mask.shape), np.complex64)
+        if int(acq.trajectory_dimensions) > 0:
+            raise InputError(f"{where}: carries a {acq.trajectory_dimensions}-D k-space trajectory; only Cartesian "
+                             "readouts can be reconstructed")
         if not np.isfinite(data).all():
             raise InputError(f"{where} ({group.key.describe()}): contains NaN/Inf samples")
         row = int(acq.idx.kspace_encode_step_1) - enc.e1_center + enc.ny // 2
@@ -265,6 +289,7 @@ class AcquisitionBuffer:
         calibration = (acq.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
                        or acq.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING))
         imaging = not acq.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION) or self.calibration_in_data
+        group.readouts += 1
         if calibration and channels > 1:
             if group.calibration is None:
                 group.calibration = np.zeros_like(group.kspace)
@@ -306,6 +331,7 @@ class AcquisitionBuffer:
                 group.calibration, group.calibration_mask = self.calibration_by_slice[slice_index]
             if group.imaging_lines == 0 and not group.errors:
                 log.info("%s: calibration data only, kept for coil maps", group.key.describe())
+                self.calibration_only_readouts += group.readouts
                 continue
             finished.append(group)
         return finished

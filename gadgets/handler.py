@@ -9,6 +9,7 @@ Gadgetron targets (``<execute name="gadgets.handler" target=… type="python"/>`
 Flow per connection: chain (registry + ``<property>`` elements + JSON text) → parameters → a cached
 :class:`recon.pipeline.Reconstructor` → buffer (noise, calibration, groups) → prepare (prewhiten, oversampling,
 k2) → coil maps + CDL-Λ, slices batched → images. A slice that fails is reported and the others still come back;
+a slice that fails on the GPU (out of memory, a CUDA error) is redone on the CPU and its image comment says so;
 any failure ends with an ERROR message (id 8) after the good images, never a silent clean close.
 """
 
@@ -18,7 +19,7 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import ismrmrd
 import numpy as np
@@ -131,12 +132,14 @@ _DEFAULT_CACHE = ReconstructorCache()
 class Scan:
     """One connection's state: buffering, batching, reconstruction and image output.
 
-    ``send`` is called with each outgoing item; ``failures`` collects per-slice error messages."""
+    ``send`` is called with each outgoing item; ``failures`` collects per-slice error messages; ``cpu_fallback``
+    (no arguments) returns a CPU reconstructor for slices that fail on the GPU (None: no fallback)."""
 
-    def __init__(self, header, params: Parameters, reconstructor, chain_name: str, send):
+    def __init__(self, header, params: Parameters, reconstructor, chain_name: str, send, cpu_fallback=None):
         self.header = header
         self.params = params
         self.rec = reconstructor
+        self.cpu_fallback = cpu_fallback
         self.chain_name = chain_name
         self.send = send
         self.enc = read_encoding(header)
@@ -166,9 +169,15 @@ class Scan:
             log.debug("ignoring a %s", type(item).__name__)
         self._collect_buffer_errors()
 
-    def finish(self) -> None:
+    def finish(self, complete: bool = True) -> None:
+        """End of the stream: reconstruct the images still open, or, when the stream did not end with CLOSE
+        (``complete`` False: the peer vanished mid-scan), report them instead of reconstructing partial k-space."""
         for group in self.buffer.flush():
-            self._queue(group)
+            if complete:
+                self._queue(group)
+            else:
+                self._fail(group.key.describe(), RuntimeError(
+                    "not reconstructed: the stream ended without a CLOSE message before this image was complete"))
         self._run_pending()
         self._collect_buffer_errors()
 
@@ -191,7 +200,7 @@ class Scan:
             log.info("prewhitening: %s", "from the noise scan" if self.whitening is not None else "none (no noise scan)")
         try:
             inputs = prepare_group(group, self.whitening, self.enc.oversampling)
-        except (InputError, ValueError, RuntimeError) as error:
+        except Exception as error:  # noqa: BLE001 - one group's failure must not end the scan
             self._fail(group.key.describe(), error)
             return
         del group  # the raw k-space is released here
@@ -206,22 +215,41 @@ class Scan:
 
     # -- reconstruction
     def _reconstruct(self, inputs: list[SliceInput]):
-        """Results for ``inputs`` (same shape): batched, and one by one when the batch fails."""
+        """``[(inputs, result, note)]`` for ``inputs`` (same shape): batched; one by one when the batch fails; a
+        slice that fails on the GPU is redone on the CPU (``note`` says so); one that still fails is reported."""
         try:
-            return [self._reconstruct_batch(inputs)]
-        except (ValueError, RuntimeError) as error:
+            return [(inputs, self._reconstruct_batch(self.rec, inputs), "")]
+        except Exception as error:  # noqa: BLE001 - isolate the failure to the slices it concerns
             if len(inputs) == 1:
-                self._fail(inputs[0].describe(), error)
-                return []
+                return self._redo_on_cpu(inputs[0], error)
+            log.warning("a batch of %d slices failed (%s: %s): reconstructing them one by one", len(inputs),
+                        type(error).__name__, error)
+            _release_gpu_memory()
         results = []
         for one in inputs:
             try:
-                results.append(self._reconstruct_batch([one]))
-            except (ValueError, RuntimeError) as error:
-                self._fail(one.describe(), error)
+                results.append(([one], self._reconstruct_batch(self.rec, [one]), ""))
+            except Exception as error:  # noqa: BLE001
+                results += self._redo_on_cpu(one, error)
         return results
 
-    def _reconstruct_batch(self, inputs: list[SliceInput]):
+    def _redo_on_cpu(self, one: SliceInput, error: Exception):
+        on_gpu = getattr(getattr(self.rec, "device", None), "type", "cpu") != "cpu"
+        if not on_gpu or self.cpu_fallback is None or isinstance(error, ValueError):  # bad input fails anywhere
+            self._fail(one.describe(), error)
+            return []
+        reason = "GPU out of memory" if isinstance(error, torch.cuda.OutOfMemoryError) else (
+            f"GPU failure ({type(error).__name__})")
+        log.warning("%s: %s (%s); reconstructing this slice on the CPU", one.describe(), reason, error)
+        _release_gpu_memory()
+        try:
+            result = self._reconstruct_batch(self.cpu_fallback(), [one])
+        except Exception as cpu_error:  # noqa: BLE001
+            self._fail(one.describe(), RuntimeError(f"{error}; on the CPU as well: {cpu_error}"))
+            return []
+        return [([one], result, f"reconstructed on the CPU after {reason}")]
+
+    def _reconstruct_batch(self, rec, inputs: list[SliceInput]):
         from recon import coils as _coils
         from recon.pipeline import default_calibration_mask
 
@@ -238,17 +266,16 @@ class Scan:
                     cal_m = default_calibration_mask(torch.from_numpy(s.mask))
                 maps.append(_coils.estimate_coil_maps(cal_k, cal_m).numpy())
             maps = np.stack(maps)
-        result = self.rec.reconstruct(kspace, mask, coil_maps=maps)
-        return inputs, result
+        return rec.reconstruct(kspace, mask, coil_maps=maps)
 
     def _run_pending(self) -> None:
         while self.pending:
             shape = self.pending[0].kspace.shape
             batch = [s for s in self.pending if s.kspace.shape == shape][: self.batch]
             self.pending = [s for s in self.pending if not any(s is b for b in batch)]
-            for inputs, result in self._reconstruct(batch):
+            for inputs, result, note in self._reconstruct(batch):
                 for i, one in enumerate(inputs):
-                    self._send_images(one, result, i)
+                    self._send_images(one, result, i, note)
 
     # -- output
     def _next_index(self, series: int) -> int:
@@ -260,13 +287,15 @@ class Scan:
         z = rfov[2] / partitions if partitions > 1 else rfov[2]
         return (rfov[0], efov[1], z)
 
-    def _send_images(self, one: SliceInput, result, i: int) -> None:
+    def _send_images(self, one: SliceInput, result, i: int, note: str = "") -> None:
         base = self.params.series_index
         fov = self._field_of_view(one.partitions)
+        device = "cpu" if note else str(getattr(self.rec, "device", "cpu"))
         common = dict(field_of_view=fov, identity=self.rec.identity, chain=self.chain_name,
                       partition=one.partition, partitions=one.partitions,
-                      slice_thickness=fov[2] if one.partitions > 1 else 0.0,
-                      extra_meta={"CDL_Iterations": str(self.params.iterations)})
+                      slice_thickness=fov[2] if one.partitions > 1 else 0.0, note=note,
+                      extra_meta={"CDL_Iterations": str(self.params.iterations), "CDL_Device": device,
+                                  "CDL_Readouts": str(one.readouts)})
         outputs = [("image", result.image[i])]
         if self.params.send_zero_filled:
             outputs.append(("zero_filled", result.zero_filled[i]))
@@ -287,7 +316,7 @@ class Scan:
         for bit in recon_data.bits:
             try:
                 self._recon_bit(bit)
-            except (InputError, ValueError, RuntimeError) as error:
+            except Exception as error:  # noqa: BLE001 - one bit's failure must not end the scan
                 self._fail("ReconData bit", error)
 
     def _recon_bit(self, bit) -> None:
@@ -296,9 +325,9 @@ class Scan:
         inputs = bit_inputs(bit)
         results = {}
         for start in range(0, len(inputs), self.batch):
-            for batch_inputs, result in self._reconstruct(inputs[start:start + self.batch]):
+            for batch_inputs, result, note in self._reconstruct(inputs[start:start + self.batch]):
                 for i, one in enumerate(batch_inputs):
-                    results[id(one)] = (result.image[i], one)
+                    results[id(one)] = (result.image[i], one, note)
         if results:
             self.send(image_array(bit, inputs, results, self, _images))
             self.sent += 1
@@ -317,18 +346,19 @@ class CDLLambdaGadget:
         """Serve ``connection`` to its end; returns the number of items sent. Never raises."""
         original = connection
         connection = RobustConnection.adopt(connection) if not isinstance(connection, RobustConnection) else connection
-        sent = 0
+        sent, scan = 0, None
         try:
             registry = self.registry or ChainRegistry()
             chain = registry.select(connection.config_name, connection.header)
             params = Parameters.from_sources(chain.parameters, properties_of(connection.config), connection.parameters)
             log.info("chain %r: %s", chain.name, params)
             reconstructor = self.cache.get(params)
-            scan = Scan(connection.header, params, reconstructor, chain.name, connection.send)
+            scan = Scan(connection.header, params, reconstructor, chain.name, connection.send,
+                        cpu_fallback=lambda: self.cache.get(replace(params, device="cpu")))
             start = time.perf_counter()
             for item in connection:
                 scan.on_item(item)
-            scan.finish()
+            scan.finish(complete=getattr(connection, "ended_with_close", True))
             sent = scan.sent
             log.info("scan done: %d item(s) sent in %.2f s", sent, time.perf_counter() - start)
             if scan.failures:
@@ -338,11 +368,20 @@ class CDLLambdaGadget:
                 connection.close()
         except Exception as error:  # noqa: BLE001 - everything must reach the peer as an ERROR message
             log.exception("CDL-Λ gadget failed")
-            connection.fail(f"CDL-Lambda gadget failed: {type(error).__name__}: {error}")
+            progress = "" if scan is None else (f"; {scan.sent} image(s) had been sent, images still open were not "
+                                                "reconstructed" + "".join(f" | {f}" for f in scan.failures[:20]))
+            connection.fail(f"CDL-Lambda gadget failed: {type(error).__name__}: {error}{progress}")
+            sent = 0 if scan is None else scan.sent
         finally:
             if original is not connection:
                 original.socket = _Closed()
         return sent
+
+
+def _release_gpu_memory() -> None:
+    """Return cached GPU memory after a failure (no-op without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class _Closed:

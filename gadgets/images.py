@@ -30,8 +30,9 @@ def _directions(values) -> list[str]:
 
 def build_image(pixels: np.ndarray, reference, *, kind: str, image_index: int, series_index: int,
                 field_of_view: tuple, identity: dict, chain: str, partition: int = 0, partitions: int = 1,
-                slice_thickness: float = 0.0, extra_meta: dict | None = None) -> ismrmrd.Image:
-    """An image of ``kind`` ("image", "zero_filled" or "lambda") from ``pixels`` (float32 or complex64)."""
+                slice_thickness: float = 0.0, extra_meta: dict | None = None, note: str = "") -> ismrmrd.Image:
+    """An image of ``kind`` ("image", "zero_filled" or "lambda") from ``pixels`` (float32 or complex64); ``note``
+    (e.g. a CPU fallback) is appended to the image comment."""
     if pixels.dtype not in (np.float32, np.complex64):
         raise TypeError(f"pixels must be float32 or complex64, got {pixels.dtype}")
     array = pixels[:, None] if pixels.ndim == 3 else pixels  # (channels, 1, ny, nx) or (ny, nx)
@@ -48,6 +49,8 @@ def build_image(pixels: np.ndarray, reference, *, kind: str, image_index: int, s
     centre, width = window(pixels)
     description = DESCRIPTIONS[kind]
     comment = f"{description} ({identity.get('dictionary', '?')}, {identity.get('network', '?')})"
+    if note:
+        comment += f" [{note}]"
     meta = ismrmrd.Meta({
         "GADGETRON_DataRole": "Image" if kind != "lambda" else "Parametric",
         "GADGETRON_ImageComment": comment,

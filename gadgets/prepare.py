@@ -32,6 +32,7 @@ class SliceInput:
     calibration: np.ndarray | None = None
     calibration_mask: np.ndarray | None = None
     errors: list = field(default_factory=list)
+    readouts: int = 0      # readouts of the acquisition group this slice comes from
 
     def describe(self) -> str:
         where = self.key.describe()
@@ -93,5 +94,6 @@ def prepare_group(group: SliceGroup, whitening, oversampling: int) -> list[Slice
     return [SliceInput(key=group.key, partition=z, partitions=partitions, kspace=kspace[:, z], mask=mask,
                        reference=group.reference,
                        calibration=None if calibration is None else calibration[:, z],
-                       calibration_mask=calibration_mask, errors=list(group.errors))
+                       calibration_mask=calibration_mask, errors=list(group.errors),
+                       readouts=group.readouts)
             for z in range(partitions)]

@@ -10,7 +10,10 @@ Fixes over ``gadgetron.external.Connection`` (see docs/gadgetron.md):
 - config as id 1 (a name) or 2 (XML), NUL-terminated text, an optional text message (5) with JSON parameters before
   the header (the python-ismrmrd-server convention);
 - XML parsed only without a DOCTYPE (no entity expansion); declared lengths above :data:`MAX_MESSAGE_BYTES` refused
-  before any allocation; a peer that closes mid-message raises instead of spinning forever;
+  before any allocation (acquisitions and images checked from their headers); a peer that closes mid-message, or
+  sends nothing for ``idle_timeout`` seconds, raises instead of spinning or waiting forever;
+- whatever a malformed message makes a reader raise arrives as :class:`ProtocolError` (the one error type a reader
+  raises, besides :class:`PeerError` for the peer's own ERROR message);
 - unknown message ids logged and skipped when their framing is known, a clear error otherwise (never a silent end);
 - every item serialised into memory first (ImageArray/ReconData converted to complex64), then sent in one piece, so a
   failing writer never leaves half a message on the wire;
@@ -58,12 +61,22 @@ class PeerError(RuntimeError):
 # ---------------------------------------------------------------------------------------------- reading, bounded
 class BoundedSocket:
     """A socket wrapper with ``read(n)`` exactly n bytes: refuses n > ``limit`` before allocating and raises
-    :class:`ProtocolError` when the peer closes mid-message (gadgetron's wrapper loops forever there)."""
+    :class:`ProtocolError` when the peer closes mid-message (gadgetron's wrapper loops forever there), resets the
+    connection, or sends nothing for ``timeout`` seconds (None = wait forever)."""
 
-    def __init__(self, sock: socket.socket, limit: int = MAX_MESSAGE_BYTES):
+    def __init__(self, sock: socket.socket, limit: int = MAX_MESSAGE_BYTES, timeout: float | None = None):
         self.socket = sock
         self.limit = limit
-        sock.settimeout(None)
+        self.timeout = timeout
+        sock.settimeout(timeout)
+
+    def _recv(self, nbytes: int) -> bytes:
+        try:
+            return self.socket.recv(nbytes)
+        except socket.timeout:
+            raise ProtocolError(f"no data from the peer for {self.timeout:g} s; giving up on the connection") from None
+        except ConnectionError as error:
+            raise ProtocolError(f"connection lost: {error}") from None
 
     def read(self, nbytes: int) -> bytes:
         nbytes = int(nbytes)
@@ -71,7 +84,7 @@ class BoundedSocket:
             raise ProtocolError(f"message claims {nbytes} bytes, over the limit of {self.limit}; refusing it")
         buffer = bytearray()
         while len(buffer) < nbytes:
-            chunk = self.socket.recv(min(nbytes - len(buffer), 1 << 20))
+            chunk = self._recv(min(nbytes - len(buffer), 1 << 20))
             if not chunk:
                 raise ProtocolError(f"connection closed in the middle of a message ({len(buffer)} of {nbytes} bytes)")
             buffer += chunk
@@ -79,7 +92,7 @@ class BoundedSocket:
 
     def read_message_id(self) -> int | None:
         """The next message id, or None when the peer closed cleanly between messages."""
-        first = self.socket.recv(2)
+        first = self._recv(2)
         if not first:
             return None
         if len(first) < 2:
@@ -95,6 +108,24 @@ class BoundedSocket:
         except OSError:
             pass
         self.socket.close()
+
+
+DRAIN_SECONDS = 30.0  # after a failure: how long to wait for more input from the peer before hanging up
+
+
+def drain_and_close(sock: socket.socket, quiet_seconds: float = DRAIN_SECONDS) -> None:
+    """Half-close (our replies are complete), read and discard what the peer still sends until it closes or is
+    quiet for ``quiet_seconds``, then close. Closing with unread input would reset the connection, and a peer still
+    sending (Gadgetron mid-scan) could lose the ERROR message it has not read yet."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(quiet_seconds)
+        while sock.recv(1 << 16):
+            pass
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 def read_text(source, length_struct=_u32, limit: int = MAX_TEXT_BYTES) -> bytes:
@@ -173,6 +204,39 @@ def read_acquisition(source) -> ismrmrd.Acquisition:
         lambda n, _first=[head_bytes]: _first.pop() if _first and n == len(head_bytes) else source.read(n))
 
 
+def read_image(source) -> ismrmrd.Image:
+    """An image whose declared size and meta are checked before anything is allocated (``ismrmrd.Image`` allocates
+    its pixels from the header first) and whose meta carries no DOCTYPE."""
+    head_bytes = source.read(ctypes.sizeof(ismrmrd.ImageHeader))
+    head = ismrmrd.ImageHeader.from_buffer_copy(head_bytes)
+    try:
+        itemsize = np.dtype(ismrmrd.image.get_dtype_from_data_type(head.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        raise ProtocolError(f"image (index {head.image_index}) has an unknown data type {head.data_type}") from None
+    values = int(head.channels) * int(np.prod([int(v) for v in head.matrix_size]))
+    if values * itemsize > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"image (index {head.image_index}) claims {head.channels} channels × "
+                            f"{tuple(head.matrix_size)} pixels, over the limit of {MAX_MESSAGE_BYTES} bytes")
+    meta = read_text(source, _u64)
+    if b"<!DOCTYPE" in meta.upper() or b"<!ENTITY" in meta.upper():
+        raise ProtocolError(f"image (index {head.image_index}): meta XML with DOCTYPE/ENTITY declarations is refused")
+    image = ismrmrd.Image(head_bytes, meta.decode("utf-8", "replace"))
+    image.data.ravel()[:] = np.frombuffer(source.read(values * itemsize), dtype=image.data.dtype)
+    return image
+
+
+def read_checked(reader, source, message_id: int):
+    """``reader(source)`` with anything but :class:`ProtocolError` / :class:`PeerError` turned into a
+    ProtocolError naming the message (gadgetron's and ismrmrd's readers raise struct, numpy and ctypes errors on
+    malformed input)."""
+    try:
+        return reader(source)
+    except (ProtocolError, PeerError):
+        raise
+    except Exception as error:  # noqa: BLE001 - malformed input: one documented error type for the caller
+        raise ProtocolError(f"message id {message_id} is malformed: {type(error).__name__}: {error}") from None
+
+
 def _skip_text(source):
     text = read_text(source)
     log.warning("skipping a text message (id 5) from the peer: %.200s", text.decode("utf-8", "replace"))
@@ -248,11 +312,12 @@ class RobustConnection(_gconn.Connection):
 
     Attributes after the handshake: ``config`` (ElementTree element or None), ``config_name`` (str or None, from a
     config-file message or the config's ``chain`` property), ``parameters`` (dict of str from JSON text overrides),
-    ``header`` (ismrmrdHeader), ``raw_bytes.header``.
+    ``header`` (ismrmrdHeader), ``raw_bytes.header``, ``ended_with_close`` (the stream ended with CLOSE, not a
+    dropped connection).
     """
 
-    def __init__(self, sock: socket.socket):  # noqa: D107 - does not call super: its handshake asserts
-        self._init_state(sock)
+    def __init__(self, sock: socket.socket, idle_timeout: float | None = None):  # noqa: D107 - no super(): it asserts
+        self._init_state(sock, idle_timeout)
         self._handshake()
 
     @classmethod
@@ -270,11 +335,12 @@ class RobustConnection(_gconn.Connection):
             robust.raw_bytes.header)
         return robust
 
-    def _init_state(self, sock):
-        self.socket = BoundedSocket(sock)
+    def _init_state(self, sock, idle_timeout: float | None = None):
+        self.socket = BoundedSocket(sock, timeout=idle_timeout)
         self.readers = dict(_gconn.Connection._default_readers())
         self.readers.update({
             MSG_ACQUISITION: read_acquisition,
+            MSG_IMAGE: read_image,
             MSG_TEXT: _skip_text,
             MSG_ERROR: _read_error,
             MSG_IMAGE_ARRAY: read_image_array,
@@ -289,6 +355,7 @@ class RobustConnection(_gconn.Connection):
         self.config_name = None
         self.parameters: dict[str, str] = {}
         self.header = None
+        self.ended_with_close = False  # True once the peer's CLOSE (id 4) arrived
 
     # -- handshake: config (1 or 2), optional JSON text (5), header (3)
     def _handshake(self):
@@ -350,6 +417,7 @@ class RobustConnection(_gconn.Connection):
                 raise StopIteration()
             if mid == MSG_CLOSE:
                 log.debug("connection closed normally")
+                self.ended_with_close = True
                 raise StopIteration()
             reader = self.readers.get(mid)
             if reader is None:
@@ -363,7 +431,7 @@ class RobustConnection(_gconn.Connection):
                     continue
                 raise ProtocolError(f"unknown message id {mid}: its length is not known, so the stream cannot "
                                     "be resynchronised")
-            item = reader(self.socket)
+            item = read_checked(reader, self.socket, mid)
             if item is None:  # skipped (text)
                 continue
             return mid, item
@@ -384,7 +452,8 @@ class RobustConnection(_gconn.Connection):
             self.socket.write(encode_error(message) + encode_close())
         except OSError as error:
             log.error("could not send the ERROR message to the peer: %s", error)
-        self._close_socket()
+        self.closed = True
+        drain_and_close(self.socket.socket, min(self.socket.timeout or DRAIN_SECONDS, DRAIN_SECONDS))
 
     def close(self):
         """Normal end: CLOSE message, then close the socket."""
@@ -453,7 +522,7 @@ class Peer:
             if mid is None or mid == MSG_CLOSE:
                 return
             if mid == MSG_IMAGE:
-                yield mid, ismrmrd.Image.deserialize_from(self.socket.read)
+                yield mid, read_image(self.socket)
             elif mid == MSG_IMAGE_ARRAY:
                 yield mid, read_image_array(self.socket)
             elif mid == MSG_RECON_DATA:

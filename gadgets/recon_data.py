@@ -95,7 +95,7 @@ def bit_inputs(bit) -> list[SliceInput]:
 
 
 def image_array(bit, inputs: list[SliceInput], results: dict, scan, images_module):
-    """The ImageArray for a ReconBit from ``results`` ``{id(input): (image (ny, nx) complex64, input)}``."""
+    """The ImageArray for a ReconBit from ``results`` ``{id(input): (image (ny, nx) complex64, input, note)}``."""
     from gadgets.protocol import ImageArray
 
     shape = np.asarray(bit.data.data).shape
@@ -112,12 +112,14 @@ def image_array(bit, inputs: list[SliceInput], results: dict, scan, images_modul
         if id(one) in results:
             data[:, :, one.partition, 0, n, s, loc] = results[id(one)][0].T
         if headers[n, s, loc] is None:
+            note = results[id(one)][2] if id(one) in results else ""
+            comment = f"CDL-Lambda [{note}]" if note else "CDL-Lambda"
             index = scan._next_index(series)
             headers[n, s, loc] = images_module.image_header(
                 one.reference, image_index=index, series_index=series, field_of_view=fov, matrix=(nx, ny, E2))
             metas[n, s, loc] = ismrmrd.Meta({
                 "GADGETRON_DataRole": "Image", "DataRole": "Image",
-                "GADGETRON_ImageComment": "CDL-Lambda", "ImageComments": "CDL-Lambda",
+                "GADGETRON_ImageComment": comment, "ImageComments": comment,
                 "CDL_Chain": scan.chain_name, "CDL_Dictionary": str(scan.rec.identity.get("dictionary", "")),
                 "CDL_DictionarySHA256": str(scan.rec.identity.get("dictionary_sha256", "")),
                 "CDL_Network": str(scan.rec.identity.get("network", "")),

@@ -2,18 +2,31 @@
 
 Keeps torch and the reconstructors loaded (:class:`gadgets.handler.ReconstructorCache`) and serves connection after
 connection, each in its own thread: a failure in one scan reaches that peer as an ERROR message and the server goes
-on. Binds to 127.0.0.1 unless ``--host`` says otherwise.
+on; a peer silent for ``--idle-timeout`` seconds is dropped so it cannot hold a slot forever. Binds to 127.0.0.1
+unless ``--host`` says otherwise.
+
+Start-up refuses (exit status 2, the reason on stderr) when the weights manifest or a file it lists is missing,
+truncated or tampered with, or the chain registry is malformed. A native crash (segfault in a library, the kernel's
+OOM killer) cannot be caught inside the process, so by default the server runs as a worker under a small
+supervisor (:func:`supervise`) that owns the listening socket and restarts the worker when it dies from a signal:
+the scans in flight are lost (their peers see the connection drop, never a clean end), the next connection is served
+by the new worker, and connections that arrive meanwhile wait in the socket's backlog.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 
 from gadgets.chains import ChainRegistry
 from gadgets.handler import CDLLambdaGadget, ReconstructorCache
-from gadgets.protocol import RobustConnection, encode_close, encode_error
+from gadgets.protocol import DRAIN_SECONDS, RobustConnection, drain_and_close, encode_close, encode_error
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +35,12 @@ class Server:
     """Accept loop on ``(host, port)`` (port 0 = any free port, see :attr:`port`)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 18000, cache: ReconstructorCache | None = None,
-                 registry: ChainRegistry | None = None, max_concurrent: int = 2):
+                 registry: ChainRegistry | None = None, max_concurrent: int = 2, idle_timeout: float | None = 600.0,
+                 listener: socket.socket | None = None):
         self.gadget = CDLLambdaGadget(cache or ReconstructorCache(), registry)
-        self.listener = socket.create_server((host, port), reuse_port=False, backlog=16)
+        self.listener = listener or socket.create_server((host, port), reuse_port=False, backlog=16)
         self.listener.settimeout(0.5)
+        self.idle_timeout = idle_timeout
         self.host, self.port = self.listener.getsockname()[:2]
         self.slots = threading.Semaphore(max(1, max_concurrent))
         self.stopping = threading.Event()
@@ -41,14 +56,14 @@ class Server:
         with self.slots:
             try:
                 try:
-                    connection = RobustConnection(sock)
+                    connection = RobustConnection(sock, idle_timeout=self.idle_timeout)
                 except Exception as error:  # noqa: BLE001 - handshake failed: tell the peer
                     log.error("connection from %s: handshake failed: %s", address, error)
                     try:
                         sock.sendall(encode_error(f"handshake failed: {error}") + encode_close())
                     except OSError:
                         pass
-                    sock.close()
+                    drain_and_close(sock, min(self.idle_timeout or DRAIN_SECONDS, DRAIN_SECONDS))
                     return
                 log.info("connection from %s: config %r", address, connection.config_name)
                 self.gadget.handle(connection)
@@ -97,18 +112,94 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-concurrent", type=int, default=2, help="scans reconstructed at the same time")
     parser.add_argument("--preload", default=None, metavar="CHAIN",
                         help="load this chain's reconstructor before accepting connections")
+    parser.add_argument("--idle-timeout", type=float, default=600.0,
+                        help="drop a peer that sends nothing for this many seconds (default 600; 0 = never)")
+    parser.add_argument("--no-supervisor", action="store_true",
+                        help="serve in this process (no restart after a native crash)")
+    parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)  # set by the supervisor
+
+
+def check_startup(chains_dir=None) -> ChainRegistry:
+    """The chain registry, after every weights file the manifest lists was verified against its sha256 and every
+    chain's parameters were checked; raises ValueError (WeightsError, ChainError, InputError) naming the problem."""
+    from gadgets.handler import Parameters
+    from recon.weights import WeightsRegistry
+
+    weights = WeightsRegistry()
+    verified = weights.verify_all()
+    log.info("weights in %s verified: %s", weights.root, ", ".join(verified) or "none listed (built-in defaults)")
+    registry = ChainRegistry(chains_dir)
+    for chain in registry.chains.values():
+        Parameters.from_sources(chain.parameters)
+    return registry
 
 
 def main(args) -> int:
-    registry = ChainRegistry(args.chains)
-    server = Server(args.host, args.port, registry=registry, max_concurrent=args.max_concurrent)
+    try:
+        registry = check_startup(args.chains)
+    except ValueError as error:
+        log.error("refusing to start: %s", error)
+        return 2
+    if not args.no_supervisor and args.listen_fd is None:
+        return supervise(args)
+    listener = socket.socket(fileno=args.listen_fd) if args.listen_fd is not None else None
+    server = Server(args.host, args.port, registry=registry, max_concurrent=args.max_concurrent,
+                    idle_timeout=args.idle_timeout or None, listener=listener)
     if args.preload:
         from gadgets.handler import Parameters
         chain = registry.select(args.preload)
         server.cache.get(Parameters.from_sources(chain.parameters))
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         log.info("stopped")
         server.stop()
     return 0
+
+
+# ------------------------------------------------------------------------------------------------- supervisor
+MAX_RESTARTS = 5          # worker deaths by a signal tolerated within RESTART_WINDOW_S
+RESTART_WINDOW_S = 60.0
+
+
+def supervise(args) -> int:
+    """Own the listening socket, run the server in a worker process, restart the worker when a signal kills it.
+
+    A worker that exits by itself (0 after SIGTERM/SIGINT, 2 when start-up is refused) ends the supervisor with its
+    status; more than :data:`MAX_RESTARTS` deaths within :data:`RESTART_WINDOW_S` seconds end it with status 1."""
+    listener = socket.create_server((args.host, args.port), reuse_port=False, backlog=16)
+    host, port = listener.getsockname()[:2]
+    command = [sys.executable, "-m", "gadgets.cli"] + (["-v"] if getattr(args, "verbose", False) else []) + [
+        "serve", "--listen-fd", str(listener.fileno()), "--host", host, "--port", str(port),
+        "--max-concurrent", str(args.max_concurrent), "--idle-timeout", str(args.idle_timeout)]
+    command += ["--chains", str(args.chains)] if args.chains else []
+    command += ["--preload", args.preload] if args.preload else []
+    deaths: list[float] = []
+    worker = None
+    stopping = threading.Event()
+
+    def stop(_signum, _frame):
+        stopping.set()
+        if worker is not None and worker.poll() is None:
+            worker.terminate()  # the worker finishes the scans in flight, then exits
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        while True:
+            worker = subprocess.Popen(command, pass_fds=(listener.fileno(),))
+            log.info("supervisor: worker %d serving %s:%d", worker.pid, host, port)
+            code = worker.wait()
+            if stopping.is_set() or code >= 0:
+                return 0 if stopping.is_set() else code
+            now = time.monotonic()
+            deaths = [t for t in deaths if now - t < RESTART_WINDOW_S] + [now]
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            if len(deaths) > MAX_RESTARTS:
+                log.error("supervisor: worker died from %s, %d times within %.0f s: giving up", name, len(deaths),
+                          RESTART_WINDOW_S)
+                return 1
+            log.error("supervisor: worker %d died from %s (scans in flight were lost); restarting", worker.pid, name)
+    finally:
+        listener.close()

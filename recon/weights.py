@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from recon.dictionary import Dictionary, DictionaryError, dct_dictionary
+from recon.dictionary import Dictionary, dct_dictionary
 from recon.lambda_nets import LambdaNet, build_lambda_net
 
 
@@ -80,9 +80,18 @@ class WeightsRegistry:
         else:
             manifest = {}
         self.manifest = manifest
-        self.dictionaries = {e["name"]: e for e in manifest.get("dictionaries") or []}
-        self.networks = {e["name"]: e for e in manifest.get("networks") or []}
+        self.dictionaries = self._entries(manifest, "dictionaries", manifest_path)
+        self.networks = self._entries(manifest, "networks", manifest_path)
         self.defaults = manifest.get("default") or {}
+        if not isinstance(self.defaults, dict):
+            raise WeightsError(f"weights manifest {manifest_path}: 'default' must be a mapping")
+
+    @staticmethod
+    def _entries(manifest: dict, kind: str, path: Path) -> dict:
+        entries = manifest.get(kind) or []
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and e.get("name") for e in entries):
+            raise WeightsError(f"weights manifest {path}: '{kind}' must be a list of entries with a name")
+        return {str(e["name"]): e for e in entries}
 
     def _read_verified(self, entry: dict, kind: str) -> tuple[bytes, Path]:
         path = safe_join(self.root, str(entry.get("file", "")))
@@ -122,7 +131,7 @@ class WeightsRegistry:
             try:
                 payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
                 dictionary = Dictionary(payload["filters"], name=name, meta={k: v for k, v in entry.items()})
-            except (DictionaryError, KeyError, TypeError, RuntimeError) as error:
+            except Exception as error:  # noqa: BLE001 - incl. pickle errors from weights_only refusing content
                 raise WeightsError(f"dictionary {name!r} ({path}) is unusable: {error}") from None
             return dictionary
         raise WeightsError(f"unknown dictionary {name!r}; shipped: {sorted(self.dictionaries)}")
@@ -144,7 +153,7 @@ class WeightsRegistry:
             payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             network = build_lambda_net(payload["config"])
             network.load_state_dict(payload["state_dict"])
-        except (KeyError, TypeError, RuntimeError, ValueError) as error:
+        except Exception as error:  # noqa: BLE001 - incl. pickle errors from weights_only refusing content
             raise WeightsError(f"network {name!r} ({path}) is unusable: {error}") from None
         network.eval()
         return LoadedNetwork(name=name, network=network, beta=float(payload.get("beta", 1.0)),

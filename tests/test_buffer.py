@@ -11,6 +11,11 @@ from gadgets.protocol import parse_ismrmrd_header
 
 
 def header(nx=32, ny=16, nz=1, rx=None, limits=True, trajectory="cartesian", e1_center=None, slices=1):
+    return parse_ismrmrd_header(header_xml(nx, ny, nz, rx, limits, trajectory, e1_center, slices))
+
+
+def header_xml(nx=32, ny=16, nz=1, rx=None, limits=True, trajectory="cartesian", e1_center=None, slices=1) -> str:
+    """A minimal valid ISMRMRD header (text)."""
     rx = rx or nx
     limit_xml = (f"<encodingLimits><kspace_encoding_step_1><minimum>0</minimum><maximum>{ny - 1}</maximum>"
                  f"<center>{ny // 2 if e1_center is None else e1_center}</center></kspace_encoding_step_1>"
@@ -24,7 +29,7 @@ def header(nx=32, ny=16, nz=1, rx=None, limits=True, trajectory="cartesian", e1_
     <reconSpace><matrixSize><x>{rx}</x><y>{ny}</y><z>{nz}</z></matrixSize>
     <fieldOfView_mm><x>{2 * nx}</x><y>{2 * ny}</y><z>{5 * nz}</z></fieldOfView_mm></reconSpace>
     {limit_xml}<trajectory>{trajectory}</trajectory></encoding></ismrmrdHeader>"""
-    return parse_ismrmrd_header(xml)
+    return xml
 
 
 def acquisition(e1, samples=32, coils=2, slice_=0, repetition=0, e2=0, flags=(), center=None, value=1.0):
