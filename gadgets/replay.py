@@ -9,17 +9,18 @@ example (128², 4 coils, 2× oversampling, acceleration 2, noise scan) is replay
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import ismrmrd
 import numpy as np
+from PIL import Image
 
 from gadgets.protocol import MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, MSG_TEXT, Peer
 
@@ -179,16 +180,9 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     magnitude = np.abs(np.asarray(pixels, dtype=np.complex64 if np.iscomplexobj(pixels) else np.float32))
     low, high = np.percentile(magnitude, [0.5, 99.5]) if magnitude.size else (0.0, 1.0)
     scaled = np.clip((magnitude - low) / max(high - low, 1e-12), 0, 1)
-    grey = (scaled * 255 + 0.5).astype(np.uint8)
-    rows = b"".join(b"\0" + row.tobytes() for row in grey)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return len(data).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
-
-    height, width = grey.shape
-    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 6)) + chunk(b"IEND", b"")
+    buffer = io.BytesIO()
+    Image.fromarray((scaled * 255 + 0.5).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def write_previews(result: ReplayResult, folder: str | Path) -> list[Path]:

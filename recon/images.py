@@ -38,14 +38,13 @@ small (one subject) and results on it should be reported as such.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import importlib.util
-import struct
-import zlib
 from pathlib import Path
 from typing import Callable
 
+import nibabel
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn.functional as F
 
@@ -61,126 +60,42 @@ class SourceUnavailable(RuntimeError):
 # File readers
 # ----------------------------------------------------------------------------------------------------------------
 
-_NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4"}
-
-
 def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a NIfTI-1 file (``.nii`` or ``.nii.gz``). Returns the volume ``(i, j, k)`` as float32 (scaling applied,
-    singleton 4th axis dropped) and its 4×4 voxel-to-world affine (sform if set, else qform, else pixdim)."""
-    raw = Path(path).read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    endian = "<" if struct.unpack("<i", raw[:4])[0] == 348 else ">"
-    if struct.unpack(endian + "i", raw[:4])[0] != 348 or raw[344:347] not in (b"n+1", b"ni1"):
-        raise ValueError(f"{path}: not a NIfTI-1 file")
-    dim = struct.unpack(endian + "8h", raw[40:56])
-    datatype = struct.unpack(endian + "h", raw[70:72])[0]
-    pixdim = struct.unpack(endian + "8f", raw[76:108])
-    vox_offset = int(struct.unpack(endian + "f", raw[108:112])[0])
-    slope, inter = struct.unpack(endian + "2f", raw[112:120])
-    qform_code, sform_code = struct.unpack(endian + "2h", raw[252:256])
-    quat = struct.unpack(endian + "6f", raw[256:280])
-    srow = np.array(struct.unpack(endian + "12f", raw[280:328]), dtype=np.float64).reshape(3, 4)
-    if datatype not in _NIFTI_DTYPES:
-        raise ValueError(f"{path}: unsupported NIfTI datatype {datatype}")
-    shape = tuple(int(d) for d in dim[1:1 + dim[0]])
-    count = int(np.prod(shape))
-    data = np.frombuffer(raw, dtype=endian + _NIFTI_DTYPES[datatype], count=count, offset=vox_offset)
-    volume = data.reshape(shape, order="F").astype(np.float32)
-    if slope not in (0.0, 1.0) or inter != 0.0:
-        volume = volume * (slope if slope != 0.0 else 1.0) + inter
+    """Read a NIfTI file (``.nii`` or ``.nii.gz``, with nibabel). Returns the volume ``(i, j, k)`` as float32
+    (scaling applied, singleton trailing axes dropped) and its 4×4 voxel-to-world affine."""
+    try:
+        image = nibabel.load(str(path))
+        volume = np.asarray(image.dataobj, dtype=np.float32)
+    except (nibabel.filebasedimages.ImageFileError, OSError, EOFError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable NIfTI file ({error})") from None
     while volume.ndim > 3 and volume.shape[-1] == 1:
         volume = volume[..., 0]
-    affine = np.eye(4)
-    if sform_code > 0:
-        affine[:3] = srow
-    elif qform_code > 0:
-        b, c, d, qx, qy, qz = quat
-        a = np.sqrt(max(0.0, 1.0 - b * b - c * c - d * d))
-        rot = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
-                        [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
-                        [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]])
-        qfac = -1.0 if pixdim[0] < 0 else 1.0
-        affine[:3, :3] = rot * np.array([pixdim[1], pixdim[2], pixdim[3] * qfac])
-        affine[:3, 3] = (qx, qy, qz)
-    else:
-        affine[:3, :3] = np.diag(pixdim[1:4])
-    return volume, affine
+    return volume, np.asarray(image.affine, dtype=np.float64)
 
 
 def to_ras(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Permute and flip the first three axes so that they run Left→Right, Posterior→Anterior, Inferior→Superior
     (nearest axis-aligned orientation; oblique acquisitions are not resampled). Returns the volume and its voxel
     size in mm along (R, A, S)."""
-    linear = affine[:3, :3]
-    world_axis = np.argmax(np.abs(linear), axis=0)  # voxel axis v points mostly along world axis world_axis[v]
-    if sorted(world_axis) != [0, 1, 2]:
+    orientation = nibabel.orientations.io_orientation(affine)  # per voxel axis: (world axis, ±1)
+    if np.isnan(orientation).any():
         raise ValueError("cannot determine the volume's orientation from its affine")
-    order = np.argsort(world_axis)
-    out = np.transpose(volume, tuple(order) + tuple(range(3, volume.ndim)))
-    for out_axis, v in enumerate(order):
-        if linear[out_axis, v] < 0:
-            out = np.flip(out, axis=out_axis)
-    spacing = tuple(float(np.linalg.norm(linear[:, v])) for v in order)
+    out = nibabel.orientations.apply_orientation(volume, orientation)
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    spacing = tuple(float(sizes[list(orientation[:, 0]).index(axis)]) for axis in range(3))
     return np.ascontiguousarray(out), spacing
 
 
 def read_png(path: str | Path) -> np.ndarray:
-    """Read a non-interlaced 8/16-bit PNG (grey, RGB, palette, ± alpha) as a float32 grey image ``(rows, cols)``."""
-    raw = Path(path).read_bytes()
-    if raw[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError(f"{path}: not a PNG file")
-    pos, idat, palette = 8, [], None
-    while pos < len(raw):
-        length, kind = struct.unpack(">I4s", raw[pos:pos + 8])
-        body = raw[pos + 8:pos + 8 + length]
-        pos += 12 + length
-        if kind == b"IHDR":
-            width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", body)
-        elif kind == b"PLTE":
-            palette = np.frombuffer(body, dtype=np.uint8).reshape(-1, 3).astype(np.float32)
-        elif kind == b"IDAT":
-            idat.append(body)
-        elif kind == b"IEND":
-            break
-    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[colour]
-    if interlace or depth not in (8, 16):
-        raise ValueError(f"{path}: interlaced or bit depth {depth} PNG is not supported")
-    bpp = channels * depth // 8  # bytes per pixel
-    stride = width * bpp
-    rows = np.frombuffer(zlib.decompress(b"".join(idat)), dtype=np.uint8).reshape(height, stride + 1)
-    out = np.zeros((height, stride), dtype=np.int32)
-    prev = np.zeros(stride, dtype=np.int32)
-    for r in range(height):
-        filt, line = rows[r, 0], rows[r, 1:].astype(np.int32)
-        if filt == 0:
-            cur = line
-        elif filt == 2:
-            cur = (line + prev) & 0xFF
-        else:  # Sub, Average, Paeth depend on the reconstructed left neighbour: go byte by byte
-            cur = np.zeros(stride, dtype=np.int32)
-            for i in range(stride):
-                left = cur[i - bpp] if i >= bpp else 0
-                up, up_left = prev[i], (prev[i - bpp] if i >= bpp else 0)
-                if filt == 1:
-                    pred = left
-                elif filt == 3:
-                    pred = (left + up) >> 1
-                else:
-                    p = left + up - up_left
-                    pa, pb, pc = abs(p - left), abs(p - up), abs(p - up_left)
-                    pred = left if pa <= pb and pa <= pc else (up if pb <= pc else up_left)
-                cur[i] = (line[i] + pred) & 0xFF
-        out[r], prev = cur, cur
-    pixels = out.astype(np.uint8)
-    if depth == 16:
-        pixels = pixels.reshape(height, -1, 2)
-        pixels = (pixels[..., 0].astype(np.uint16) << 8) | pixels[..., 1]
-    pixels = pixels.reshape(height, width, channels).astype(np.float32)
-    if colour == 3:
-        return palette[pixels[..., 0].astype(np.intp)].mean(axis=-1)
-    grey_channels = 3 if colour in (2, 6) else 1
-    return pixels[..., :grey_channels].mean(axis=-1)
+    """Read a PNG (grey, RGB, palette, ± alpha, 8/16 bit) as a float32 grey image ``(rows, cols)``: the mean of the
+    colour channels, alpha dropped."""
+    with Image.open(path) as image:
+        if image.mode == "P":
+            image = image.convert("RGB")
+        pixels = np.asarray(image, dtype=np.float32)
+    if pixels.ndim == 3:
+        pixels = pixels[..., :3 if pixels.shape[-1] >= 3 else 1].mean(axis=-1)
+    return pixels
 
 
 # ----------------------------------------------------------------------------------------------------------------

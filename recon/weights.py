@@ -82,6 +82,7 @@ class WeightsRegistry:
         self.manifest = manifest
         self.dictionaries = self._entries(manifest, "dictionaries", manifest_path)
         self.networks = self._entries(manifest, "networks", manifest_path)
+        self.baselines = self._entries(manifest, "baselines", manifest_path)
         self.defaults = manifest.get("default") or {}
         if not isinstance(self.defaults, dict):
             raise WeightsError(f"weights manifest {manifest_path}: 'default' must be a mapping")
@@ -93,7 +94,8 @@ class WeightsRegistry:
             raise WeightsError(f"weights manifest {path}: '{kind}' must be a list of entries with a name")
         return {str(e["name"]): e for e in entries}
 
-    def _read_verified(self, entry: dict, kind: str) -> tuple[bytes, Path]:
+    def read_verified(self, entry: dict, kind: str) -> tuple[bytes, Path]:
+        """The bytes of the file of a manifest ``entry`` and its path, after checking its sha256."""
         path = safe_join(self.root, str(entry.get("file", "")))
         try:
             data = path.read_bytes()
@@ -108,9 +110,10 @@ class WeightsRegistry:
     def verify_all(self) -> list[str]:
         """Check every file the manifest lists; returns the names verified, raises WeightsError on the first bad."""
         names = []
-        for kind, table in (("dictionary", self.dictionaries), ("network", self.networks)):
+        for kind, table in (("dictionary", self.dictionaries), ("network", self.networks),
+                            ("baseline", self.baselines)):
             for entry in table.values():
-                self._read_verified(entry, kind)
+                self.read_verified(entry, kind)
                 names.append(entry["name"])
         return names
 
@@ -127,7 +130,7 @@ class WeightsRegistry:
             return dct_dictionary(size)
         if name in self.dictionaries:
             entry = self.dictionaries[name]
-            data, path = self._read_verified(entry, "dictionary")
+            data, path = self.read_verified(entry, "dictionary")
             try:
                 payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
                 dictionary = Dictionary(payload["filters"], name=name, meta={k: v for k, v in entry.items()})
@@ -148,7 +151,7 @@ class WeightsRegistry:
         if name not in self.networks:
             raise WeightsError(f"unknown network {name!r}; shipped: {sorted(self.networks)}")
         entry = self.networks[name]
-        data, path = self._read_verified(entry, "network")
+        data, path = self.read_verified(entry, "network")
         try:
             payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             network = build_lambda_net(payload["config"])

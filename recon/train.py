@@ -1,0 +1,338 @@
+"""Training NET_Θ (V1/V2/V3) and the learned baselines on the low-field task.
+
+Methods (``--method``):
+* ``v3``: CDL-Λ with the shared per-filter U-Net; **a random training dictionary for every batch** (the manifest's
+  ``split: train`` family); validated on the held-out (``split: validation``) dictionaries.
+* ``v1`` / ``v2``: CDL-Λ with a K-sized U-Net and one fixed dictionary (``--dictionary``).
+* ``ablation``: the same U-Net mapping x₀ to the image, no model-based part (:class:`recon.baselines.ImageUNet`).
+* ``unrolled``: the black-box MoDL-style unrolled network (:class:`recon.baselines.UnrolledNet`).
+
+Λ = u_b · sigmoid(u) with u_b = ``--upper-bound`` (normalised units; the best scalar λ on validation data is about
+1, so u_b = 3 keeps the optimum on the responsive part of the sigmoid) and the U-Net head's bias set so that Λ starts
+at ``--initial-lambda`` everywhere: a Λ at the bound saturates the sigmoid, a Λ that zeroes every code has no
+gradient through the soft-threshold, and either stalls training.
+
+Loss: MSE on the real and imaginary parts of the normalised image. Adam with the network at ``--lr`` (weight decay
+``--weight-decay``) and the scalar parameters (β of the (PH) split, μ of the unrolled net) at ``--beta-lr``.
+CDL-Λ runs ``--iterations`` FISTA steps (T) and differentiates the last ``--grad-iterations`` (T − T′).
+Checkpoints hold the model, optimiser, step, history and every random-number state, so ``--resume`` continues the
+exact run. ``--export NAME`` writes the trained weights into the weights folder with a manifest entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from recon import experiment_data as data
+from recon.baselines import BASELINES, build_baseline
+from recon.device import choose_device
+from recon.dictionary import Dictionary
+from recon.lambda_nets import NETWORKS, build_lambda_net
+from recon.model import CDLLambda
+from recon.weights import WeightsRegistry, default_weights_dir, save_network
+
+log = logging.getLogger(__name__)
+
+METHODS = ("v3", "v2", "v1", "ablation", "unrolled")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    method: str = "v3"
+    size: int = 96                 # n × n matrix of the training images
+    batch_size: int = 2
+    steps: int = 1000
+    iterations: int = 24           # T
+    grad_iterations: int = 6       # T − T′: differentiated iterations
+    base_channels: int = 8
+    stages: int = 2
+    upper_bound: float = 3.0       # u_b of Λ = u_b · sigmoid(u), normalised units
+    initial_lambda: float = 0.75   # Λ at initialisation (sets the U-Net head's bias), normalised units
+    beta: float = 1.0              # initial β of the (PH) split
+    cascades: int = 4              # unrolled baseline
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    beta_lr: float = 0.1
+    dictionary: str | None = None  # v1/v2: the fixed dictionary
+    validate_every: int = 100
+    validation_slices: int = 6
+    seed: int = 0
+    time_limit_min: float | None = None
+    weights_dir: str | None = None
+
+
+# ---- models ----------------------------------------------------------------------------------------------------
+def build_model(config: TrainConfig, num_filters: int | None = None) -> nn.Module:
+    """The module for ``config.method`` (``num_filters`` needed for v1/v2)."""
+    if config.method in BASELINES:
+        extra = {"cascades": config.cascades} if config.method == "unrolled" else {}
+        return build_baseline(dict(kind=config.method, base_channels=config.base_channels, stages=config.stages,
+                                   **extra))
+    net_config = dict(version=config.method, base_channels=config.base_channels, stages=config.stages,
+                      upper_bound=config.upper_bound)
+    if config.method in ("v1", "v2"):
+        net_config["num_filters"] = num_filters
+    network = build_lambda_net(net_config)
+    with torch.no_grad():  # start where soft-thresholding neither keeps all noise nor kills every code
+        fraction = min(max(config.initial_lambda / config.upper_bound, 1e-3), 1 - 1e-3)
+        network.unet.head.bias.fill_(math.log(fraction / (1 - fraction)))
+    return CDLLambda(network, beta=config.beta, iterations=config.iterations,
+                     grad_iterations=config.grad_iterations)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam: network weights at ``lr`` with weight decay; scalar parameters (β, μ) at ``beta_lr`` without."""
+    scalars = [p for p in model.parameters() if p.ndim == 0]
+    weights = [p for p in model.parameters() if p.ndim > 0]
+    return torch.optim.Adam([{"params": weights, "lr": config.lr, "weight_decay": config.weight_decay},
+                             {"params": scalars, "lr": config.beta_lr, "weight_decay": 0.0}])
+
+
+def image_loss(image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE on real and imaginary parts."""
+    return F.mse_loss(torch.view_as_real(image), torch.view_as_real(target))
+
+
+def training_dictionaries(registry: WeightsRegistry, config: TrainConfig) -> tuple[list[Dictionary], list[Dictionary]]:
+    """(training dictionaries, validation dictionaries) for the method: the family for v3, the fixed one for v1/v2,
+    none for the baselines."""
+    if config.method in BASELINES:
+        return [], []
+    if config.method in ("v1", "v2"):
+        fixed = registry.dictionary(config.dictionary)
+        return [fixed], [fixed]
+    train = [registry.dictionary(n) for n, e in sorted(registry.dictionaries.items()) if e.get("split") == "train"]
+    val = [registry.dictionary(n) for n, e in sorted(registry.dictionaries.items()) if e.get("split") != "train"]
+    if not train:
+        raise RuntimeError("the weights manifest lists no training dictionaries: run `cdl-lambda learn-dictionary "
+                           "--family` first")
+    return train, val or train
+
+
+def reconstruct(model: nn.Module, batch: data.Batch, dictionary: Dictionary | None, **kwargs):
+    return model(batch.kspace, batch.mask, dictionary, **kwargs)
+
+
+@torch.no_grad()
+def validate(model: nn.Module, examples: data.Batch, dictionaries: list[Dictionary]) -> float:
+    """Mean MSE over the validation examples (and over the validation dictionaries for CDL-Λ)."""
+    model.eval()
+    losses = [float(image_loss(reconstruct(model, examples, d).image, examples.target))
+              for d in (dictionaries or [None])]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+# ---- the loop --------------------------------------------------------------------------------------------------
+class Trainer:
+    """Holds everything a checkpoint restores: model, optimiser, data stream, dictionary sampler, history."""
+
+    def __init__(self, config: TrainConfig, device=None, images: torch.Tensor | None = None,
+                 validation: data.Batch | None = None, registry: WeightsRegistry | None = None):
+        self.config = config
+        self.device = choose_device(device)
+        torch.manual_seed(config.seed)
+        registry = registry or WeightsRegistry(config.weights_dir)
+        self.train_dicts, self.val_dicts = training_dictionaries(registry, config)
+        k = self.train_dicts[0].num_filters if config.method in ("v1", "v2") else None
+        self.model = build_model(config, k).to(self.device)
+        self.optimizer = make_optimizer(self.model, config)
+        if images is None:
+            images = torch.cat(list(data.load_images("train", config.size).values()))
+        self.stream = data.TrainingStream(images, config.batch_size, seed=config.seed)
+        if validation is None:
+            val_images = torch.cat([data.pick_slices(s, config.validation_slices // 2 or 1)
+                                    for s in data.load_images("val", config.size).values()])
+            validation = data.fixed_examples(val_images, 0.2, seed=config.seed + 1)
+        self.validation = validation.to(self.device)
+        self.sampler = torch.Generator().manual_seed(config.seed + 2)
+        self.step = 0
+        self.seconds = 0.0
+        self.history: list[dict] = []
+
+    def next_dictionary(self) -> Dictionary | None:
+        if not self.train_dicts:
+            return None
+        return self.train_dicts[int(torch.randint(len(self.train_dicts), (), generator=self.sampler))]
+
+    def train_step(self) -> float:
+        batch = next(self.stream).to(self.device)
+        dictionary = self.next_dictionary()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = image_loss(reconstruct(self.model, batch, dictionary).image, batch.target)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        return float(loss.detach())
+
+    def beta(self) -> float | None:
+        split = getattr(self.model, "split", None)
+        return float(split.beta.detach()) if split is not None else None
+
+    def run(self, checkpoint: Path | None = None, progress: bool = True) -> list[dict]:
+        config = self.config
+        start, running = time.time() - self.seconds, []
+        bar = tqdm(total=config.steps, initial=self.step, disable=not progress, desc=config.method)
+        while self.step < config.steps:
+            running.append(self.train_step())
+            self.seconds = time.time() - start
+            bar.update(1)
+            bar.set_postfix(loss=f"{running[-1]:.4f}")
+            last = self.step == config.steps or (config.time_limit_min and self.seconds > 60 * config.time_limit_min)
+            if self.step % config.validate_every == 0 or last:
+                record = {"step": self.step, "seconds": round(self.seconds, 1),
+                          "train_loss": round(sum(running) / len(running), 6),
+                          "val_loss": round(validate(self.model, self.validation, self.val_dicts), 6)}
+                if self.beta() is not None:
+                    record["beta"] = round(self.beta(), 4)
+                self.history.append(record)
+                running = []
+                log.info("%s", record)
+                if checkpoint:
+                    self.save(checkpoint)
+            if last:
+                break
+        bar.close()
+        return self.history
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"config": dataclasses.asdict(self.config), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "step": self.step, "seconds": self.seconds,
+                "history": self.history, "stream": self.stream.state(), "sampler": self.sampler.get_state(),
+                "torch": torch.get_rng_state()}
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state(), tmp)
+        tmp.replace(path)
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.seconds, self.history = state["step"], state["seconds"], state["history"]
+        self.stream.set_state(state["stream"])
+        self.sampler.set_state(state["sampler"].cpu())
+        torch.set_rng_state(state["torch"].cpu())
+
+
+# ---- export ----------------------------------------------------------------------------------------------------
+def load_trained(path, device="cpu") -> tuple[nn.Module, dict]:
+    """A trained model from a checkpoint or an exported file (a path or a file object; either kind): (module in eval mode, payload)."""
+    payload = torch.load(path, map_location=device, weights_only=True)
+    if "model" in payload:  # a training checkpoint
+        config = TrainConfig(**payload["config"])
+        k = None
+        if config.method in ("v1", "v2"):
+            k = payload["model"]["lambda_net.unet.head.weight"].shape[0]
+        model = build_model(config, k)
+        model.load_state_dict(payload["model"])
+    elif payload["config"].get("kind") in BASELINES:
+        model = build_baseline(payload["config"])
+        model.load_state_dict(payload["state_dict"])
+    else:
+        settings = payload.get("settings") or {}
+        model = CDLLambda(build_lambda_net(payload["config"]), beta=payload.get("beta", 1.0),
+                          iterations=settings.get("iterations", 64))
+        model.lambda_net.load_state_dict(payload["state_dict"])
+    return model.to(device).eval(), payload
+
+
+def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = False, note: str = "",
+           default_dictionary: str | None = None) -> dict:
+    """Write the trained weights of ``checkpoint`` into ``weights_dir`` (networks/ for Λ networks, baselines/ for the
+    others) and record them in the manifest. Returns the manifest entry."""
+    from recon.dictionary_learning import update_manifest
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    config = TrainConfig(**state["config"])
+    model, _ = load_trained(checkpoint)
+    training = {"method": config.method, "data": "recon.images split 'train' (Colin27 T1 + BrainWeb PD) through "
+                f"recon.data.LowFieldDataset, {config.size}x{config.size}, central k-space window with 40-119/320 "
+                "lines removed per side, sigma^2 ~ U(0.15, 0.30), flips and 90-degree rotations",
+                "steps": state["step"], "batch_size": config.batch_size, "cpu_minutes": round(state["seconds"] / 60, 1),
+                "lr": config.lr, "weight_decay": config.weight_decay, "beta_lr": config.beta_lr,
+                "iterations": config.iterations, "grad_iterations": config.grad_iterations,
+                "base_channels": config.base_channels, "stages": config.stages, "seed": config.seed}
+    if note:
+        training["note"] = note
+    last = state["history"][-1] if state["history"] else {}
+    metrics = {"val_mse_sigma2_0.2": last.get("val_loss"), "final_train_mse": last.get("train_loss")}
+    buffer_dir = "networks" if config.method in NETWORKS else "baselines"
+    (weights_dir / buffer_dir).mkdir(parents=True, exist_ok=True)
+    path = weights_dir / buffer_dir / f"{name}.pt"
+    if config.method in NETWORKS:
+        training["dictionaries"] = ("random per batch from the manifest's split=train family"
+                                    if config.method == "v3" else config.dictionary)
+        sha = save_network(path, model.lambda_net, float(model.split.beta.detach()),
+                           settings={"iterations": config.iterations, "size": config.size})
+        entry = {"name": name, "file": f"{buffer_dir}/{name}.pt", "version": config.method, "sha256": sha,
+                 "beta": round(float(model.split.beta.detach()), 4), "training": training, "metrics": metrics}
+        default = {"network": name} if set_default else {}
+        if default_dictionary:
+            default["dictionary"] = default_dictionary
+        update_manifest(weights_dir, "networks", entry, default=default or None)
+    else:
+        buffer = io.BytesIO()
+        torch.save({"config": model.config(), "state_dict": model.state_dict()}, buffer)
+        path.write_bytes(buffer.getvalue())
+        import hashlib
+
+        entry = {"name": name, "file": f"{buffer_dir}/{name}.pt", "kind": config.method,
+                 "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(), "training": training, "metrics": metrics}
+        update_manifest(weights_dir, "baselines", entry)
+    return entry
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    parser.add_argument("--method", choices=METHODS, default=defaults.method)
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in ("method",):
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        kind = {"int": int, "float": float}.get(str(field.type).split(" ")[0], str)
+        if field.name == "time_limit_min":
+            kind = float
+        parser.add_argument(flag, type=kind, default=getattr(defaults, field.name))
+    parser.add_argument("--checkpoint", default="runs/train.ckpt", help="checkpoint file (written as it trains)")
+    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    parser.add_argument("--export", metavar="NAME", help="after training, write the weights as NAME into the weights "
+                                                         "folder and its manifest")
+    parser.add_argument("--set-default", action="store_true", help="with --export: make it the default network")
+    parser.add_argument("--default-dictionary", help="with --export: also make this dictionary the default")
+    parser.add_argument("--note", default="", help="with --export: a note stored in the manifest entry")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    trainer = Trainer(config, device=args.device)
+    checkpoint = Path(args.checkpoint)
+    if args.resume and checkpoint.exists():
+        trainer.load(checkpoint)
+        log.info("resumed %s at step %d", checkpoint, trainer.step)
+    trainer.run(checkpoint)
+    if args.export:
+        weights_dir = Path(config.weights_dir) if config.weights_dir else default_weights_dir()
+        entry = export(checkpoint, args.export, weights_dir, args.set_default, args.note, args.default_dictionary)
+        log.info("exported %s (sha256 %s)", entry["file"], entry["sha256"])
+    return 0

@@ -1,0 +1,80 @@
+"""recon.metrics: identities, a direct formula, and values computed with scikit-image 0.26 for fixed inputs."""
+
+import numpy as np
+import pytest
+
+from recon import metrics
+
+
+def pattern():
+    i, j = np.meshgrid(np.arange(32), np.arange(40), indexing="ij")
+    x = np.sin(i / 3.0) * np.cos(j / 5.0) + 0.1 * ((i * 7 + j * 3) % 11) / 11
+    return x, x + 0.05 * np.cos(i * j / 7.0)
+
+
+def direct_ssim(x, y, data_range, w=7):
+    """SSIM by explicit loops over every 7×7 window that fits (sample covariance), averaged."""
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    values = []
+    for r in range(x.shape[0] - w + 1):
+        for c in range(x.shape[1] - w + 1):
+            a, b = x[r:r + w, c:c + w].ravel(), y[r:r + w, c:c + w].ravel()
+            ma, mb = a.mean(), b.mean()
+            va, vb = a.var(ddof=1), b.var(ddof=1)
+            cov = ((a - ma) * (b - mb)).sum() / (a.size - 1)
+            values.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
+    return np.mean(values)
+
+
+def test_ssim_of_image_with_itself_is_one():
+    x, _ = pattern()
+    assert metrics.ssim(x, x) == pytest.approx(1.0)
+    assert metrics.ssim(x, x, mask=np.ones_like(x)) == pytest.approx(1.0)
+
+
+def test_ssim_matches_direct_formula_and_reference():
+    x, y = pattern()
+    assert metrics.ssim(x, y) == pytest.approx(direct_ssim(x, y, x.max()), abs=1e-10)
+    assert metrics.ssim(x, y) == pytest.approx(0.9928126698946592, abs=1e-9)  # skimage structural_similarity
+
+
+def test_ssim_uses_the_volume_maximum():
+    x, y = pattern()
+    volume_t, volume_i = np.stack([x, 0.5 * x]), np.stack([y, 0.5 * y])
+    expected = np.mean([direct_ssim(x, y, x.max()), direct_ssim(0.5 * x, 0.5 * y, x.max())])
+    assert metrics.ssim(volume_t, volume_i) == pytest.approx(expected, abs=1e-10)
+
+
+def test_psnr_and_nmse_formulas():
+    x, y = pattern()
+    mse = ((x - y) ** 2).mean()
+    assert metrics.psnr(x, y) == pytest.approx(10 * np.log10(x.max() ** 2 / mse))
+    assert metrics.nmse(x, y) == pytest.approx(((x - y) ** 2).sum() / (x ** 2).sum())
+    mask = np.zeros_like(x, dtype=bool)
+    mask[5:20, 5:30] = True
+    assert metrics.nmse(x, y, mask) == pytest.approx(((x - y)[mask] ** 2).sum() / (x[mask] ** 2).sum())
+
+
+def test_complex_inputs_use_the_magnitude():
+    x, y = pattern()
+    assert metrics.ssim(x * np.exp(1j * 0.3), y * np.exp(-1j)) == pytest.approx(metrics.ssim(abs(x), abs(y)))
+
+
+def test_blur_effect_matches_reference_and_rises_with_blur():
+    x, y = pattern()
+    assert metrics.blur_effect(x) == pytest.approx(0.7334616335415142, abs=1e-9)  # skimage.measure.blur_effect
+    assert metrics.blur_effect(y) == pytest.approx(0.7199938530373643, abs=1e-9)
+    rng = np.random.default_rng(0)
+    sharp = (rng.random((48, 48)) > 0.5).astype(float)
+    kernel = np.ones(5) / 5
+    blurred = np.apply_along_axis(lambda r: np.convolve(r, kernel, mode="same"), 0, sharp)
+    blurred = np.apply_along_axis(lambda r: np.convolve(r, kernel, mode="same"), 1, blurred)
+    assert metrics.blur_effect(blurred) > metrics.blur_effect(sharp) + 0.1
+
+
+def test_foreground_mask_fills_holes():
+    image = np.zeros((40, 40))
+    image[8:32, 8:32] = 1.0
+    image[16:24, 16:24] = 0.0  # a dark "ventricle"
+    mask = metrics.foreground_mask(image)[0]
+    assert mask[20, 20] and mask[10, 10] and not mask[2, 2]
