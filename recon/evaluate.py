@@ -193,6 +193,9 @@ def render_report(methods: list[Method], info: dict, figure: str) -> str:
             if a and b:
                 lines.append(f"| {m.name} | {noise} | {a['ssim_mask']:.3f} | {b['ssim_mask']:.3f} | "
                              f"{a['ssim_mask'] - b['ssim_mask']:+.3f} |")
+    lines += ["", "The out-of-distribution images score higher than the in-distribution head for every method, zero-filled "
+              "included (smoother anatomy, more background), so a drop is negative; what matters is how the methods' "
+              "drops compare: a smaller (more negative) drop means the method kept more of its quality on the new data."]
     lines += ["", "## Targets", ""] + [f"- {t}" for t in info["targets"]]
     lines += ["", "## Scalar-λ grid (validation split, σ² = 0.2, brain-masked SSIM)", "",
               "| λ | β | SSIM |", "|---|---|---|"]
@@ -223,10 +226,13 @@ def check_targets(by_name: dict[str, Method]) -> list[str]:
     v3, zf, sc = "CDL-Λ V3, training dictionaries", "zero-filled", "CDL, scalar λ (best on validation)"
     for noise in NOISE_LEVELS:
         gain = s(v3, noise=noise) - s(zf, noise=noise)
+        whole = s(v3, noise=noise, key="ssim") - s(zf, noise=noise, key="ssim")
         out.append(f"{'MET' if gain >= 0.2 else 'MISSED'}: CDL-Λ ≥ zero-filled + 0.2 SSIM in distribution, σ²={noise}"
-                   f" (gain {gain:+.3f})")
+                   f" (gain {gain:+.3f} brain-masked; {whole:+.3f} on the whole image)")
         diff = s(v3, noise=noise) - s(sc, noise=noise)
-        out.append(f"{'MET' if diff > 0 else 'MISSED'}: CDL-Λ above the best scalar λ, σ²={noise} ({diff:+.3f})")
+        whole = s(v3, noise=noise, key="ssim") - s(sc, noise=noise, key="ssim")
+        out.append(f"{'MET' if diff > 0 else 'MISSED'}: CDL-Λ above the best scalar λ, σ²={noise} ({diff:+.3f} "
+                   f"brain-masked; {whole:+.3f} on the whole image)")
     for other in ("unrolled (MoDL-style black box)", "ablation: U-Net image-to-image"):
         for noise in NOISE_LEVELS:
             d_v3 = s(v3, noise=noise) - s(v3, "ood", noise)
@@ -237,8 +243,8 @@ def check_targets(by_name: dict[str, Method]) -> list[str]:
     for name in ["CDL-Λ V3, held-out dictionaries"] + unseen:
         for split in ("test", "ood"):
             diff = s(name, split) - s(v3, split)
-            out.append(f"{'MET' if abs(diff) <= 0.02 else 'MISSED'}: {name} within 0.02 SSIM of training "
-                       f"dictionaries ({split}, σ²=0.2: {diff:+.3f})")
+            out.append(f"{'MET' if diff >= -0.02 else 'MISSED'}: {name} no more than 0.02 SSIM below the "
+                       f"training dictionaries ({split}, σ²=0.2: {diff:+.3f})")
     v1 = s("V1, training filter order") - s("V1, filters permuted")
     v3p = s("CDL-Λ V3, fixed dictionary") - s("CDL-Λ V3, same dictionary permuted")
     out.append(f"{'MET' if v1 > 0.005 else 'MISSED'}: V1 loses under permutation (−{v1:.3f} SSIM)")

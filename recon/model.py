@@ -38,6 +38,9 @@ class ReconOutput:
     scale: torch.Tensor
 
 
+DEFAULT_SCALAR_LAMBDA = 0.5  # normalised units; the best single λ on the validation split (docs/evaluation.md)
+
+
 def data_scale(zero_filled: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Normalisation factor per batch item, ``(B,)``: ‖Aᴴy‖ / √M with M the number of measured k-space locations.
     For a single coil ‖Aᴴy‖ = ‖y‖, so this is the RMS of the measured samples (the paper's k-space
@@ -55,7 +58,7 @@ class CDLLambda(nn.Module):
 
     def __init__(self, lambda_net: LambdaNet | None = None, beta: float = 1.0, iterations: int = 64,
                  grad_iterations: int = 8, step_factor: float = 0.99, inertia: float = 3.0,
-                 scalar_lambda: float = 0.05, compiled: bool = False):
+                 scalar_lambda: float = DEFAULT_SCALAR_LAMBDA, compiled: bool = False):
         super().__init__()
         if not 0 < step_factor < 1:
             raise ValueError(f"step_factor must be in (0, 1), got {step_factor}")

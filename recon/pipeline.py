@@ -17,7 +17,7 @@ import torch
 from recon import coils as _coils
 from recon.device import choose_device
 from recon.dictionary import Dictionary
-from recon.model import CDLLambda
+from recon.model import DEFAULT_SCALAR_LAMBDA, CDLLambda
 from recon.solvers import compile_available
 from recon.weights import WeightsRegistry
 
@@ -62,7 +62,7 @@ class Reconstructor:
 
     def __init__(self, dictionary: str | Dictionary = "default", network: str | None = "default",
                  iterations: int = 64, device: str | None = None, batch_size: int = 8,
-                 scalar_lambda: float = 0.05, weights_dir: str | None = None, compiled: bool | str = "auto"):
+                 scalar_lambda: float = DEFAULT_SCALAR_LAMBDA, weights_dir: str | None = None, compiled: bool | str = "auto"):
         self.device = choose_device(device)
         if compiled == "auto":
             compiled = compile_available(self.device)

@@ -15,7 +15,8 @@ FAST_REGISTRY = {
     "default": "cdl-lambda",
     "chains": {
         "cdl-lambda": {"parameters": {"iterations": 12}},
-        "cdl-lambda-research": {"parameters": {"iterations": 12, "send_zero_filled": True,
+        # enough FISTA iterations for the quality assertions (the shipped dictionary's step is 1/L)
+        "cdl-lambda-research": {"parameters": {"iterations": 32, "send_zero_filled": True,
                                                "send_lambda_maps": True}},
     },
     "rules": [{"when": {"config": "cdl_lambda_research*"}, "chain": "cdl-lambda-research"}],

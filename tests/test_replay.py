@@ -29,8 +29,8 @@ def test_replay_accelerated_file_counters_geometry_quality(accelerated_file, ser
         assert meta["CDL_Dictionary"] and meta["CDL_DictionarySHA256"] and "WindowWidth" in meta
         assert len(meta["ImageRowDir"]) == 3
         error = relative_error(image.data[0, 0], reference)
-        assert error < 0.3, error
-        assert error < relative_error(zero_filled.data[0, 0], reference)
+        assert error < 0.33, error
+        assert error < relative_error(zero_filled.data[0, 0], reference) - 0.03
     assert series[3][0].data.shape[0] > 1  # Λ maps: one channel per filter
 
 
