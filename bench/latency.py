@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import publish  # noqa: E402
 
-from recon.device import choose_device  # noqa: E402
+from recon.device import choose_device, keep_freed_memory_for_reuse  # noqa: E402
 from recon.dictionary import Dictionary  # noqa: E402
 from recon.fft import fft2c  # noqa: E402
 from recon.lambda_nets import LambdaNetV3  # noqa: E402
@@ -106,6 +106,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="run FISTA's element-wise work uncompiled")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory_for_reuse()  # as recon.pipeline.Reconstructor does on the CPU
     device = choose_device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {args.threads} threads"
     rows = ["| case | batch | ms / slice | ms / FISTA iteration | FFT floor ms / iteration | ratio |",

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import publish  # noqa: E402
 
 from bench.latency import run_case  # noqa: E402
-from recon.device import choose_device  # noqa: E402
+from recon.device import choose_device, keep_freed_memory_for_reuse  # noqa: E402
 
 SWEEPS = {  # name: list of (size, coils, K, T)
     "K": [(128, 1, k, 32) for k in (8, 16, 32, 64)],
@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="docs/bench_scaling.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory_for_reuse()  # as recon.pipeline.Reconstructor does on the CPU
     device = choose_device(args.device)
     lines = [f"# CDL-Λ scaling against the FFT cost model\n\nDevice: {device}, {args.threads} threads, torch "
              f"{torch.__version__}, kernel size 9.\nCommand: `python bench/scaling.py --threads {args.threads}`\n"]

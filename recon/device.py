@@ -16,3 +16,33 @@ def choose_device(requested: str | torch.device | None = None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {requested!r} was requested but CUDA is not available on this machine")
     return device
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's largest accepted mmap threshold on 64-bit
+_allocator_tuned = False
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Make glibc's malloc keep freed blocks of up to 32 MiB in the heap instead of returning them to the kernel.
+
+    PyTorch's CPU allocator does not cache, and glibc serves blocks above its mmap threshold with fresh ``mmap``
+    pages, so every FISTA iteration would page-fault its code-sized buffers (megabytes each) in again. This is the
+    in-process form of ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``; memory stays bounded by the
+    largest working set. Returns whether it took effect (glibc only; a no-op elsewhere)."""
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = (mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1 and mallopt(_M_TRIM_THRESHOLD, 4 * 2**30) == 1
+          and mallopt(_M_TOP_PAD, 64 * 2**20) == 1)
+    _allocator_tuned = ok
+    return ok

@@ -103,7 +103,7 @@ class Dictionary:
     def synthesize_fourier(self, codes_hat: torch.Tensor) -> torch.Tensor:
         """Σ_k d̂_k ŝ_k for code spectra ``(..., K, ny, nx)`` → image spectrum ``(..., ny, nx)``."""
         d_hat = self.spectra(codes_hat.shape[-2:], codes_hat.device, codes_hat.dtype)
-        return torch.einsum("...kyx,kyx->...yx", codes_hat, d_hat)
+        return (codes_hat * d_hat).sum(dim=-3)  # faster than einsum's batched matmul on the CPU
 
     def synthesize(self, codes: torch.Tensor) -> torch.Tensor:
         """D s = Σ_k d_k ∗ s_k: ``(..., K, ny, nx)`` → ``(..., ny, nx)``."""

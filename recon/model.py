@@ -118,13 +118,13 @@ class CDLLambda(nn.Module):
         def forward_step(z: torch.Tensor) -> torch.Tensor:
             """z − τ Dᴴ Aᴴ(A D z − y′), computed as F⁻¹(ẑ − τ d̂ᴴ (F AᴴA D z − b̂)) in the Fourier domain."""
             z_hat = _fft.fft2(z)
-            residual = op.normal_fourier(torch.einsum("bkyx,kyx->byx", z_hat, d_hat)) - b_hat
+            residual = op.normal_fourier(dictionary.synthesize_fourier(z_hat)) - b_hat
             return _fft.ifft2(torch.addcmul(z_hat, residual.unsqueeze(1), step_conj, value=-1))
 
         codes0 = torch.zeros(x0.shape[0], dictionary.num_filters, *shape, dtype=x0.dtype, device=x0.device)
         codes = fista(forward_step, step * lam_native, codes0, iterations, grad_iterations, self.inertia,
                       compiled=self.compiled)
-        image = x_low + _fft.ifft2(torch.einsum("bkyx,kyx->byx", _fft.fft2(codes), d_hat))
+        image = x_low + _fft.ifft2(dictionary.synthesize_fourier(_fft.fft2(codes)))
 
         rescale = scale[:, None, None]
         return ReconOutput(image=_fft.from_native(image) * rescale, zero_filled=x0_centred * rescale,

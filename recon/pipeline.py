@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from recon import coils as _coils
-from recon.device import choose_device
+from recon.device import choose_device, keep_freed_memory_for_reuse
 from recon.dictionary import Dictionary
 from recon.model import DEFAULT_SCALAR_LAMBDA, CDLLambda
 from recon.solvers import compile_available
@@ -64,6 +64,8 @@ class Reconstructor:
                  iterations: int = 64, device: str | None = None, batch_size: int = 8,
                  scalar_lambda: float = DEFAULT_SCALAR_LAMBDA, weights_dir: str | None = None, compiled: bool | str = "auto"):
         self.device = choose_device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory_for_reuse()
         if compiled == "auto":
             compiled = compile_available(self.device)
         registry = WeightsRegistry(weights_dir)

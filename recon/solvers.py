@@ -60,9 +60,16 @@ def compile_available(device: torch.device) -> bool:
     return any(shutil.which(name) for name in ("c++", "g++", "clang++"))
 
 
+def _shrink_extrapolate_one_threshold(v: torch.Tensor, s: torch.Tensor, threshold: torch.Tensor,
+                                      alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_shrink_extrapolate` with −t formed inside the kernel (one threshold array read instead of two)."""
+    s_next = torch.relu(v - threshold) - torch.relu(-threshold - v)
+    return s_next, torch.lerp(s_next, s, -alpha)
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_kernel():
-    return torch.compile(_shrink_extrapolate, dynamic=None)
+    return torch.compile(_shrink_extrapolate_one_threshold, dynamic=None)
 
 
 def shrink_extrapolate_kernel(compiled: bool) -> Callable:
@@ -72,16 +79,16 @@ def shrink_extrapolate_kernel(compiled: bool) -> Callable:
         return _shrink_extrapolate
     kernel = _compiled_kernel()
 
-    def guarded(*args):
+    def guarded(v, s, threshold, neg_threshold, alpha):
         nonlocal kernel
         try:
-            return kernel(*args)
+            return kernel(v, s, threshold, alpha)
         except Exception as error:  # no working compiler, unsupported backend, ...
-            if kernel is _shrink_extrapolate:
+            if kernel is _shrink_extrapolate_one_threshold:
                 raise
             log.warning("torch.compile of the FISTA kernel failed (%s); continuing uncompiled", error)
-            kernel = _shrink_extrapolate
-            return kernel(*args)
+            kernel = _shrink_extrapolate_one_threshold
+            return kernel(v, s, threshold, alpha)
 
     return guarded
 
