@@ -92,6 +92,10 @@ def warm_first_image(path: Path, env: dict) -> float:
         server.wait(30)
 
 
+# Gadgetron sends an active <external> node its <configuration> as XML text (id 2), never a file name
+ACTIVE_CONFIG = '<?xml version="1.0"?>\n<configuration><property name="chain" value="cdl-lambda"/></configuration>\n'
+
+
 def cold_first_image(path: Path, env: dict) -> float:
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -103,7 +107,7 @@ def cold_first_image(path: Path, env: dict) -> float:
         sock, _ = listener.accept()
         header, _, acquisitions = read_recording(path)
         streaming = time.perf_counter()
-        result = stream(Peer(sock), header, acquisitions, "cdl_lambda.xml")
+        result = stream(Peer(sock), header, acquisitions, ACTIVE_CONFIG)
         if result.errors or result.first_image_seconds is None:
             raise RuntimeError(f"cold scan failed: {result.errors}")
         return (streaming - start) + result.first_image_seconds

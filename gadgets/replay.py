@@ -87,13 +87,17 @@ def read_recording(path: str | Path, dataset: str = "dataset"):
 
 def stream(peer: Peer, header: bytes, acquisitions, config: str, parameters: dict | None = None,
            progress=None) -> ReplayResult:
-    """Send config, header, acquisitions and close on ``peer`` (in a thread) while collecting the replies."""
+    """Send config, header, acquisitions and close on ``peer`` (in a thread) while collecting the replies.
+    ``config``: a chain name (id 1) or, starting with ``<``, the configuration XML itself (id 2)."""
     result = ReplayResult()
     failure: list[BaseException] = []
 
     def send():
         try:
-            peer.send_config_name(config)
+            if config.lstrip().startswith("<"):
+                peer.send_config_text(config)  # what Gadgetron sends an active <external> node: the XML itself
+            else:
+                peer.send_config_name(config)  # what a client sends Gadgetron: a chain file name
             if parameters:
                 peer.send_parameters(parameters)
             peer.send_header(header)
