@@ -94,3 +94,24 @@ def read_file(path: Path):
     from gadgets.replay import read_recording
     header, _, acquisitions = read_recording(path)
     return header, list(acquisitions)
+
+
+SCAN_CONFIG = '<?xml version="1.0"?>\n<configuration>\n\t<property name="iterations" value="6" />\n</configuration>\n'
+
+
+def run_scan(peer, header: bytes, acquisitions, config=None, name=None, nul=False, extra=()):
+    """Play Gadgetron's side of one scan on ``peer`` (config text or name, header, acquisitions, close) and return
+    the replies as (message id, item) pairs."""
+    if name is not None:
+        peer.send_config_name(name)
+    else:
+        peer.send_config_text(config or SCAN_CONFIG, nul_terminated=nul)
+    peer.send_header(header, nul_terminated=nul)
+    for raw in extra:
+        peer.send_raw(raw)
+    for acq in acquisitions:
+        peer.send(acq)
+    peer.send_close()
+    replies = list(peer.replies())
+    peer.close()
+    return replies

@@ -14,29 +14,12 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from conftest import read_file
+from conftest import SCAN_CONFIG as CONFIG, read_file, run_scan
 from gadgets.protocol import (MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, Peer, ProtocolError, RobustConnection,
                               encode_text)
 from gadgetron.types.recon_data import ReconBit, ReconBuffer, ReconData, SamplingDescription
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = '<?xml version="1.0"?>\n<configuration>\n\t<property name="iterations" value="6" />\n</configuration>\n'
-
-
-def run_scan(peer: Peer, header: bytes, acquisitions, config=None, name=None, nul=False, extra=()):
-    if name is not None:
-        peer.send_config_name(name)
-    else:
-        peer.send_config_text(config or CONFIG, nul_terminated=nul)
-    peer.send_header(header, nul_terminated=nul)
-    for raw in extra:
-        peer.send_raw(raw)
-    for acq in acquisitions:
-        peer.send(acq)
-    peer.send_close()
-    replies = list(peer.replies())
-    peer.close()
-    return replies
 
 
 def by_id(replies, mid):

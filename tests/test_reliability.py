@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from conftest import FAST_REGISTRY, read_file
+from conftest import run_scan as play_scan
 from gadgets import cli
 from gadgets.handler import Parameters, ReconstructorCache, Scan
 from gadgets.protocol import MSG_ERROR, MSG_IMAGE, Peer, encode_item
@@ -454,13 +455,7 @@ def _children(pid: int) -> list[int]:
 
 def _full_scan(port: int, header: bytes, acquisitions) -> tuple[list, list]:
     peer = Peer.connect("127.0.0.1", port, timeout=120)  # waits in the backlog while a worker starts
-    peer.send_config_name("cdl-lambda")
-    peer.send_header(header)
-    for acq in acquisitions:
-        peer.send(acq)
-    peer.send_close()
-    replies = list(peer.replies())
-    peer.close()
+    replies = play_scan(peer, header, acquisitions, name="cdl-lambda")
     return [i for m, i in replies if m == MSG_IMAGE], [i for m, i in replies if m == MSG_ERROR]
 
 

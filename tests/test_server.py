@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from conftest import FAST_REGISTRY, read_file
+from conftest import FAST_REGISTRY, read_file, run_scan
 from gadgets.chains import ChainError, ChainRegistry
 from gadgets.handler import ReconstructorCache
 from gadgets.protocol import MSG_ERROR, MSG_IMAGE, Peer
@@ -36,13 +36,7 @@ def test_a_crashing_scan_does_not_take_the_server_down(accelerated_file, server)
     assert bad.recv(2) == b"\x08\x00"  # ERROR message
     bad.close()
     header, acquisitions = read_file(accelerated_file)
-    peer = Peer.connect("127.0.0.1", server.port)
-    peer.send_config_name("cdl-lambda")
-    peer.send_header(header)
-    for acq in acquisitions:
-        peer.send(acq)
-    peer.send_close()
-    replies = list(peer.replies())
+    replies = run_scan(Peer.connect("127.0.0.1", server.port), header, acquisitions, name="cdl-lambda")
     assert sum(m == MSG_IMAGE for m, _ in replies) == 4 and not any(m == MSG_ERROR for m, _ in replies)
 
 
