@@ -117,7 +117,8 @@ def fista(forward_step: Step, threshold: torch.Tensor, initial: torch.Tensor, it
     grad_iterations = max(0, min(grad_iterations, iterations))
     first_tracked = iterations - grad_iterations
     t_pos = _real_threshold(threshold.expand(initial.shape), initial)
-    t_neg = -t_pos
+    eager_steps = not compiled or (grad_iterations > 0 and torch.is_grad_enabled())
+    t_neg = -t_pos if eager_steps else None  # the compiled kernel forms −t itself
     # α_n as 0-d tensors, so a compiled kernel sees one input type for every n
     alphas = [torch.tensor((n - 1) / (n + inertia), dtype=t_pos.dtype, device=t_pos.device)
               for n in range(1, iterations + 1)]

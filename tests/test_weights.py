@@ -43,8 +43,8 @@ def test_family_has_training_and_held_out_dictionaries_with_an_unseen_size():
 def test_default_network_loads_with_weights_only():
     name = REGISTRY.defaults.get("network")
     assert name in REGISTRY.networks
-    payload = torch.load(io.BytesIO(safe_join(REGISTRY.root, REGISTRY.networks[name]["file"]).read_bytes()),
-                         map_location="cpu", weights_only=True)
+    data = safe_join(REGISTRY.root, REGISTRY.networks[name]["file"]).read_bytes()
+    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     assert payload["config"]["version"] == "v3"
     loaded = REGISTRY.network("default")
     assert loaded.name == name and loaded.beta > 0
