@@ -2,7 +2,7 @@
 
 import torch
 
-from helpers import phantom, random_dictionary
+from support import phantom, random_dictionary
 from recon.fft import fft2c
 from recon.lambda_nets import LambdaNetV3
 from recon.model import CDLLambda

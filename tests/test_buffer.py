@@ -8,39 +8,7 @@ import pytest
 
 from gadgets.buffer import AcquisitionBuffer, InputError, read_encoding
 from gadgets.protocol import parse_ismrmrd_header
-
-
-def header(nx=32, ny=16, nz=1, rx=None, limits=True, trajectory="cartesian", e1_center=None, slices=1):
-    return parse_ismrmrd_header(header_xml(nx, ny, nz, rx, limits, trajectory, e1_center, slices))
-
-
-def header_xml(nx=32, ny=16, nz=1, rx=None, limits=True, trajectory="cartesian", e1_center=None, slices=1) -> str:
-    """A minimal valid ISMRMRD header (text)."""
-    rx = rx or nx
-    limit_xml = (f"<encodingLimits><kspace_encoding_step_1><minimum>0</minimum><maximum>{ny - 1}</maximum>"
-                 f"<center>{ny // 2 if e1_center is None else e1_center}</center></kspace_encoding_step_1>"
-                 f"<slice><minimum>0</minimum><maximum>{slices - 1}</maximum><center>0</center></slice>"
-                 "</encodingLimits>") if limits else ""
-    xml = f"""<?xml version="1.0"?><ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD">
-    <experimentalConditions><H1resonanceFrequency_Hz>2100000</H1resonanceFrequency_Hz></experimentalConditions>
-    <encoding>
-    <encodedSpace><matrixSize><x>{nx}</x><y>{ny}</y><z>{nz}</z></matrixSize>
-    <fieldOfView_mm><x>{2 * nx * nx / rx}</x><y>{2 * ny}</y><z>{5 * nz}</z></fieldOfView_mm></encodedSpace>
-    <reconSpace><matrixSize><x>{rx}</x><y>{ny}</y><z>{nz}</z></matrixSize>
-    <fieldOfView_mm><x>{2 * nx}</x><y>{2 * ny}</y><z>{5 * nz}</z></fieldOfView_mm></reconSpace>
-    {limit_xml}<trajectory>{trajectory}</trajectory></encoding></ismrmrdHeader>"""
-    return xml
-
-
-def acquisition(e1, samples=32, coils=2, slice_=0, repetition=0, e2=0, flags=(), center=None, value=1.0):
-    data = np.full((coils, samples), value, np.complex64)
-    acq = ismrmrd.Acquisition.from_array(data)
-    acq.idx.kspace_encode_step_1, acq.idx.kspace_encode_step_2 = e1, e2
-    acq.idx.slice, acq.idx.repetition = slice_, repetition
-    acq.center_sample = samples // 2 if center is None else center
-    for flag in flags:
-        acq.set_flag(flag)
-    return acq
+from support import acquisition, header
 
 
 def test_groups_released_at_last_in_slice_for_interleaved_slices():
@@ -56,7 +24,7 @@ def test_groups_released_at_last_in_slice_for_interleaved_slices():
 
 
 def test_noise_calibration_and_repetitions(accelerated_file):
-    from conftest import read_file
+    from support import read_file
     raw_header, acquisitions = read_file(accelerated_file)
     buffer = AcquisitionBuffer(read_encoding(parse_ismrmrd_header(raw_header)))
     groups = [g for acq in acquisitions for g in buffer.add(acq)]

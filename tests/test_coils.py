@@ -3,24 +3,10 @@
 import pytest
 import torch
 
-from helpers import complex_randn, phantom
+from support import complex_randn, phantom, synthetic_maps
 from recon import coils
 from recon.fft import fft1c, fft2c, ifft1c
 from recon.sampling import equispaced_line_mask
-
-
-def synthetic_maps(num_coils: int, shape) -> torch.Tensor:
-    """Smooth complex sensitivities of coils placed around the object, like a receive array."""
-    ny, nx = shape
-    y = torch.linspace(-1, 1, ny, dtype=torch.float64)[:, None]
-    x = torch.linspace(-1, 1, nx, dtype=torch.float64)[None, :]
-    maps = []
-    for j in range(num_coils):
-        angle = 2 * torch.pi * j / num_coils
-        cy, cx = 1.2 * torch.sin(torch.tensor(angle)), 1.2 * torch.cos(torch.tensor(angle))
-        magnitude = torch.exp(-((y - cy) ** 2 + (x - cx) ** 2) / 1.5)
-        maps.append(magnitude * torch.exp(1j * (angle + 0.7 * x - 0.4 * y)))
-    return torch.stack(maps).to(torch.complex64)
 
 
 def test_prewhitening_gives_identity_noise_covariance():

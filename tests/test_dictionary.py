@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import complex_randn, random_dictionary
+from support import complex_randn, random_dictionary
 from recon.dictionary import Dictionary, DictionaryError, dct_dictionary
 
 

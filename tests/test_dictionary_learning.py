@@ -5,7 +5,7 @@ import torch
 from recon import dictionary_learning as cdl
 from recon.dictionary import Dictionary
 
-from helpers import phantom
+from support import phantom
 
 
 def small_images() -> torch.Tensor:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from gadgets.buffer import IGNORED_FLAGS, AcquisitionBuffer, read_encoding
 from gadgets.protocol import (MSG_HEADER, PeerError, ProtocolError, RobustConnection, encode_close,
                               encode_config_file, encode_error, encode_item, encode_text)
-from test_buffer import acquisition, header, header_xml
+from support import acquisition, header, header_xml
 
 STREAM_EXAMPLES = 400
 BUFFER_EXAMPLES = 250

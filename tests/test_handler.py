@@ -10,7 +10,7 @@ from gadgets.buffer import InputError
 from gadgets.handler import Parameters, ReconstructorCache, Scan, properties_of
 from gadgets.protocol import parse_xml_safely
 from recon import fft as _fft
-from test_buffer import acquisition, header
+from support import acquisition, header
 
 
 def test_parameters_from_properties_and_checks():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import phantom, random_dictionary
+from support import phantom, random_dictionary
 from recon.fft import fft2c
 from recon.lambda_nets import LambdaNetV1, LambdaNetV2, LambdaNetV3, build_lambda_net
 from recon.model import CDLLambda

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import phantom, random_dictionary
+from support import phantom, random_dictionary
 from recon.device import choose_device
 from recon.dictionary import dct_dictionary
 from recon.fft import fft2c, ifft2c
@@ -12,7 +12,7 @@ from recon.lambda_nets import LambdaNetV3
 from recon.model import CDLLambda
 from recon.pipeline import Reconstructor, default_calibration_mask
 from recon.sampling import equispaced_line_mask
-from test_coils import synthetic_maps
+from support import synthetic_maps
 
 SHAPE = (48, 48)
 

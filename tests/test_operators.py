@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import complex_randn, random_dictionary
+from support import complex_randn, random_dictionary
 from recon import fft
 from recon.lowpass import laplacian_eigenvalues, tikhonov_lowpass
 from recon.operators import MultiCoilOperator, SingleCoilOperator

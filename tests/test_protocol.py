@@ -14,7 +14,7 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from conftest import SCAN_CONFIG as CONFIG, read_file, run_scan
+from support import SCAN_CONFIG as CONFIG, read_file, run_scan
 from gadgets.protocol import (MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, Peer, ProtocolError, RobustConnection,
                               encode_text)
 from gadgetron.types.recon_data import ReconBit, ReconBuffer, ReconData, SamplingDescription

@@ -25,15 +25,15 @@ import pytest
 import torch
 import yaml
 
-from conftest import FAST_REGISTRY, read_file
-from conftest import run_scan as play_scan
+from support import FAST_REGISTRY, read_file
+from support import run_scan as play_scan
 from gadgets import cli
 from gadgets.handler import Parameters, ReconstructorCache, Scan
 from gadgets.protocol import MSG_ERROR, MSG_IMAGE, Peer, encode_item
 from gadgets.replay import replay
 from gadgets.server import Server
 from recon.pipeline import ReconResult
-from test_buffer import acquisition, header, header_xml
+from support import acquisition, header, header_xml
 
 ROOT = Path(__file__).resolve().parent.parent
 SLICES, NY, NX, COILS = 3, 16, 32, 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ismrmrd
 import numpy as np
 
-from conftest import ground_truth, relative_error
+from support import ground_truth, relative_error
 from gadgets import cli
 from gadgets.replay import png_bytes, replay, write_images
 

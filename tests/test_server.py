@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from conftest import FAST_REGISTRY, read_file, run_scan
+from support import FAST_REGISTRY, read_file, run_scan
 from gadgets.chains import ChainError, ChainRegistry
 from gadgets.handler import ReconstructorCache
 from gadgets.protocol import MSG_ERROR, MSG_IMAGE, Peer

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import complex_randn, phantom, random_dictionary
+from support import complex_randn, phantom, random_dictionary
 from recon import fft
 from recon.operators import SingleCoilOperator
 from recon.sampling import central_window_mask

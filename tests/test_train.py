@@ -8,7 +8,7 @@ from recon import train
 from recon.dictionary_learning import update_manifest
 from recon.weights import WeightsRegistry
 
-from helpers import phantom, random_dictionary
+from support import phantom, random_dictionary
 
 
 @pytest.fixture(scope="module")

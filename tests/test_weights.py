@@ -12,7 +12,7 @@ from recon.model import CDLLambda
 from recon.sampling import central_window_mask
 from recon.weights import WeightsError, WeightsRegistry, default_weights_dir, safe_join
 
-from helpers import phantom
+from support import phantom
 
 REGISTRY = WeightsRegistry(default_weights_dir())
 pytestmark = pytest.mark.skipif(not REGISTRY.dictionaries, reason="no shipped weights manifest")

@@ -1,0 +1,163 @@
+"""Builders shared by the tests: ISMRMRD files from Debian's ``ismrmrd_generate_cartesian_shepp_logan``, minimal
+headers and acquisitions, synthetic images, coil maps and dictionaries, and a helper that plays Gadgetron's side of
+a scan."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import h5py
+import ismrmrd
+import numpy as np
+import pytest
+import torch
+
+from recon.dictionary import Dictionary
+
+SHEPP_LOGAN = shutil.which("ismrmrd_generate_cartesian_shepp_logan")
+FAST_REGISTRY = {
+    "default": "cdl-lambda",
+    "chains": {
+        "cdl-lambda": {"parameters": {"iterations": 12}},
+        # enough FISTA iterations for the quality assertions (the shipped dictionary's step is 1/L)
+        "cdl-lambda-research": {"parameters": {"iterations": 32, "send_zero_filled": True,
+                                               "send_lambda_maps": True}},
+    },
+    "rules": [{"when": {"config": "cdl_lambda_research*"}, "chain": "cdl-lambda-research"}],
+}
+
+
+def make_shepp_logan(path: Path, matrix=64, coils=4, oversampling=2, repetitions=1, acceleration=1,
+                     calibration=0, noise=0.05, noise_scan=True) -> Path:
+    """Run the Debian tool; see ``ismrmrd_generate_cartesian_shepp_logan -h``. Repetitions written = r × a."""
+    if SHEPP_LOGAN is None:
+        pytest.skip("ismrmrd_generate_cartesian_shepp_logan (Debian ismrmrd-tools) is not installed")
+    args = [SHEPP_LOGAN, "-m", str(matrix), "-c", str(coils), "-O", str(oversampling), "-r", str(repetitions),
+            "-a", str(acceleration), "-w", str(calibration), "-n", str(noise), "-o", str(path)]
+    if noise_scan:
+        args.append("-C")
+    subprocess.run(args, check=True, capture_output=True, cwd=path.parent)
+    return path
+
+
+def ground_truth(path: Path) -> np.ndarray:
+    """|phantom| × coil-sensitivity norm: what a normalised-maps coil combination should return, (ny, nx)."""
+    with h5py.File(path, "r") as f:
+        def c(a):
+            return a["real"] + 1j * a["imag"]
+        phantom = np.abs(c(f["dataset/phantom"][0]))
+        csm = c(f["dataset/csm"][0])
+    return phantom * np.sqrt((np.abs(csm) ** 2).sum(0))
+
+
+def relative_error(image: np.ndarray, reference: np.ndarray) -> float:
+    """‖s·x − ref‖ / ‖ref‖ with the best real scale s."""
+    x = np.abs(image)
+    scale = (x * reference).sum() / max((x * x).sum(), 1e-30)
+    return float(np.linalg.norm(scale * x - reference) / np.linalg.norm(reference))
+
+
+def read_file(path: Path):
+    """(header bytes, list of acquisitions) of an ISMRMRD file."""
+    from gadgets.replay import read_recording
+    header, _, acquisitions = read_recording(path)
+    return header, list(acquisitions)
+
+
+SCAN_CONFIG = '<?xml version="1.0"?>\n<configuration>\n\t<property name="iterations" value="6" />\n</configuration>\n'
+
+
+def run_scan(peer, header: bytes, acquisitions, config=None, name=None, nul=False, extra=()):
+    """Play Gadgetron's side of one scan on ``peer`` (config text or name, header, acquisitions, close) and return
+    the replies as (message id, item) pairs."""
+    if name is not None:
+        peer.send_config_name(name)
+    else:
+        peer.send_config_text(config or SCAN_CONFIG, nul_terminated=nul)
+    peer.send_header(header, nul_terminated=nul)
+    for raw in extra:
+        peer.send_raw(raw)
+    for acq in acquisitions:
+        peer.send(acq)
+    peer.send_close()
+    replies = list(peer.replies())
+    peer.close()
+    return replies
+
+
+def _parse_header(text):
+    from gadgets.protocol import parse_ismrmrd_header
+    return parse_ismrmrd_header(text)
+
+
+def header(nx=32, ny=16, nz=1, rx=None, limits=True, trajectory="cartesian", e1_center=None, slices=1):
+    return _parse_header(header_xml(nx, ny, nz, rx, limits, trajectory, e1_center, slices))
+
+
+def header_xml(nx=32, ny=16, nz=1, rx=None, limits=True, trajectory="cartesian", e1_center=None, slices=1) -> str:
+    """A minimal valid ISMRMRD header (text)."""
+    rx = rx or nx
+    limit_xml = (f"<encodingLimits><kspace_encoding_step_1><minimum>0</minimum><maximum>{ny - 1}</maximum>"
+                 f"<center>{ny // 2 if e1_center is None else e1_center}</center></kspace_encoding_step_1>"
+                 f"<slice><minimum>0</minimum><maximum>{slices - 1}</maximum><center>0</center></slice>"
+                 "</encodingLimits>") if limits else ""
+    xml = f"""<?xml version="1.0"?><ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD">
+    <experimentalConditions><H1resonanceFrequency_Hz>2100000</H1resonanceFrequency_Hz></experimentalConditions>
+    <encoding>
+    <encodedSpace><matrixSize><x>{nx}</x><y>{ny}</y><z>{nz}</z></matrixSize>
+    <fieldOfView_mm><x>{2 * nx * nx / rx}</x><y>{2 * ny}</y><z>{5 * nz}</z></fieldOfView_mm></encodedSpace>
+    <reconSpace><matrixSize><x>{rx}</x><y>{ny}</y><z>{nz}</z></matrixSize>
+    <fieldOfView_mm><x>{2 * nx}</x><y>{2 * ny}</y><z>{5 * nz}</z></fieldOfView_mm></reconSpace>
+    {limit_xml}<trajectory>{trajectory}</trajectory></encoding></ismrmrdHeader>"""
+    return xml
+
+
+def acquisition(e1, samples=32, coils=2, slice_=0, repetition=0, e2=0, flags=(), center=None, value=1.0):
+    data = np.full((coils, samples), value, np.complex64)
+    acq = ismrmrd.Acquisition.from_array(data)
+    acq.idx.kspace_encode_step_1, acq.idx.kspace_encode_step_2 = e1, e2
+    acq.idx.slice, acq.idx.repetition = slice_, repetition
+    acq.center_sample = samples // 2 if center is None else center
+    for flag in flags:
+        acq.set_flag(flag)
+    return acq
+
+
+def synthetic_maps(num_coils: int, shape) -> torch.Tensor:
+    """Smooth complex sensitivities of coils placed around the object, like a receive array."""
+    ny, nx = shape
+    y = torch.linspace(-1, 1, ny, dtype=torch.float64)[:, None]
+    x = torch.linspace(-1, 1, nx, dtype=torch.float64)[None, :]
+    maps = []
+    for j in range(num_coils):
+        angle = 2 * torch.pi * j / num_coils
+        cy, cx = 1.2 * torch.sin(torch.tensor(angle)), 1.2 * torch.cos(torch.tensor(angle))
+        magnitude = torch.exp(-((y - cy) ** 2 + (x - cx) ** 2) / 1.5)
+        maps.append(magnitude * torch.exp(1j * (angle + 0.7 * x - 0.4 * y)))
+    return torch.stack(maps).to(torch.complex64)
+
+
+def random_dictionary(num_filters: int = 8, kernel_size: int = 5, seed: int = 0,
+                      dtype: torch.dtype = torch.float32) -> Dictionary:
+    generator = torch.Generator().manual_seed(seed)
+    filters = torch.randn(num_filters, kernel_size, kernel_size, generator=generator, dtype=torch.float64)
+    filters = filters / filters.flatten(1).norm(dim=1)[:, None, None]
+    return Dictionary(filters.to(dtype), name=f"random-{num_filters}-{kernel_size}-{seed}")
+
+
+def phantom(ny: int = 32, nx: int = 32, dtype: torch.dtype = torch.complex64) -> torch.Tensor:
+    """A piecewise-constant ellipse phantom with a smooth phase, ``(ny, nx)``."""
+    y = torch.linspace(-1, 1, ny, dtype=torch.float64)[:, None]
+    x = torch.linspace(-1, 1, nx, dtype=torch.float64)[None, :]
+    image = 1.0 * ((x / 0.7) ** 2 + (y / 0.85) ** 2 < 1)
+    image = image - 0.6 * (((x - 0.2) / 0.25) ** 2 + (y / 0.4) ** 2 < 1)
+    image = image + 0.4 * (((x + 0.3) / 0.15) ** 2 + ((y - 0.3) / 0.2) ** 2 < 1)
+    phase = torch.exp(1j * (0.8 * x + 0.5 * y))
+    return (image * phase).to(dtype)
+
+
+def complex_randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.complex128) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator, dtype=dtype)
