@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import publish  # noqa: E402
 
-from gadgets.protocol import Peer  # noqa: E402
+from gadgets.client import Peer  # noqa: E402
 from gadgets.replay import read_recording, stream  # noqa: E402
 from recon import simulate  # noqa: E402
 from recon.images import load_source, SourceUnavailable  # noqa: E402

@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 import ismrmrd  # noqa: E402
 
-from gadgets.protocol import MSG_ERROR, MSG_IMAGE, Peer, encode_item  # noqa: E402
+from gadgets.wire import MSG_ERROR, MSG_IMAGE, encode_item  # noqa: E402
+from gadgets.client import Peer  # noqa: E402
 
 SCANNER_RATE = 200  # readouts per second: a fast gradient echo (TR 5 ms); low-field sequences are slower
 

@@ -20,6 +20,8 @@ from typing import NamedTuple
 import ismrmrd
 import numpy as np
 
+from gadgets.errors import InputError
+
 log = logging.getLogger(__name__)
 
 IGNORED_FLAGS = {
@@ -32,10 +34,6 @@ IGNORED_FLAGS = {
 COUNTERS = ("slice", "contrast", "phase", "repetition", "set", "average")
 MAX_MATRIX_VALUES = 2**27          # encoded voxels (x·y·z) one image may have
 MAX_OPEN_BYTES = 8 * 2**30         # k-space held in open groups before new ones are refused
-
-
-class InputError(ValueError):
-    """The scan cannot be reconstructed as sent (header or acquisitions); the message names what was wrong."""
 
 
 class GroupKey(NamedTuple):

@@ -23,15 +23,13 @@ from pathlib import Path
 
 import yaml
 
+from gadgets.errors import ChainError
+
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 BUILTIN = {"default": "cdl-lambda", "chains": {"cdl-lambda": {"description": "CDL-Λ, shipped defaults",
                                                               "parameters": {}}}}
-
-
-class ChainError(ValueError):
-    """The registry is malformed or names something invalid."""
 
 
 @dataclass

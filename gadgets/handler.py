@@ -29,7 +29,8 @@ from gadgets import images as _images
 from gadgets.buffer import AcquisitionBuffer, InputError, read_encoding
 from gadgets.chains import ChainRegistry
 from gadgets.prepare import SliceInput, prepare_group, whitening_matrix
-from gadgets.protocol import ImageArray, ReconData, RobustConnection
+from gadgets.wire import ImageArray, ReconData
+from gadgets.connection import RobustConnection
 
 log = logging.getLogger(__name__)
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

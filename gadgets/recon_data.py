@@ -96,7 +96,7 @@ def bit_inputs(bit) -> list[SliceInput]:
 
 def image_array(bit, inputs: list[SliceInput], results: dict, scan, images_module):
     """The ImageArray for a ReconBit from ``results`` ``{id(input): (image (ny, nx) complex64, input, note)}``."""
-    from gadgets.protocol import ImageArray
+    from gadgets.wire import ImageArray
 
     shape = np.asarray(bit.data.data).shape
     _, _, E2, _, N, S, LOC = shape

@@ -22,7 +22,8 @@ import ismrmrd
 import numpy as np
 from PIL import Image
 
-from gadgets.protocol import MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, MSG_TEXT, Peer
+from gadgets.wire import MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, MSG_TEXT
+from gadgets.client import Peer
 
 log = logging.getLogger(__name__)
 EXAMPLE = Path(__file__).resolve().parent / "examples" / "shepp_logan_128_4coils.h5"

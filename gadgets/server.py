@@ -26,7 +26,9 @@ import time
 
 from gadgets.chains import ChainRegistry
 from gadgets.handler import CDLLambdaGadget, ReconstructorCache
-from gadgets.protocol import DRAIN_SECONDS, RobustConnection, drain_and_close, encode_close, encode_error
+from gadgets.transport import DRAIN_SECONDS, drain_and_close
+from gadgets.connection import RobustConnection
+from gadgets.wire import encode_close, encode_error
 
 log = logging.getLogger(__name__)
 

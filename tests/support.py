@@ -88,7 +88,7 @@ def run_scan(peer, header: bytes, acquisitions, config=None, name=None, nul=Fals
 
 
 def _parse_header(text):
-    from gadgets.protocol import parse_ismrmrd_header
+    from gadgets.wire import parse_ismrmrd_header
     return parse_ismrmrd_header(text)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gadgets.buffer import AcquisitionBuffer, InputError, read_encoding
-from gadgets.protocol import parse_ismrmrd_header
+from gadgets.wire import parse_ismrmrd_header
 from support import acquisition, header
 
 
@@ -65,7 +65,7 @@ def test_refused_readouts_name_the_problem():
 def test_header_problems():
     with pytest.raises(InputError, match="radial"):
         read_encoding(header(trajectory="radial"))
-    from gadgets.protocol import ProtocolError
+    from gadgets.errors import ProtocolError
     with pytest.raises(ProtocolError, match="encodingLimits"):  # required by the schema: a clear refusal
         header(limits=False)
     assert read_encoding(header(nx=64, rx=32)).oversampling == 2

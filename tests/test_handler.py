@@ -8,7 +8,7 @@ import pytest
 
 from gadgets.buffer import InputError
 from gadgets.handler import Parameters, ReconstructorCache, Scan, properties_of
-from gadgets.protocol import parse_xml_safely
+from gadgets.wire import parse_xml_safely
 from recon import fft as _fft
 from support import acquisition, header
 

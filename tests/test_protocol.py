@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from support import SCAN_CONFIG as CONFIG, read_file, run_scan
-from gadgets.protocol import (MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, Peer, ProtocolError, RobustConnection,
-                              encode_text)
+from gadgets.wire import MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, encode_text
+from gadgets.client import Peer
+from gadgets.errors import ProtocolError
+from gadgets.connection import RobustConnection
 from gadgetron.types.recon_data import ReconBit, ReconBuffer, ReconData, SamplingDescription
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +69,7 @@ def test_server_config_by_name_selects_chain(accelerated_file, server):
 def test_unknown_ids_with_known_framing_are_skipped(accelerated_file, server):
     header, acquisitions = read_file(accelerated_file)
     waveform = ismrmrd.Waveform.from_array(np.zeros((1, 10), np.uint32))
-    from gadgets.protocol import encode_item
+    from gadgets.wire import encode_item
     extra = [encode_text(5, "hello from the scanner"), encode_item(waveform)]
     replies = run_scan(Peer.connect("127.0.0.1", server.port), header, acquisitions, extra=extra)
     assert len(by_id(replies, MSG_IMAGE)) == 4 and not by_id(replies, MSG_ERROR)

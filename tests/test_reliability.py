@@ -29,7 +29,8 @@ from support import FAST_REGISTRY, read_file
 from support import run_scan as play_scan
 from gadgets import cli
 from gadgets.handler import Parameters, ReconstructorCache, Scan
-from gadgets.protocol import MSG_ERROR, MSG_IMAGE, Peer, encode_item
+from gadgets.wire import MSG_ERROR, MSG_IMAGE, encode_item
+from gadgets.client import Peer
 from gadgets.replay import replay
 from gadgets.server import Server
 from recon.pipeline import ReconResult

@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from gadgets.chains import ChainError, ChainRegistry
-from gadgets.protocol import ProtocolError, parse_ismrmrd_header, parse_xml_safely, read_image
+from gadgets.errors import ProtocolError
+from gadgets.wire import parse_ismrmrd_header, parse_xml_safely, read_image
 from recon.weights import WeightsError, WeightsRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,9 +105,11 @@ def test_yaml_with_python_tags_is_refused(tmp_path):
     '<a/><!ENTITY x "y">',
 ])
 def test_xml_with_entities_is_refused_everywhere(xml):
-    with pytest.raises(ProtocolError, match="DOCTYPE"):
+    # a declaration outside a DOCTYPE is not well-formed XML: refused by the parser itself
+    reason = "DOCTYPE" if "<!DOCTYPE" in xml else "not valid XML"
+    with pytest.raises(ProtocolError, match=reason):
         parse_xml_safely(xml, "config")
-    with pytest.raises(ProtocolError, match="DOCTYPE"):
+    with pytest.raises(ProtocolError, match=reason):
         parse_ismrmrd_header(xml)
 
 

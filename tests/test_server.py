@@ -10,7 +10,8 @@ import pytest
 from support import FAST_REGISTRY, read_file, run_scan
 from gadgets.chains import ChainError, ChainRegistry
 from gadgets.handler import ReconstructorCache
-from gadgets.protocol import MSG_ERROR, MSG_IMAGE, Peer
+from gadgets.wire import MSG_ERROR, MSG_IMAGE
+from gadgets.client import Peer
 from gadgets.server import Server
 from gadgets.replay import replay
 
@@ -49,7 +50,7 @@ def test_binds_localhost_by_default():
 
 
 def test_registry_selection_by_name_rule_and_default():
-    from gadgets.protocol import parse_ismrmrd_header
+    from gadgets.wire import parse_ismrmrd_header
     data = dict(FAST_REGISTRY, rules=FAST_REGISTRY["rules"] + [
         {"when": {"protocol_name": "*brain*", "field_strength_T": [0.01, 0.2]}, "chain": "cdl-lambda-research"}])
     registry = ChainRegistry(data=data)
