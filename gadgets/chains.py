@@ -17,17 +17,16 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from gadgets.errors import ChainError
+from gadgets.settings import NAME_PATTERN
 
 log = logging.getLogger(__name__)
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 BUILTIN = {"default": "cdl-lambda", "chains": {"cdl-lambda": {"description": "CDL-Λ, shipped defaults",
                                                               "parameters": {}}}}
 

@@ -9,7 +9,6 @@ example (128², 4 coils, 2× oversampling, acceleration 2, noise scan) is replay
 
 from __future__ import annotations
 
-import io
 import logging
 import sys
 import threading
@@ -20,8 +19,8 @@ from pathlib import Path
 import h5py
 import ismrmrd
 import numpy as np
-from PIL import Image
 
+from gadgets.image_output import png_bytes
 from gadgets.wire import MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, MSG_TEXT
 from gadgets.client import Peer
 
@@ -178,16 +177,6 @@ def write_images(result: ReplayResult, out: str | Path, group: str = "dataset") 
             target.append_image(f"image_{series}", image)
             counts[series] = counts.get(series, 0) + 1
     return counts
-
-
-def png_bytes(pixels: np.ndarray) -> bytes:
-    """An 8-bit greyscale PNG of ``pixels`` ``(ny, nx)`` (magnitude, 0.5–99.5 percentile window)."""
-    magnitude = np.abs(np.asarray(pixels, dtype=np.complex64 if np.iscomplexobj(pixels) else np.float32))
-    low, high = np.percentile(magnitude, [0.5, 99.5]) if magnitude.size else (0.0, 1.0)
-    scaled = np.clip((magnitude - low) / max(high - low, 1e-12), 0, 1)
-    buffer = io.BytesIO()
-    Image.fromarray((scaled * 255 + 0.5).astype(np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def write_previews(result: ReplayResult, folder: str | Path) -> list[Path]:

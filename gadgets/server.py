@@ -1,6 +1,6 @@
 """``cdl-lambda serve``: a warm server for Gadgetron's ``<connect>`` node and MRD streaming clients.
 
-Keeps torch and the reconstructors loaded (:class:`gadgets.handler.ReconstructorCache`) and serves connection after
+Keeps torch and the reconstructors loaded (:class:`gadgets.settings.ReconstructorCache`) and serves connection after
 connection, each in its own thread: a failure in one scan reaches that peer as an ERROR message and the server goes
 on; a peer silent for ``--idle-timeout`` seconds is dropped so it cannot hold a slot forever. Binds to 127.0.0.1
 unless ``--host`` says otherwise.
@@ -25,7 +25,8 @@ import threading
 import time
 
 from gadgets.chains import ChainRegistry
-from gadgets.handler import CDLLambdaGadget, ReconstructorCache
+from gadgets.handler import CDLLambdaGadget
+from gadgets.settings import Parameters, ReconstructorCache
 from gadgets.transport import DRAIN_SECONDS, drain_and_close
 from gadgets.connection import RobustConnection
 from gadgets.wire import encode_close, encode_error
@@ -124,7 +125,6 @@ def add_arguments(parser) -> None:
 def check_startup(chains_dir=None) -> ChainRegistry:
     """The chain registry, after every weights file the manifest lists was verified against its sha256 and every
     chain's parameters were checked; raises ValueError (WeightsError, ChainError, InputError) naming the problem."""
-    from gadgets.handler import Parameters
     from recon.weights import WeightsRegistry
 
     weights = WeightsRegistry()
@@ -148,7 +148,6 @@ def main(args) -> int:
     server = Server(args.host, args.port, registry=registry, max_concurrent=args.max_concurrent,
                     idle_timeout=args.idle_timeout or None, listener=listener)
     if args.preload:
-        from gadgets.handler import Parameters
         chain = registry.select(args.preload)
         server.cache.get(Parameters.from_sources(chain.parameters))
     signal.signal(signal.SIGTERM, lambda *_: server.stop())

@@ -1,15 +1,21 @@
 """The reconstruction the gadgets call: coil maps and combination, then CDL-Λ, batched over slices.
 
-Loads the dictionary and network once (a warm server keeps one :class:`Reconstructor`), chooses the device once,
-and takes plain arrays: centred multi-coil k-space ``(slices, coils, ny, nx)`` (prewhitened, readout oversampling
-removed, zeros where not measured) and a mask.
+Loads the dictionary and network once (a warm server keeps one :class:`Reconstructor`), chooses the device and the
+batch size once, and takes plain arrays: centred multi-coil k-space ``(slices, coils, ny, nx)`` (prewhitened,
+readout oversampling removed, zeros where not measured) and a mask. This module is the one owner of coil-map
+estimation and of the batch loop: :func:`reconstruct_slices` takes the slices of a scan as they are ready, estimates
+each one's coil maps, reconstructs them in batches of the reconstructor's ``batch_size`` and answers one
+:class:`SliceOutcome` per slice, isolating a failure to the slices it concerns (a batch that fails is redone slice
+by slice; a slice that fails on the GPU is redone on the CPU when a CPU reconstructor is offered).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -56,7 +62,7 @@ class Reconstructor:
 
     dictionary / network: names from ``weights/manifest.yaml`` ("default" = the manifest's default; network
     "none" = the scalar-λ baseline). device: None/"auto" → CUDA when present, else CPU. batch_size: slices per
-    forward pass. compiled: fuse FISTA's element-wise work with ``torch.compile`` ("auto": when a compiler is
+    forward pass (0 = 8 on a GPU, 1 on the CPU). compiled: fuse FISTA's element-wise work with ``torch.compile`` ("auto": when a compiler is
     available; the first slice of each size then pays a one-off compile).
     """
 
@@ -77,7 +83,7 @@ class Reconstructor:
         else:
             self.model = CDLLambda(loaded.network, beta=loaded.beta, iterations=iterations, compiled=compiled)
         self.model.to(self.device).eval()
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = max(1, int(batch_size)) if batch_size else (8 if self.device.type == "cuda" else 1)
         self._device_lock = threading.Lock()  # one reconstruction at a time on the device (and torch.compile)
         self.identity = {
             "dictionary": self.dictionary.name,
@@ -140,3 +146,117 @@ class Reconstructor:
                            lambda_maps=torch.cat(lambdas).numpy(),
                            coil_maps=None if maps is None else maps.cpu().numpy())
 
+
+
+# ------------------------------------------------------------------------------------------- slices of a scan
+class SliceKSpace(Protocol):
+    """One 2-D slice to reconstruct: ``kspace`` ``(coils, ny, nx)`` complex64 centred, ``mask`` ``(ny, nx)``,
+    ``calibration``/``calibration_mask`` the same layout or None (then the slice's own central lines are used)."""
+
+    kspace: np.ndarray
+    mask: np.ndarray
+    calibration: np.ndarray | None
+    calibration_mask: np.ndarray | None
+
+    def describe(self) -> str: ...
+
+
+@dataclass
+class SliceOutcome:
+    """What became of one slice: ``image`` and ``zero_filled`` ``(ny, nx)`` complex64, ``lambda_maps``
+    ``(K, ny, nx)`` or None, the ``device`` it ran on and a ``note`` (a CPU fallback); or the ``error`` that lost
+    it (then the arrays are None)."""
+
+    image: np.ndarray | None = None
+    zero_filled: np.ndarray | None = None
+    lambda_maps: np.ndarray | None = None
+    device: str = "cpu"
+    note: str = ""
+    error: Exception | None = None
+
+
+def coil_maps(slices: Sequence[SliceKSpace]) -> np.ndarray | None:
+    """Coil maps ``(slices, coils, ny, nx)`` complex64, each slice's from its calibration lines (or, without
+    them, from its own fully sampled central rows); None for single-coil data."""
+    if slices[0].kspace.shape[0] <= 1:
+        return None
+    maps = []
+    for one in slices:
+        if one.calibration is not None:
+            cal_k, cal_m = torch.from_numpy(one.calibration), torch.from_numpy(one.calibration_mask)
+        else:
+            cal_k = torch.from_numpy(one.kspace)
+            cal_m = default_calibration_mask(torch.from_numpy(one.mask))
+        maps.append(_coils.estimate_coil_maps(cal_k, cal_m).numpy())
+    return np.stack(maps)
+
+
+def _reconstruct_batch(reconstructor, slices: Sequence[SliceKSpace]) -> ReconResult:
+    kspace = np.stack([one.kspace for one in slices])
+    mask = np.stack([one.mask for one in slices])
+    return reconstructor.reconstruct(kspace, mask, coil_maps=coil_maps(slices))
+
+
+def _outcomes(result: ReconResult, count: int, device: str, note: str = "") -> list[SliceOutcome]:
+    return [SliceOutcome(image=result.image[i], zero_filled=result.zero_filled[i],
+                         lambda_maps=None if result.lambda_maps is None else result.lambda_maps[i],
+                         device=device, note=note) for i in range(count)]
+
+
+def release_gpu_memory() -> None:
+    """Return cached GPU memory after a failure (no-op without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _device_name(reconstructor) -> str:
+    return str(getattr(reconstructor, "device", "cpu"))
+
+
+def _redo_on_cpu(reconstructor, one: SliceKSpace, error: Exception, cpu_fallback) -> SliceOutcome:
+    on_gpu = getattr(getattr(reconstructor, "device", None), "type", "cpu") != "cpu"
+    if not on_gpu or cpu_fallback is None or isinstance(error, ValueError):  # bad input fails anywhere
+        return SliceOutcome(error=error)
+    reason = "GPU out of memory" if isinstance(error, torch.cuda.OutOfMemoryError) else (
+        f"GPU failure ({type(error).__name__})")
+    log.warning("%s: %s (%s); reconstructing this slice on the CPU", one.describe(), reason, error)
+    release_gpu_memory()
+    try:
+        result = _reconstruct_batch(cpu_fallback(), [one])
+    except Exception as cpu_error:  # noqa: BLE001
+        return SliceOutcome(error=RuntimeError(f"{error}; on the CPU as well: {cpu_error}"))
+    return _outcomes(result, 1, "cpu", f"reconstructed on the CPU after {reason}")[0]
+
+
+def _reconstruct_isolated(reconstructor, batch: list, cpu_fallback) -> list[SliceOutcome]:
+    """Outcomes of ``batch`` (one shape): batched; one by one when the batch fails."""
+    try:
+        return _outcomes(_reconstruct_batch(reconstructor, batch), len(batch), _device_name(reconstructor))
+    except Exception as error:  # noqa: BLE001 - isolate the failure to the slices it concerns
+        if len(batch) == 1:
+            return [_redo_on_cpu(reconstructor, batch[0], error, cpu_fallback)]
+        log.warning("a batch of %d slices failed (%s: %s): reconstructing them one by one", len(batch),
+                    type(error).__name__, error)
+        release_gpu_memory()
+    outcomes = []
+    for one in batch:
+        try:
+            outcomes += _outcomes(_reconstruct_batch(reconstructor, [one]), 1, _device_name(reconstructor))
+        except Exception as error:  # noqa: BLE001
+            outcomes.append(_redo_on_cpu(reconstructor, one, error, cpu_fallback))
+    return outcomes
+
+
+def reconstruct_slices(reconstructor, slices: Sequence[SliceKSpace],
+                       cpu_fallback: Callable[[], object] | None = None) -> Iterator[tuple[SliceKSpace, SliceOutcome]]:
+    """``(slice, outcome)`` for every slice, a batch at a time as each finishes: slices of the same shape in
+    batches of ``reconstructor.batch_size``, the first remaining slice's shape first. ``reconstructor``: a
+    :class:`Reconstructor` (or anything with ``reconstruct(kspace, mask, coil_maps=)``, ``device``, ``batch_size``);
+    ``cpu_fallback``: returns a CPU reconstructor for slices that fail on the GPU (None: no fallback)."""
+    batch_size = max(1, int(getattr(reconstructor, "batch_size", 1)))
+    pending = list(slices)
+    while pending:
+        shape = pending[0].kspace.shape
+        batch = [one for one in pending if one.kspace.shape == shape][:batch_size]
+        pending = [one for one in pending if not any(one is b for b in batch)]
+        yield from zip(batch, _reconstruct_isolated(reconstructor, batch, cpu_fallback))

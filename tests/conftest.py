@@ -32,7 +32,7 @@ def registry():
 
 @pytest.fixture(scope="session")
 def cache():
-    from gadgets.handler import ReconstructorCache
+    from gadgets.settings import ReconstructorCache
     return ReconstructorCache()
 
 

@@ -6,7 +6,8 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from gadgets.buffer import AcquisitionBuffer, InputError, read_encoding
+from gadgets.buffer import AcquisitionBuffer, read_encoding
+from gadgets.errors import InputError
 from gadgets.wire import parse_ismrmrd_header
 from support import acquisition, header
 

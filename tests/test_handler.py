@@ -1,4 +1,4 @@
-"""The handler without sockets: parameters, 3-D scans through Scan, errors isolated per slice."""
+"""The gadget without sockets: parameters, 3-D scans through ScanSession, errors isolated per slice."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from gadgets.buffer import InputError
-from gadgets.handler import Parameters, ReconstructorCache, Scan, properties_of
+from gadgets.errors import InputError
+from gadgets.scan import ScanSession
+from gadgets.settings import Parameters, ReconstructorCache, properties_of
 from gadgets.wire import parse_xml_safely
 from recon import fft as _fft
 from support import acquisition, header
@@ -39,7 +40,7 @@ def test_3d_scan_transforms_along_k2_and_returns_partitions(reconstructor):
     import torch
     k3 = _fft.fft1c(_fft.fft2c(torch.from_numpy(volume * maps)), dim=-3).numpy()  # (coils, nz, ny, nx)
     sent = []
-    scan = Scan(header(nx=nx, ny=ny, nz=nz), Parameters(iterations=4), reconstructor, "test", sent.append)
+    scan = ScanSession(header(nx=nx, ny=ny, nz=nz), Parameters(iterations=4), reconstructor, "test", sent.append)
     for e2 in range(nz):
         for e1 in range(ny):
             acq = acquisition(e1, samples=nx, coils=coils, e2=e2,
@@ -59,7 +60,7 @@ def test_3d_scan_transforms_along_k2_and_returns_partitions(reconstructor):
 
 def test_one_bad_slice_does_not_stop_the_others(reconstructor):
     sent = []
-    scan = Scan(header(slices=3), Parameters(iterations=4), reconstructor, "test", sent.append)
+    scan = ScanSession(header(slices=3), Parameters(iterations=4), reconstructor, "test", sent.append)
     for s in range(3):
         for e1 in range(16):
             acq = acquisition(e1, slice_=s, flags=(ismrmrd.ACQ_LAST_IN_SLICE,) if e1 == 15 else (),

@@ -28,7 +28,8 @@ import yaml
 from support import FAST_REGISTRY, read_file
 from support import run_scan as play_scan
 from gadgets import cli
-from gadgets.handler import Parameters, ReconstructorCache, Scan
+from gadgets.scan import ScanSession
+from gadgets.settings import Parameters, ReconstructorCache
 from gadgets.wire import MSG_ERROR, MSG_IMAGE, encode_item
 from gadgets.client import Peer
 from gadgets.replay import replay
@@ -281,8 +282,9 @@ def test_silent_peer_is_dropped_after_the_idle_timeout(cache, registry):
 class FakeReconstructor:
     """Zero-filled coil combination; raises ``error`` for the slices whose mean magnitude is in ``fail_levels``."""
 
-    def __init__(self, device="cpu", error=None, fail_levels=()):
+    def __init__(self, device="cpu", error=None, fail_levels=(), batch_size=1):
         self.device = torch.device("cpu") if device == "cpu" else _FakeCuda()
+        self.batch_size = batch_size
         self.error, self.fail_levels = error, set(fail_levels)
         self.identity = {"dictionary": "fake", "network": "fake"}
         self.calls = 0
@@ -307,8 +309,9 @@ class _FakeCuda:
 
 def run_scan(reconstructor, cpu=None, batch=1):
     sent = []
-    scan = Scan(header(slices=SLICES), Parameters(iterations=2, batch_slices=batch), reconstructor, "test",
-                sent.append, cpu_fallback=(lambda: cpu) if cpu else None)
+    reconstructor.batch_size = batch
+    scan = ScanSession(header(slices=SLICES), Parameters(iterations=2, batch_slices=batch), reconstructor, "test",
+                       sent.append, cpu_fallback=(lambda: cpu) if cpu else None)
     for acq in scan_acquisitions():
         scan.on_item(acq)
     scan.finish()
@@ -346,7 +349,7 @@ def test_gpu_out_of_memory_redoes_the_slice_on_the_cpu(caplog):
 def test_gpu_fallback_wired_through_the_cache_and_server(registry):
     built = []
 
-    def factory(dictionary, network, iterations, device):
+    def factory(dictionary, network, iterations, device, batch_size):
         built.append(device)
         return FakeReconstructor() if device == "cpu" else FakeReconstructor(
             device="cuda", error=torch.cuda.OutOfMemoryError("CUDA out of memory"))

@@ -151,8 +151,8 @@ def test_paths_cannot_escape_the_weights_folder(tmp_path):
 
 
 def test_names_from_chains_and_the_network_are_never_paths(tmp_path):
-    from gadgets.buffer import InputError
-    from gadgets.handler import Parameters
+    from gadgets.errors import InputError
+    from gadgets.settings import Parameters
     registry = ChainRegistry(data={"chains": {"plain": {}}})
     for name in ("../../etc/passwd", "/etc/passwd", "registry.yaml", "plain/../../x"):
         assert registry.select(name).name == "plain"  # a config name only ever selects a chain by name

@@ -9,7 +9,7 @@ import pytest
 
 from support import FAST_REGISTRY, read_file, run_scan
 from gadgets.chains import ChainError, ChainRegistry
-from gadgets.handler import ReconstructorCache
+from gadgets.settings import ReconstructorCache
 from gadgets.wire import MSG_ERROR, MSG_IMAGE
 from gadgets.client import Peer
 from gadgets.server import Server

@@ -1,0 +1,139 @@
+"""One connection's scan, composed: acquisitions → :mod:`gadgets.buffer` → :mod:`gadgets.slices` →
+:func:`recon.pipeline.reconstruct_slices` → :mod:`gadgets.image_output` → the peer.
+
+Slices are handed to the reconstruction as soon as the reconstructor's batch is full (and at the end of the
+stream); ReconData from Gadgetron's ``BucketToBufferGadget`` goes down a bit at a time and is answered with one
+ImageArray. A slice that fails is reported in :attr:`ScanSession.failures` and the others still come back.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import ismrmrd
+import numpy as np
+
+from gadgets import image_output
+from gadgets.buffer import AcquisitionBuffer, read_encoding
+from gadgets.settings import Parameters
+from gadgets.slices import SliceInput, from_group, from_recon_bit
+from gadgets.wire import ImageArray, ReconData
+from recon.pipeline import reconstruct_slices
+from recon.preprocessing import whitening_matrix
+
+log = logging.getLogger(__name__)
+
+
+class ScanSession:
+    """One connection's state: buffering, reconstruction and image output.
+
+    ``send`` is called with each outgoing item; ``failures`` collects per-slice error messages; ``cpu_fallback``
+    (no arguments) returns a CPU reconstructor for slices that fail on the GPU (None: no fallback)."""
+
+    def __init__(self, header, params: Parameters, reconstructor, chain_name: str, send, cpu_fallback=None):
+        self.header = header
+        self.params = params
+        self.rec = reconstructor
+        self.cpu_fallback = cpu_fallback
+        self.chain_name = chain_name
+        self.send = send
+        self.enc = read_encoding(header)
+        self.buffer = AcquisitionBuffer(self.enc, max_open_groups=params.max_open_images,
+                                        calibration_in_data=params.calibration_in_data_flag)
+        self.pending: list[SliceInput] = []
+        self.whitening = None
+        self.whitening_ready = False
+        self.failures: list[str] = []
+        self.numbers = image_output.ImageNumbers()
+        self.sent = 0
+        self._reported = 0
+
+    # -- input
+    def on_item(self, item) -> None:
+        if isinstance(item, ismrmrd.Acquisition):
+            for group in self.buffer.add(item):
+                self._queue(group)
+        elif isinstance(item, ReconData):
+            self._recon_data(item)
+        elif isinstance(item, (ismrmrd.Image, ImageArray)):
+            self.send(item)  # not ours: pass it on down the chain
+        else:
+            log.debug("ignoring a %s", type(item).__name__)
+        self._collect_buffer_errors()
+
+    def finish(self, complete: bool = True) -> None:
+        """End of the stream: reconstruct the images still open, or, when the stream did not end with CLOSE
+        (``complete`` False: the peer vanished mid-scan), report them instead of reconstructing partial k-space."""
+        for group in self.buffer.flush():
+            if complete:
+                self._queue(group)
+            else:
+                self._fail(group.key.describe(), RuntimeError(
+                    "not reconstructed: the stream ended without a CLOSE message before this image was complete"))
+        self._run_pending()
+        self._collect_buffer_errors()
+
+    def _collect_buffer_errors(self):
+        for message in self.buffer.errors[self._reported:]:
+            log.error("%s", message)
+            self.failures.append(message)
+        self._reported = len(self.buffer.errors)
+
+    def _queue(self, group) -> None:
+        if group.errors:
+            message = f"{group.key.describe()}: not reconstructed: " + "; ".join(group.errors)
+            log.error("%s", message)
+            self.failures.append(message)
+            return
+        if not self.whitening_ready:
+            self.whitening = whitening_matrix(self.buffer.noise, self.buffer.noise_sample_time_us,
+                                              group.sample_time_us)
+            self.whitening_ready = True
+            log.info("prewhitening: %s", "from the noise scan" if self.whitening is not None else "none (no noise scan)")
+        try:
+            inputs = from_group(group, self.whitening, self.enc.oversampling)
+        except Exception as error:  # noqa: BLE001 - one group's failure must not end the scan
+            self._fail(group.key.describe(), error)
+            return
+        del group  # the raw k-space is released here
+        self.pending.extend(inputs)
+        if len(self.pending) >= self.rec.batch_size:
+            self._run_pending()
+
+    def _fail(self, where: str, error: Exception) -> None:
+        message = f"{where}: reconstruction failed: {error}"
+        log.error("%s", message)
+        self.failures.append(message)
+
+    # -- reconstruction and output
+    def _run_pending(self) -> None:
+        pending, self.pending = self.pending, []
+        for one, outcome in reconstruct_slices(self.rec, pending, self.cpu_fallback):
+            if outcome.error is not None:
+                self._fail(one.describe(), outcome.error)
+                continue
+            for image in image_output.slice_images(one, outcome, self.params, identity=self.rec.identity,
+                                                   chain=self.chain_name, encoding=self.enc, numbers=self.numbers):
+                self.send(image)
+                self.sent += 1
+
+    def _recon_data(self, recon_data: ReconData) -> None:
+        for bit in recon_data.bits:
+            try:
+                self._recon_bit(bit)
+            except Exception as error:  # noqa: BLE001 - one bit's failure must not end the scan
+                self._fail("ReconData bit", error)
+
+    def _recon_bit(self, bit) -> None:
+        inputs = from_recon_bit(bit)
+        outcomes = {}
+        for one, outcome in reconstruct_slices(self.rec, inputs, self.cpu_fallback):
+            if outcome.error is not None:
+                self._fail(one.describe(), outcome.error)
+            else:
+                outcomes[id(one)] = outcome
+        if outcomes:
+            self.send(image_output.image_array(np.asarray(bit.data.data).shape, inputs, outcomes,
+                                               series_index=self.params.series_index, identity=self.rec.identity,
+                                               chain=self.chain_name, encoding=self.enc, numbers=self.numbers))
+            self.sent += 1
