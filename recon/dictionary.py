@@ -12,7 +12,6 @@ and cheap: ‖D‖² = max_ω Σ_k |d̂_k(ω)|² (with the orthonormal FFT, d̂ 
 
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 
@@ -124,9 +123,11 @@ class Dictionary:
 
     def save(self, path: str | Path) -> str:
         """Write the dictionary; returns its sha256."""
+        from recon.weights import sha256_of_bytes  # weights imports this module
+
         data = self.to_bytes()
         Path(path).write_bytes(data)
-        return hashlib.sha256(data).hexdigest()
+        return sha256_of_bytes(data)
 
     @classmethod
     def load(cls, path: str | Path, sha256: str | None = None) -> "Dictionary":
@@ -137,7 +138,9 @@ class Dictionary:
             data = path.read_bytes()
         except OSError as error:
             raise DictionaryError(f"cannot read dictionary file {path}: {error.strerror or error}") from None
-        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        from recon.weights import sha256_of_bytes  # weights imports this module
+
+        if sha256 is not None and sha256_of_bytes(data) != sha256:
             raise DictionaryError(f"dictionary file {path} does not match its checksum (corrupt or tampered)")
         try:
             payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

@@ -40,8 +40,14 @@ def default_weights_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "weights"
 
 
+def sha256_of_bytes(data: bytes) -> str:
+    """The hex sha256 of ``data``: the checksum the manifest records for every weights file."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_of(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """The hex sha256 of the file at ``path``."""
+    return sha256_of_bytes(Path(path).read_bytes())
 
 
 def safe_join(root: Path, relative: str) -> Path:
@@ -102,7 +108,7 @@ class WeightsRegistry:
         except OSError:
             raise WeightsError(f"{kind} {entry['name']!r}: file {path} is missing") from None
         expected = entry.get("sha256")
-        if not expected or hashlib.sha256(data).hexdigest() != expected:
+        if not expected or sha256_of_bytes(data) != expected:
             raise WeightsError(f"{kind} {entry['name']!r}: file {path} does not match the manifest's sha256 "
                                "(corrupt, truncated or tampered); refusing to load it")
         return data, path
@@ -170,4 +176,4 @@ def save_network(path: str | Path, network: LambdaNet, beta: float, settings: di
                 "settings": dict(settings or {})}, buffer)
     data = buffer.getvalue()
     Path(path).write_bytes(data)
-    return hashlib.sha256(data).hexdigest()
+    return sha256_of_bytes(data)

@@ -37,7 +37,7 @@ from gadgets.server import Server
 from recon.pipeline import ReconResult
 from support import acquisition, header, header_xml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SLICES, NY, NX, COILS = 3, 16, 32, 2
 
 

@@ -18,7 +18,7 @@ from gadgets.errors import ProtocolError
 from gadgets.wire import parse_ismrmrd_header, parse_xml_safely, read_image
 from recon.weights import WeightsError, WeightsRegistry
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted((ROOT / "gadgets").glob("*.py")) + sorted((ROOT / "recon").glob("*.py"))
 
 

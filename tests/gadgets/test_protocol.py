@@ -21,7 +21,7 @@ from gadgets.errors import ProtocolError
 from gadgets.connection import RobustConnection
 from gadgetron.types.recon_data import ReconBit, ReconBuffer, ReconData, SamplingDescription
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def by_id(replies, mid):

@@ -1,0 +1,43 @@
+"""Returned images: the PNG preview shows the image through the same display window the meta announces."""
+
+from __future__ import annotations
+
+import io
+
+import ismrmrd
+import numpy as np
+from PIL import Image
+
+from gadgets.image_output import build_image, png_bytes, window
+from support import phantom
+
+
+def _image(seed=0):
+    rng = np.random.default_rng(seed)
+    pixels = np.abs(phantom(96, 80).numpy()) * 1000.0 + rng.normal(0, 20, (96, 80))
+    pixels[3, 5] = 1e6  # one hot pixel: the window must not be stretched by it
+    return np.abs(pixels).astype(np.float32)  # a magnitude image
+
+
+def test_preview_png_reads_back_as_the_windowed_image():
+    pixels = _image()
+    preview = np.asarray(Image.open(io.BytesIO(png_bytes(pixels))))
+    assert preview.dtype == np.uint8 and preview.shape == pixels.shape
+    low, high = np.percentile(pixels, [0.5, 99.5])
+    expected = np.clip((pixels - low) / (high - low), 0, 1) * 255
+    assert np.corrcoef(preview.ravel().astype(float), expected.ravel())[0, 1] > 0.999
+    assert np.abs(preview - expected).max() <= 0.5 + 1e-3  # rounded to the nearest grey level
+    assert preview[3, 5] == 255 and preview.min() == 0
+    # the hot pixel alone would have left the object black without a window
+    assert np.corrcoef(preview.ravel().astype(float), pixels.ravel())[0, 1] < 0.5
+
+
+def test_meta_window_is_the_preview_window():
+    pixels = _image(1)
+    image = build_image(pixels, ismrmrd.AcquisitionHeader(), kind="image", image_index=1, series_index=1,
+                        field_of_view=(240.0, 200.0, 5.0), identity={"dictionary": "d", "network": "n"}, chain="c")
+    centre, width = float(image.meta["WindowCenter"]), float(image.meta["WindowWidth"])
+    assert np.isclose(centre, window(pixels)[0], rtol=1e-5) and np.isclose(width, window(pixels)[1], rtol=1e-5)
+    preview = np.asarray(Image.open(io.BytesIO(png_bytes(image.data[0, 0])))).astype(float)
+    displayed = np.clip((image.data[0, 0] - (centre - width / 2)) / width, 0, 1) * 255
+    assert np.corrcoef(preview.ravel(), displayed.ravel())[0, 1] > 0.999
