@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 from bench.report import publish  # noqa: E402
 
 from bench.first_image import magnitudes  # noqa: E402
-from recon import bart, coils, metrics, simulate  # noqa: E402
+from lab import bart, metrics, simulate  # noqa: E402
+from recon import coils  # noqa: E402
 from recon.fft import fft2c  # noqa: E402
 from recon.pipeline import Reconstructor, default_calibration_mask  # noqa: E402
 

@@ -32,8 +32,8 @@ from bench.report import publish  # noqa: E402
 
 from gadgets.protocol import Peer  # noqa: E402
 from gadgets.replay import read_recording, stream  # noqa: E402
-from recon import simulate  # noqa: E402
-from recon.images import load_source, SourceUnavailable  # noqa: E402
+from lab import simulate  # noqa: E402
+from lab.images import load_source, SourceUnavailable  # noqa: E402
 
 
 def magnitudes(slices: int, size: int) -> np.ndarray:

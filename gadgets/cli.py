@@ -12,10 +12,10 @@ SUBCOMMANDS = {
     # name: (module, one-line help)
     "replay": ("gadgets.replay", "stream a recorded ISMRMRD file through the gadget and write the images"),
     "serve": ("gadgets.server", "warm server: keep torch and the weights loaded, serve scan after scan"),
-    "simulate": ("recon.simulate", "simulate low-field ISMRMRD acquisitions from MR images shipped in packages"),
-    "learn-dictionary": ("recon.dictionary_learning", "online convolutional dictionary learning"),
-    "train": ("recon.train", "train NET_Θ (V1/V2/V3) and the baselines"),
-    "evaluate": ("recon.evaluate", "evaluate methods and write a Markdown report with figures"),
+    "simulate": ("lab.simulate", "simulate low-field ISMRMRD acquisitions from MR images shipped in packages"),
+    "learn-dictionary": ("lab.dictionary_learning", "online convolutional dictionary learning"),
+    "train": ("lab.train", "train NET_Θ (V1/V2/V3) and the baselines"),
+    "evaluate": ("lab.evaluate", "evaluate methods and write a Markdown report with figures"),
 }
 
 

@@ -1,8 +1,8 @@
-"""recon.dictionary_learning: the online CDL lowers the CSC objective and keeps filters unit-norm and k_f-sized."""
+"""lab.dictionary_learning: the online CDL lowers the CSC objective and keeps filters unit-norm and k_f-sized."""
 
 import torch
 
-from recon import dictionary_learning as cdl
+from lab import dictionary_learning as cdl
 from recon.dictionary import Dictionary
 
 from support import phantom

@@ -429,7 +429,7 @@ def read_reference(path: str | Path) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from recon import images
+    from lab import images
 
     parser.add_argument("--source", choices=sorted(images.SOURCES), action="append",
                         help="image source (repeatable); default: every available source of --split")
@@ -455,7 +455,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from recon import images
+    from lab import images
 
     matrix = (args.matrix[0], args.matrix[-1])
     lines = args.setting == "lines"

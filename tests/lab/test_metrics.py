@@ -1,9 +1,9 @@
-"""recon.metrics: identities, a direct formula, and values computed with scikit-image 0.26 for fixed inputs."""
+"""lab.metrics: identities, a direct formula, and values computed with scikit-image 0.26 for fixed inputs."""
 
 import numpy as np
 import pytest
 
-from recon import metrics
+from lab import metrics
 
 
 def pattern():

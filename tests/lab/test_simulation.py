@@ -1,4 +1,4 @@
-"""recon.simulate: physics, the ISMRMRD files it writes, and the `cdl-lambda simulate` command."""
+"""lab.simulate: physics, the ISMRMRD files it writes, and the `cdl-lambda simulate` command."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from recon import coils, fft, images
-from recon import simulate as sim
+from lab import images
+from recon import coils, fft
+from lab import simulate as sim
 
-FIXTURE = Path(__file__).parent / "fixtures" / "colin27_axial_128.npz"
+FIXTURE = Path(__file__).parent.parent / "fixtures" / "colin27_axial_128.npz"
 N = 48  # small matrix: fast tests
 
 

@@ -16,7 +16,7 @@ then alternate
 Convolutions follow :class:`recon.dictionary.Dictionary` (true circular convolution, filter centred at the origin),
 so the learned filters are used by CDL-Λ as they are. Images are scaled to unit RMS of their high-pass part, so λ_D
 is relative to the high-pass signal level. Training images: every third slice of Colin27, which
-ships in Debian ``mricron-data``: the training split of :mod:`recon.images` (Colin27, axial, coronal and sagittal
+ships in Debian ``mricron-data``: the training split of :mod:`lab.images` (Colin27, axial, coronal and sagittal
 slices of both volumes on a 192² matrix); nothing from validation, test or out-of-distribution subjects.
 """
 
@@ -40,13 +40,13 @@ from recon.solvers import fista, gradient_step
 
 log = logging.getLogger(__name__)
 
-LEARNED_ON = "Colin27 T1 (training split of recon.images), every 3rd axial/coronal/sagittal slice, 192x192, high-pass"
+LEARNED_ON = "Colin27 T1 (training split of lab.images), every 3rd axial/coronal/sagittal slice, 192x192, high-pass"
 
 
 # ---- images ----------------------------------------------------------------------------------------------------
 def training_slices(shape: tuple[int, int] = (192, 192), step: int = 3) -> torch.Tensor:
     """Magnitude slices of the training subject (Colin27, all three orientations): float32 ``(N, ny, nx)``."""
-    from recon import images
+    from lab import images
 
     return torch.from_numpy(images.load_source("colin27", shape, images.ORIENTATIONS, step=step))
 

@@ -4,8 +4,8 @@ Methods (``--method``):
 * ``v3``: CDL-Λ with the shared per-filter U-Net; **a random training dictionary for every batch** (the manifest's
   ``split: train`` family); validated on the held-out (``split: validation``) dictionaries.
 * ``v1`` / ``v2``: CDL-Λ with a K-sized U-Net and one fixed dictionary (``--dictionary``).
-* ``ablation``: the same U-Net mapping x₀ to the image, no model-based part (:class:`recon.baselines.ImageUNet`).
-* ``unrolled``: the black-box MoDL-style unrolled network (:class:`recon.baselines.UnrolledNet`).
+* ``ablation``: the same U-Net mapping x₀ to the image, no model-based part (:class:`lab.baselines.ImageUNet`).
+* ``unrolled``: the black-box MoDL-style unrolled network (:class:`lab.baselines.UnrolledNet`).
 
 Λ = u_b · sigmoid(u) with u_b = ``--upper-bound`` (normalised units; the best scalar λ on validation data is about
 1, so u_b = 3 keeps the optimum on the responsive part of the sigmoid) and the U-Net head's bias set so that Λ starts
@@ -34,8 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from recon import experiment_data as data
-from recon.baselines import BASELINES, build_baseline
+from lab import experiment_data as data
+from lab.baselines import BASELINES, build_baseline
 from recon.device import choose_device
 from recon.dictionary import Dictionary
 from recon.lambda_nets import NETWORKS, build_lambda_net
@@ -256,13 +256,13 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
            default_dictionary: str | None = None) -> dict:
     """Write the trained weights of ``checkpoint`` into ``weights_dir`` (networks/ for Λ networks, baselines/ for the
     others) and record them in the manifest. Returns the manifest entry."""
-    from recon.dictionary_learning import update_manifest
+    from lab.dictionary_learning import update_manifest
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     config = TrainConfig(**state["config"])
     model, _ = load_trained(checkpoint)
-    training = {"method": config.method, "data": "recon.images split 'train' (Colin27 T1 + BrainWeb PD) through "
-                f"recon.data.LowFieldDataset, {config.size}x{config.size}, central k-space window with 40-119/320 "
+    training = {"method": config.method, "data": "lab.images split 'train' (Colin27 T1 + BrainWeb PD) through "
+                f"lab.data.LowFieldDataset, {config.size}x{config.size}, central k-space window with 40-119/320 "
                 "lines removed per side, sigma^2 ~ U(0.15, 0.30), flips and 90-degree rotations",
                 "steps": state["step"], "batch_size": config.batch_size, "cpu_minutes": round(state["seconds"] / 60, 1),
                 "lr": config.lr, "weight_decay": config.weight_decay, "beta_lr": config.beta_lr,

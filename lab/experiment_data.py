@@ -1,6 +1,6 @@
 """Batches for training and evaluation: the paper's low-field task on packaged MR images.
 
-A thin adapter over :mod:`recon.images` (the image splits) and :class:`recon.data.LowFieldDataset` (one simulated,
+A thin adapter over :mod:`lab.images` (the image splits) and :class:`lab.data.LowFieldDataset` (one simulated,
 normalised single-coil example per slice: complex ground truth with smooth phase, centred k-space window, complex
 noise relative to the measured k-space variance, flips/rotations in training), so the training loop and the
 evaluation see batches of one shape and never depend on a data set's details:
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from recon.data import LowFieldDataset
+from lab.data import LowFieldDataset
 
 
 @dataclass
@@ -33,14 +33,14 @@ class Batch:
 
 def load_images(split: str, size: int, step: int = 1) -> dict[str, torch.Tensor]:
     """Magnitude slices of every available source of ``split`` (train/val/test/ood): ``{source: (N, n, n)}``."""
-    from recon import images
+    from lab import images
 
     return {name: torch.from_numpy(stack) for name, stack in images.load_split(split, (size, size), step=step).items()}
 
 
 class TrainingStream:
     """Endless random training batches from magnitude slices ``(N, n, n)``: batch t draws ``batch_size`` random
-    slices and simulates them with :class:`~recon.data.LowFieldDataset` at epoch t (new augmentation, window,
+    slices and simulates them with :class:`~lab.data.LowFieldDataset` at epoch t (new augmentation, window,
     phase and noise every batch)."""
 
     def __init__(self, images: torch.Tensor, batch_size: int, seed: int = 0,

@@ -24,7 +24,7 @@ import torch
 
 from recon import fft as _fft
 from recon import sampling
-from recon.simulate import complex_image
+from lab.simulate import complex_image
 
 
 def removed_lines_range(n: int, at_320: tuple[int, int] = (40, 119)) -> tuple[int, int]:

@@ -1,14 +1,14 @@
 """Evaluation of CDL-Λ against its baselines on identical data; writes a Markdown report and a PNG figure.
 
-Data (:mod:`recon.experiment_data`): single-coil, centred k-space window n/2 × n/2 of n × n images (×2
+Data (:mod:`lab.experiment_data`): single-coil, centred k-space window n/2 × n/2 of n × n images (×2
 super-resolution per axis), complex noise of variance σ² × the measured k-space variance, σ² ∈ {0.2, 0.3}, fixed seeds. Sets:
-``test`` (in distribution: a human T1 head, :data:`recon.images.SPLITS`) and ``ood`` (macaque brain, EPI contrast,
+``test`` (in distribution: a human T1 head, :data:`lab.images.SPLITS`) and ``ood`` (macaque brain, EPI contrast,
 knee). The scalar λ (and β) of the classical CDL baseline are grid-searched on the ``val`` split at σ² = 0.2.
 
 Methods: zero-filled; CDL with one scalar λ; CDL-Λ V3 with training dictionaries, with held-out dictionaries (and
 the held-out K alone), with a permuted dictionary; V1 with its training filter order and permuted; the image-only
 U-Net ablation; the unrolled black-box network; BART ``pics -l1 -r 0.01`` when ``bart`` is installed.
-Metrics (:mod:`recon.metrics`) on magnitudes, per volume (data range = the volume's maximum), averaged over volumes
+Metrics (:mod:`lab.metrics`) on magnitudes, per volume (data range = the volume's maximum), averaged over volumes
 weighted by their slices: SSIM and NMSE inside the anatomy mask and SSIM/PSNR on the whole image, blur effect.
 """
 
@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from recon import bart
-from recon import experiment_data as data
+from lab import bart
+from lab import experiment_data as data
 from recon import fft as _fft
-from recon import metrics as M
+from lab import metrics as M
 from recon.dictionary import Dictionary
 from recon.model import CDLLambda
-from recon.train import load_trained
+from lab.train import load_trained
 from recon.weights import WeightsRegistry
 
 log = logging.getLogger(__name__)
@@ -357,9 +357,9 @@ def run_evaluation(args) -> int:
                f"dictionary {default_dict.name}, in-distribution slice, common scale). Columns: target, " +
                ", ".join(m.name for m in figure_methods) + ".")
     info = {"command": args.command_line, "grid": grid, "figure_caption": caption,
-            "data": (f"{size}×{size} images from the packaged-image splits of recon.images, up to {args.slices} "
+            "data": (f"{size}×{size} images from the packaged-image splits of lab.images, up to {args.slices} "
                      "slices per source volume, single coil, central k-space window of half the matrix per axis, "
-                     "complex Gaussian noise of variance σ² × the variance of the measured k-space (recon.data). Test: "
+                     "complex Gaussian noise of variance σ² × the variance of the measured k-space (lab.data). Test: "
                      + ", ".join(sorted({v.source for v in volumes if v.split == 'test'})) + "; out of "
                      "distribution: " + ", ".join(sorted({v.source for v in volumes if v.split == 'ood'})) + "."),
             "settings": (f"FISTA T = {T} for every CDL method; scalar λ = {lam:g}, β = {beta:g} (grid search); "
