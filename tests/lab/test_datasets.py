@@ -1,4 +1,4 @@
-"""lab.images (packaged MR images, readers, splits) and lab.data (on-the-fly training examples)."""
+"""lab.images (packaged MR images, readers, splits) and lab.datasets (on-the-fly training examples)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from lab import data, images
+from lab import datasets as data
+from lab import images
 from recon import fft
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "colin27_axial_128.npz"

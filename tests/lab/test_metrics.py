@@ -1,7 +1,10 @@
-"""lab.metrics: identities, a direct formula, and values computed with scikit-image 0.26 for fixed inputs."""
+"""lab.metrics: what the layer adds over scikit-image (volume data range, masks, slice averaging, magnitudes, the
+anatomy mask), checked against direct formulas, plus values computed with scikit-image 0.26 for fixed inputs."""
 
 import numpy as np
 import pytest
+import torch
+from skimage.measure import blur_effect as skimage_blur_effect
 
 from lab import metrics
 
@@ -72,9 +75,69 @@ def test_blur_effect_matches_reference_and_rises_with_blur():
     assert metrics.blur_effect(blurred) > metrics.blur_effect(sharp) + 0.1
 
 
-def test_foreground_mask_fills_holes():
+def test_foreground_mask_fills_holes_but_not_open_bays():
     image = np.zeros((40, 40))
     image[8:32, 8:32] = 1.0
-    image[16:24, 16:24] = 0.0  # a dark "ventricle"
+    image[11:17, 11:17] = 0.0  # a dark "ventricle", enclosed
+    image[20:30, 20:32] = 0.0  # a dark bay, 10 pixels wide, open to the background
     mask = metrics.foreground_mask(image)[0]
-    assert mask[20, 20] and mask[10, 10] and not mask[2, 2]
+    assert mask[13, 13] and mask[9, 9] and not mask[2, 2]
+    assert not mask[25, 28]  # connected to the background: not a hole
+    assert mask.sum() == (image > 0).sum() + 6 * 6
+
+
+def test_foreground_mask_closes_narrow_gaps_only_and_ignores_scale():
+    image = np.zeros((2, 48, 48))
+    image[:, 10:38, 10:20] = 1.0
+    image[0, 10:38, 23:38] = 1.0  # a 3-pixel gap: closed by the 7 × 7 window
+    image[1, 10:38, 30:38] = 1.0  # a 10-pixel gap: stays open
+    mask = metrics.foreground_mask(image)
+    assert mask[0, 20, 21] and not mask[1, 20, 25]
+    assert not mask[0, 5, 21]  # closing does not spread past the anatomy's outline
+    np.testing.assert_array_equal(metrics.foreground_mask(7.5 * image), mask)
+    dim = image.copy()
+    dim[1, 10:38, 30:38] = 0.05  # below 10 % of the 99th percentile: not anatomy
+    assert not metrics.foreground_mask(dim)[1, 20, 34]
+
+
+def test_masked_ssim_ignores_differences_outside_the_mask():
+    x, y = pattern()
+    mask = np.zeros_like(x, dtype=bool)
+    mask[:, :16] = True
+    changed = x.copy()
+    changed[:, 26:] += 0.5  # ≥ 3 pixels (half a window) beyond the mask
+    assert metrics.ssim(x, changed, mask) == pytest.approx(1.0)
+    assert metrics.ssim(x, changed) < 0.95
+    assert metrics.psnr(x, changed, mask) > 200 and metrics.nmse(x, changed, mask) == 0.0
+
+
+def test_masked_ssim_averages_per_slice_and_skips_empty_slices():
+    x, y = pattern()
+    full = np.ones_like(x)
+    empty = np.zeros_like(x)
+    volume_t, volume_i = np.stack([x, x]), np.stack([y, x])
+    # the second slice is perfect but has no mask pixels: only the first slice counts
+    assert metrics.ssim(volume_t, volume_i, np.stack([full, empty])) == pytest.approx(metrics.ssim_map(
+        x, y, float(x.max())).mean())
+
+
+def test_blur_effect_with_a_mask_measures_the_bounding_box():
+    rng = np.random.default_rng(1)
+    image = np.zeros((48, 56))
+    image[10:30, 12:44] = rng.random((20, 32))
+    mask = np.zeros_like(image, dtype=bool)
+    mask[10:30, 12:44] = True
+    mask[15:20, 20:25] = False  # holes do not change the bounding box
+    assert metrics.blur_effect(image, mask) == pytest.approx(skimage_blur_effect(image[10:30, 12:44], h_size=11))
+    assert metrics.blur_effect(image, mask) != pytest.approx(metrics.blur_effect(image))
+    volume = np.stack([image, image[::-1]])
+    expected = np.mean([skimage_blur_effect(v, h_size=11) for v in volume])
+    assert metrics.blur_effect(volume) == pytest.approx(expected)
+
+
+def test_torch_inputs_are_accepted():
+    x, y = (np.abs(a) for a in pattern())
+    tx, ty = torch.from_numpy(x).to(torch.complex64) * 1j, torch.from_numpy(y).float()
+    values = metrics.all_metrics(tx, ty)
+    assert values["ssim"] == pytest.approx(metrics.ssim(x, y), abs=1e-6)
+    assert values["psnr"] == pytest.approx(metrics.psnr(x, y), rel=1e-5)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from lab import experiment_data as data
+from lab import datasets as data
 from lab import train
-from lab.dictionary_learning import update_manifest
+from lab.manifest import update_manifest
 from recon.weights import WeightsRegistry
 
 from support import phantom, random_dictionary
