@@ -28,18 +28,20 @@ sys.path.insert(0, str(ROOT))
 from bench.report import publish  # noqa: E402
 
 from bench.first_image import magnitudes  # noqa: E402
-from recon import bart, coils, metrics, simulate  # noqa: E402
+from lab import bart, metrics, physics  # noqa: E402
+from lab.acquisition import Scan, Setting  # noqa: E402
+from recon import coils  # noqa: E402
 from recon.fft import fft2c  # noqa: E402
 from recon.pipeline import Reconstructor, default_calibration_mask  # noqa: E402
 
 
 def acquisition(slices: int, size: int = 256, num_coils: int = 8, seed: int = 0):
-    setting = simulate.Setting(kind="lines", matrix=(size, size), coils=num_coils, noise_level=0.05,
+    setting = Setting(kind="lines", matrix=(size, size), coils=num_coils, noise_level=0.05,
                                acceleration=4, calib_lines=24)
-    scan = simulate.Scan(magnitudes(slices, size), setting, seed=seed)
+    scan = Scan(magnitudes(slices, size), setting, seed=seed)
     clean = fft2c(torch.from_numpy(scan.coil_maps * scan.image[:, None])).numpy()
     rng = np.random.default_rng(seed)
-    noise = simulate.correlated_noise(rng, scan.covariance, (slices, size, size))  # (coils, slices, ny, nx)
+    noise = physics.correlated_noise(rng, scan.covariance, (slices, size, size))  # (coils, slices, ny, nx)
     kspace = (clean + noise.transpose(1, 0, 2, 3)) * scan.mask
     whitening = coils.prewhitening_matrix(torch.from_numpy(scan.covariance))
     kspace = coils.prewhiten(torch.from_numpy(kspace.astype(np.complex64)), whitening).numpy()

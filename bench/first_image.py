@@ -32,8 +32,9 @@ from bench.report import publish  # noqa: E402
 
 from gadgets.client import Peer  # noqa: E402
 from gadgets.replay import read_recording, stream  # noqa: E402
-from recon import simulate  # noqa: E402
-from recon.images import load_source, SourceUnavailable  # noqa: E402
+from lab.acquisition import Scan, Setting  # noqa: E402
+from lab.images import load_source, SourceUnavailable  # noqa: E402
+from lab.mrd_writer import write_ismrmrd  # noqa: E402
 
 
 def magnitudes(slices: int, size: int) -> np.ndarray:
@@ -49,10 +50,10 @@ def magnitudes(slices: int, size: int) -> np.ndarray:
         return resized[np.arange(slices) % len(resized)]
 
 
-def make_scan(path: Path, slices: int, size: int, coils: int) -> simulate.Scan:
-    setting = simulate.Setting(kind="lines", matrix=(size, size), coils=coils, noise_level=0.05, acceleration=3)
-    scan = simulate.Scan(magnitudes(slices, size), setting, seed=0)
-    simulate.write_ismrmrd(path, scan)
+def make_scan(path: Path, slices: int, size: int, coils: int) -> Scan:
+    setting = Setting(kind="lines", matrix=(size, size), coils=coils, noise_level=0.05, acceleration=3)
+    scan = Scan(magnitudes(slices, size), setting, seed=0)
+    write_ismrmrd(path, scan)
     return scan
 
 
@@ -116,7 +117,7 @@ def cold_first_image(path: Path, env: dict) -> float:
         listener.close()
 
 
-def reconstruction_alone(scan: simulate.Scan) -> float:
+def reconstruction_alone(scan: Scan) -> float:
     import torch
     from recon.pipeline import Reconstructor
     from recon.fft import fft2c

@@ -4,8 +4,8 @@ Methods (``--method``):
 * ``v3``: CDL-Λ with the shared per-filter U-Net; **a random training dictionary for every batch** (the manifest's
   ``split: train`` family); validated on the held-out (``split: validation``) dictionaries.
 * ``v1`` / ``v2``: CDL-Λ with a K-sized U-Net and one fixed dictionary (``--dictionary``).
-* ``ablation``: the same U-Net mapping x₀ to the image, no model-based part (:class:`recon.baselines.ImageUNet`).
-* ``unrolled``: the black-box MoDL-style unrolled network (:class:`recon.baselines.UnrolledNet`).
+* ``ablation``: the same U-Net mapping x₀ to the image, no model-based part (:class:`lab.baselines.ImageUNet`).
+* ``unrolled``: the black-box MoDL-style unrolled network (:class:`lab.baselines.UnrolledNet`).
 
 Λ = u_b · sigmoid(u) with u_b = ``--upper-bound`` (normalised units; the best scalar λ on validation data is about
 1, so u_b = 3 keeps the optimum on the responsive part of the sigmoid) and the U-Net head's bias set so that Λ starts
@@ -21,9 +21,7 @@ exact run. ``--export NAME`` writes the trained weights into the weights folder 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import io
 import logging
 import math
 import time
@@ -34,13 +32,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from recon import experiment_data as data
-from recon.baselines import BASELINES, build_baseline
+from lab import datasets as data
+from lab.baselines import BASELINES, build_baseline
+from lab.manifest import update_manifest
 from recon.device import choose_device
 from recon.dictionary import Dictionary
 from recon.lambda_nets import NETWORKS, build_lambda_net
 from recon.model import CDLLambda
-from recon.weights import WeightsRegistry, default_weights_dir, save_network
+from recon.weights import WeightsRegistry, save_network, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -256,13 +255,11 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
            default_dictionary: str | None = None) -> dict:
     """Write the trained weights of ``checkpoint`` into ``weights_dir`` (networks/ for Λ networks, baselines/ for the
     others) and record them in the manifest. Returns the manifest entry."""
-    from recon.dictionary_learning import update_manifest
-
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     config = TrainConfig(**state["config"])
     model, _ = load_trained(checkpoint)
-    training = {"method": config.method, "data": "recon.images split 'train' (Colin27 T1 + BrainWeb PD) through "
-                f"recon.data.LowFieldDataset, {config.size}x{config.size}, central k-space window with 40-119/320 "
+    training = {"method": config.method, "data": "lab.images split 'train' (Colin27 T1 + BrainWeb PD) through "
+                f"lab.datasets.LowFieldDataset, {config.size}x{config.size}, central k-space window with 40-119/320 "
                 "lines removed per side, sigma^2 ~ U(0.15, 0.30), flips and 90-degree rotations",
                 "steps": state["step"], "batch_size": config.batch_size, "cpu_minutes": round(state["seconds"] / 60, 1),
                 "lr": config.lr, "weight_decay": config.weight_decay, "beta_lr": config.beta_lr,
@@ -287,52 +284,8 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
             default["dictionary"] = default_dictionary
         update_manifest(weights_dir, "networks", entry, default=default or None)
     else:
-        buffer = io.BytesIO()
-        torch.save({"config": model.config(), "state_dict": model.state_dict()}, buffer)
-        path.write_bytes(buffer.getvalue())
-        import hashlib
-
+        torch.save({"config": model.config(), "state_dict": model.state_dict()}, path)
         entry = {"name": name, "file": f"{buffer_dir}/{name}.pt", "kind": config.method,
-                 "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(), "training": training, "metrics": metrics}
+                 "sha256": sha256_of(path), "training": training, "metrics": metrics}
         update_manifest(weights_dir, "baselines", entry)
     return entry
-
-
-# ---- CLI -------------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = TrainConfig()
-    parser.add_argument("--method", choices=METHODS, default=defaults.method)
-    for field in dataclasses.fields(TrainConfig):
-        if field.name in ("method",):
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        kind = {"int": int, "float": float}.get(str(field.type).split(" ")[0], str)
-        if field.name == "time_limit_min":
-            kind = float
-        parser.add_argument(flag, type=kind, default=getattr(defaults, field.name))
-    parser.add_argument("--checkpoint", default="runs/train.ckpt", help="checkpoint file (written as it trains)")
-    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
-    parser.add_argument("--export", metavar="NAME", help="after training, write the weights as NAME into the weights "
-                                                         "folder and its manifest")
-    parser.add_argument("--set-default", action="store_true", help="with --export: make it the default network")
-    parser.add_argument("--default-dictionary", help="with --export: also make this dictionary the default")
-    parser.add_argument("--note", default="", help="with --export: a note stored in the manifest entry")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-
-
-def main(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    trainer = Trainer(config, device=args.device)
-    checkpoint = Path(args.checkpoint)
-    if args.resume and checkpoint.exists():
-        trainer.load(checkpoint)
-        log.info("resumed %s at step %d", checkpoint, trainer.step)
-    trainer.run(checkpoint)
-    if args.export:
-        weights_dir = Path(config.weights_dir) if config.weights_dir else default_weights_dir()
-        entry = export(checkpoint, args.export, weights_dir, args.set_default, args.note, args.default_dictionary)
-        log.info("exported %s (sha256 %s)", entry["file"], entry["sha256"])
-    return 0

@@ -1,11 +1,11 @@
-"""recon.train: gradients reach the network and β, a few steps lower the loss, resume reproduces the run."""
+"""lab.train: gradients reach the network and β, a few steps lower the loss, resume reproduces the run."""
 
 import pytest
 import torch
 
-from recon import experiment_data as data
-from recon import train
-from recon.dictionary_learning import update_manifest
+from lab import datasets as data
+from lab import train
+from lab.manifest import update_manifest
 from recon.weights import WeightsRegistry
 
 from support import phantom, random_dictionary

@@ -1,4 +1,4 @@
-"""recon.images (packaged MR images, readers, splits) and recon.data (on-the-fly training examples)."""
+"""lab.images (packaged MR images, readers, splits) and lab.datasets (on-the-fly training examples)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from recon import data, fft, images
+from lab import datasets as data
+from lab import images
+from recon import fft
 
-FIXTURE = Path(__file__).parent / "fixtures" / "colin27_axial_128.npz"
+FIXTURE = Path(__file__).parent.parent / "fixtures" / "colin27_axial_128.npz"
 
 
 @pytest.fixture(scope="module")

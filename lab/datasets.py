@@ -1,6 +1,7 @@
-"""Training examples for the paper's single-coil low-field setting, drawn on the fly from magnitude slices.
+"""Training and evaluation data for the paper's single-coil low-field task, simulated on the fly from magnitude
+slices of the packaged image splits (:mod:`lab.images`).
 
-One example (all plain tensors, for a slice of shape ``(ny, nx)``):
+Examples (:class:`LowFieldDataset`), all plain tensors, for a slice of shape ``(ny, nx)``:
 
 * ``target``  ``(ny, nx)`` complex64 — the complex ground truth x (random smooth phase), scaled by ``1/scale``;
 * ``kspace``  ``(ny, nx)`` complex64 — y = S (F x + e), zero outside the window, scaled by ``1/scale``;
@@ -15,16 +16,25 @@ of each axis with r uniform in [40, 119] at 320 (scaled by n/320 for other sizes
 noise level is uniform in [0.15, 0.30]. With ``train=False`` there is no augmentation and the window and noise
 level are fixed (the paper's test: central half per axis, σ² = 0.2 or 0.3). Every example is a pure function of
 (seed, epoch, index), so results do not depend on worker count or order.
+
+Batches (:class:`Batch`: target and kspace complex64 ``(B, n, n)``, centred layout, normalised; mask float32
+``(B, n, n)``), so the training loop and the evaluation never depend on a data set's details:
+
+* :class:`TrainingStream` — endless random training batches (each batch a fresh draw of window, noise and phase);
+* :func:`fixed_examples` — deterministic evaluation examples (central n/2 window, fixed σ²).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from lab import images
+from lab.physics import complex_image
 from recon import fft as _fft
 from recon import sampling
-from recon.simulate import complex_image
 
 
 def removed_lines_range(n: int, at_320: tuple[int, int] = (40, 119)) -> tuple[int, int]:
@@ -97,3 +107,65 @@ class LowFieldDataset(torch.utils.data.Dataset):
             "sigma": torch.tensor(sigma / scale, dtype=torch.float32),
             "scale": torch.tensor(scale, dtype=torch.float32),
         }
+
+
+@dataclass
+class Batch:
+    target: torch.Tensor   # complex (B, n, n)
+    kspace: torch.Tensor   # complex (B, n, n)
+    mask: torch.Tensor     # float (B, n, n)
+
+    def to(self, device) -> "Batch":
+        return Batch(self.target.to(device), self.kspace.to(device), self.mask.to(device))
+
+
+def load_images(split: str, size: int, step: int = 1) -> dict[str, torch.Tensor]:
+    """Magnitude slices of every available source of ``split`` (train/val/test/ood): ``{source: (N, n, n)}``."""
+    return {name: torch.from_numpy(stack) for name, stack in images.load_split(split, (size, size), step=step).items()}
+
+
+class TrainingStream:
+    """Endless random training batches from magnitude slices ``(N, n, n)``: batch t draws ``batch_size`` random
+    slices and simulates them with :class:`LowFieldDataset` at epoch t (new augmentation, window,
+    phase and noise every batch)."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int, seed: int = 0,
+                 noise_range: tuple[float, float] = (0.15, 0.30)):
+        self.dataset = LowFieldDataset(images, seed=seed, train=True, noise_range=noise_range)
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.count = 0
+
+    def __next__(self) -> Batch:
+        self.dataset.set_epoch(self.count)
+        self.count += 1
+        indices = torch.randint(len(self.dataset), (self.batch_size,), generator=self.generator).tolist()
+        return collate([self.dataset[i] for i in indices])
+
+    def __iter__(self):
+        return self
+
+    def state(self) -> dict:
+        return {"generator": self.generator.get_state(), "count": self.count}
+
+    def set_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"].cpu())
+        self.count = int(state["count"])
+
+
+def collate(examples: list[dict]) -> Batch:
+    return Batch(torch.stack([e["target"] for e in examples]), torch.stack([e["kspace"] for e in examples]),
+                 torch.stack([e["mask"] for e in examples]))
+
+
+def fixed_examples(images: torch.Tensor, noise_variance: float, seed: int = 1234) -> Batch:
+    """Deterministic evaluation examples: every slice of ``images`` with the central n/2 window and σ² fixed."""
+    dataset = LowFieldDataset(images, seed=seed, train=False, test_noise=noise_variance)
+    return collate([dataset[i] for i in range(len(dataset))])
+
+
+def pick_slices(images: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` slices evenly spread through a stack (all of them when it is smaller)."""
+    if len(images) <= count:
+        return images
+    return images[np.linspace(0, len(images) - 1, count).round().astype(int)]

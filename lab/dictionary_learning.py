@@ -16,13 +16,12 @@ then alternate
 Convolutions follow :class:`recon.dictionary.Dictionary` (true circular convolution, filter centred at the origin),
 so the learned filters are used by CDL-Λ as they are. Images are scaled to unit RMS of their high-pass part, so λ_D
 is relative to the high-pass signal level. Training images: every third slice of Colin27, which
-ships in Debian ``mricron-data``: the training split of :mod:`recon.images` (Colin27, axial, coronal and sagittal
+ships in Debian ``mricron-data``: the training split of :mod:`lab.images` (Colin27, axial, coronal and sagittal
 slices of both volumes on a 192² matrix); nothing from validation, test or out-of-distribution subjects.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from dataclasses import dataclass
@@ -30,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
+from lab import images as sources
+from lab.manifest import update_manifest
 from recon.device import choose_device
 from recon.dictionary import Dictionary
 from recon.lowpass import tikhonov_lowpass
@@ -40,15 +40,13 @@ from recon.solvers import fista, gradient_step
 
 log = logging.getLogger(__name__)
 
-LEARNED_ON = "Colin27 T1 (training split of recon.images), every 3rd axial/coronal/sagittal slice, 192x192, high-pass"
+LEARNED_ON = "Colin27 T1 (training split of lab.images), every 3rd axial/coronal/sagittal slice, 192x192, high-pass"
 
 
 # ---- images ----------------------------------------------------------------------------------------------------
 def training_slices(shape: tuple[int, int] = (192, 192), step: int = 3) -> torch.Tensor:
     """Magnitude slices of the training subject (Colin27, all three orientations): float32 ``(N, ny, nx)``."""
-    from recon import images
-
-    return torch.from_numpy(images.load_source("colin27", shape, images.ORIENTATIONS, step=step))
+    return torch.from_numpy(sources.load_source("colin27", shape, sources.ORIENTATIONS, step=step))
 
 
 def highpass(images: torch.Tensor, beta: float) -> torch.Tensor:
@@ -71,18 +69,9 @@ def random_crops(images: torch.Tensor, size: int, count: int, generator: torch.G
 
 
 # ---- the two sub-problems --------------------------------------------------------------------------------------
-def filter_spectra(filters: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """d̂_k on an image grid, differentiable in ``filters`` (K, k_f, k_f); same convention as Dictionary.spectra."""
-    k, kf = filters.shape[0], filters.shape[-1]
-    padded = torch.zeros(k, *shape, dtype=filters.dtype, device=filters.device)
-    padded[:, :kf, :kf] = filters
-    padded = torch.roll(padded, shifts=(-(kf // 2), -(kf // 2)), dims=(-2, -1))
-    return torch.fft.fft2(padded)
-
-
 def csc_objective(filters: torch.Tensor, codes: torch.Tensor, images: torch.Tensor, lam: float) -> float:
     """Mean over the batch of ½‖Σ_k d_k ∗ s_k − x‖² + λ‖s‖₁ (codes real or complex with zero imaginary part)."""
-    d_hat = filter_spectra(filters, images.shape[-2:])
+    d_hat = Dictionary(filters, name="learning").spectra(tuple(images.shape[-2:]), filters.device)
     synth = torch.fft.ifft2(torch.einsum("bkyx,kyx->byx", torch.fft.fft2(codes), d_hat)).real
     value = 0.5 * (synth - images).pow(2).sum(dim=(-2, -1)) + lam * codes.real.abs().sum(dim=(-3, -2, -1))
     return float(value.mean())
@@ -125,7 +114,7 @@ def filter_step(filters: torch.Tensor, codes: torch.Tensor, images: torch.Tensor
     shape = images.shape[-2:]
     s_hat = torch.fft.fft2(codes.real.to(torch.complex64))
     d = filters.detach().clone().requires_grad_(True)
-    synth = torch.fft.ifft2(torch.einsum("bkyx,kyx->byx", s_hat, filter_spectra(d, shape).to(s_hat.dtype))).real
+    synth = torch.fft.ifft2(torch.einsum("bkyx,kyx->byx", s_hat, Dictionary(d, name="learning").spectra(tuple(shape), d.device))).real
     loss = 0.5 * (synth - images).pow(2).sum() / images.shape[0]
     (grad,) = torch.autograd.grad(loss, d)
     lipschitz = float(s_hat.abs().pow(2).sum(dim=(0, 1)).max()) / images.shape[0]
@@ -215,54 +204,3 @@ def write_family(weights_dir: Path, steps: int, seed: int, device=None, only: li
         update_manifest(weights_dir, "dictionaries", entry)
         log.info("%s: objective %.1f → %.1f in %.0f s", name, entry["learning"]["objective_first_10"],
                  entry["learning"]["objective_last_10"], time.time() - start)
-
-
-def update_manifest(weights_dir: Path, table: str, entry: dict, default: dict | None = None) -> None:
-    """Insert or replace ``entry`` (by name) in ``manifest.yaml``'s ``table``; optionally update ``default``."""
-    path = Path(weights_dir) / "manifest.yaml"
-    manifest = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
-    rows = [row for row in manifest.get(table) or [] if row.get("name") != entry["name"]] + [entry]
-    manifest[table] = sorted(rows, key=lambda row: row["name"])
-    if default:
-        manifest["default"] = {**(manifest.get("default") or {}), **default}
-    known = ("default", "dictionaries", "networks", "baselines")
-    ordered = {key: manifest[key] for key in known if key in manifest}
-    ordered.update({key: value for key, value in manifest.items() if key not in known})
-    path.write_text(yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True, width=120))
-
-
-# ---- CLI -------------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--family", action="store_true", help="learn the whole shipped family into --weights-dir")
-    parser.add_argument("--only", nargs="*", help="with --family: only these dictionary names")
-    parser.add_argument("--weights-dir", default=None, help="weights folder (default: the shipped weights/)")
-    parser.add_argument("--output", help="single dictionary: output .pt file")
-    parser.add_argument("-K", "--num-filters", type=int, default=32)
-    parser.add_argument("--kernel-size", type=int, default=9)
-    parser.add_argument("--lambda-d", type=float, default=0.1, help="ℓ1 weight (relative to unit-RMS high-pass)")
-    parser.add_argument("--beta-d", type=float, default=0.25, help="Tikhonov split parameter β_D")
-    parser.add_argument("--steps", type=int, default=150, help="mini-batches (one filter update each)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--patch-size", type=int, default=64)
-    parser.add_argument("--csc-iterations", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="cpu, cuda, or auto (default)")
-
-
-def main(args: argparse.Namespace) -> int:
-    torch.manual_seed(args.seed)
-    if args.family:
-        from recon.weights import default_weights_dir
-
-        write_family(Path(args.weights_dir) if args.weights_dir else default_weights_dir(), args.steps, args.seed,
-                     device=args.device, only=args.only)
-        return 0
-    if not args.output:
-        log.error("give --output FILE.pt (or --family)")
-        return 2
-    config = LearningConfig(args.num_filters, args.kernel_size, args.lambda_d, args.beta_d, args.steps,
-                            args.batch_size, args.patch_size, args.csc_iterations, args.seed)
-    dictionary, history = learn_dictionary(config, device=args.device)
-    sha = dictionary.save(args.output)
-    print(f"{args.output}: objective {np.mean(history[:10]):.1f} → {np.mean(history[-10:]):.1f}, sha256 {sha}")
-    return 0

@@ -4,9 +4,10 @@ Every loader returns float32 magnitude slices ``(n, ny, nx)`` (rows = anteriorâ†
 as a radiologist displays them), resampled isotropically so the whole volume's anatomy fits the matrix with a
 margin and sits in its centre, and normalised per volume so that the 99.5th percentile of the anatomy is 1.
 
-Files are read without importing the packages that carry them (``importlib.util.find_spec`` only locates them), with
-the small NIfTI-1 / PNG readers below, so ``pip install --no-deps nilearn dipy`` is enough; only the DICOM knee
-needs ``pydicom`` to parse the file. A missing source raises :class:`SourceUnavailable` naming the package.
+Files are found without importing the packages that carry them (``importlib.util.find_spec`` locates a Python
+package; Debian packages install to their fixed ``/usr/share`` paths, :data:`MRICRON` and :data:`ITK_DATA`) and read
+with nibabel and Pillow, so ``pip install --no-deps nilearn dipy`` is enough; only the DICOM knee needs ``pydicom``
+to parse the file. A missing source raises :class:`SourceUnavailable` naming the Debian or PyPI package.
 
 Subjects and splits (never split one volume, or one person, across splits)
 ---------------------------------------------------------------------------

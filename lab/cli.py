@@ -1,0 +1,238 @@
+"""The lab's subcommands of ``cdl-lambda``: ``simulate``, ``learn-dictionary``, ``train`` and ``evaluate``.
+
+Each has ``add_<name>_arguments(parser)`` and ``<name>(args) -> exit status``; :data:`COMMANDS` lists them for
+:mod:`gadgets.cli`. Only argument handling lives here; the work is done by the lab modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lab import dictionary_learning, images, train as training
+from lab.acquisition import SETTINGS, Scan, Setting
+from lab.evaluation import run as evaluation
+from lab.mrd_writer import Protocol, count_acquisitions, write_ismrmrd
+from recon.weights import default_weights_dir
+
+log = logging.getLogger(__name__)
+
+
+# ---- simulate --------------------------------------------------------------------------------------------------
+def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", choices=sorted(images.SOURCES), action="append",
+                        help="image source (repeatable); default: every available source of --split")
+    parser.add_argument("--split", choices=sorted(images.SPLITS), default="test", help="image split to draw from")
+    parser.add_argument("--setting", choices=SETTINGS, default="lowres",
+                        help="lowres: central k-space window; lines: random phase-encoding lines, multi-coil")
+    parser.add_argument("--matrix", type=int, nargs="+", default=[320], help="reconstruction matrix: N or NY NX")
+    parser.add_argument("--coils", type=int, default=None, help="receive channels (default 1 lowres, 8 lines)")
+    parser.add_argument("--noise", type=float, default=None,
+                        help="noise variance relative to k-space variance (default 0.2 lowres, 0.02 lines)")
+    parser.add_argument("--correlation", type=float, default=0.3, help="neighbour-channel noise correlation")
+    parser.add_argument("--window-factor", type=int, default=2, help="lowres: resolution reduction per axis")
+    parser.add_argument("--acceleration", type=float, default=4.0, help="lines: undersampling factor")
+    parser.add_argument("--calib-lines", type=int, default=24, help="lines: central calibration lines")
+    parser.add_argument("--slices", type=int, default=4, help="slices per file, evenly spaced through the stack")
+    parser.add_argument("--repetitions", type=int, default=1, help="repetitions of every slice")
+    parser.add_argument("--field-strength", type=float, default=0.05, help="B0 in tesla")
+    parser.add_argument("--fov", type=float, default=220.0, help="field of view in mm (square)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of phase, coils and noise")
+    parser.add_argument("--output", type=Path, default=Path("simulated"),
+                        help="output folder (one file per source) or a .h5 path for a single source")
+
+
+def simulate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    matrix = (args.matrix[0], args.matrix[-1])
+    lines = args.setting == "lines"
+    setting = Setting(kind=args.setting, matrix=matrix, coils=args.coils or (8 if lines else 1),
+                      noise_level=args.noise if args.noise is not None else (0.02 if lines else 0.2),
+                      correlation=args.correlation, window_factor=args.window_factor,
+                      acceleration=args.acceleration, calib_lines=args.calib_lines)
+    protocol = Protocol(field_strength_t=args.field_strength, fov_mm=(args.fov, args.fov),
+                        repetitions=args.repetitions)
+    names = args.source or [n for n in images.SPLITS[args.split] if images.available(n)]
+    if not names:
+        log.error("no image source of split %r is installed (%s)", args.split,
+                  ", ".join(f"{n}: {images.SOURCES[n].package}" for n in images.SPLITS[args.split]))
+        return 1
+    if args.output.suffix == ".h5" and len(names) > 1:
+        log.error("--output %s names one file but %d sources were chosen", args.output, len(names))
+        return 2
+    jobs = []
+    for name in names:
+        try:
+            stack = images.load_source(name, matrix, images.DEFAULT_ORIENTATIONS[args.split][:1])
+        except images.SourceUnavailable as error:
+            log.error("%s", error)
+            return 1
+        picks = np.unique(np.linspace(0, len(stack) - 1, min(args.slices, len(stack)) + 2).round().astype(int)[1:-1])
+        picks = picks if len(picks) else np.arange(min(args.slices, len(stack)))
+        scan = Scan(stack[picks], setting, seed=args.seed)
+        path = args.output if args.output.suffix == ".h5" else \
+            args.output / f"{name}_{setting.kind}_{matrix[0]}x{matrix[1]}_seed{args.seed}.h5"
+        jobs.append((name, picks, scan, path))
+    total = sum(count_acquisitions(scan, protocol) for _, _, scan, _ in jobs)
+    with tqdm(total=total, unit="acq", desc="simulate") as bar:
+        for name, picks, scan, path in jobs:
+            source = images.SOURCES[name]
+            write_ismrmrd(path, scan, protocol, progress=bar.update,
+                          attrs={"source": name, "subject": source.subject, "split": args.split,
+                                 "slice_index": picks})
+            log.info("wrote %s (%d slices, %d coils)", path, scan.slices, setting.coils)
+    return 0
+
+
+# ---- learn-dictionary ------------------------------------------------------------------------------------------
+def add_learn_dictionary_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = dictionary_learning.LearningConfig()
+    parser.add_argument("--family", action="store_true", help="learn the whole shipped family into --weights-dir")
+    parser.add_argument("--only", nargs="*", help="with --family: only these dictionary names")
+    parser.add_argument("--weights-dir", default=None, help="weights folder (default: the shipped weights/)")
+    parser.add_argument("--output", help="single dictionary: output .pt file")
+    parser.add_argument("-K", "--num-filters", type=int, default=defaults.num_filters, help="number of filters K")
+    parser.add_argument("--kernel-size", type=int, default=defaults.kernel_size, help="filter size k_f")
+    parser.add_argument("--lambda-d", type=float, default=defaults.lambda_d,
+                        help="ℓ1 weight (relative to unit-RMS high-pass)")
+    parser.add_argument("--beta-d", type=float, default=defaults.beta_d, help="Tikhonov split parameter β_D")
+    parser.add_argument("--steps", type=int, default=150, help="mini-batches (one filter update each)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per mini-batch")
+    parser.add_argument("--patch-size", type=int, default=defaults.patch_size, help="side of the random crops")
+    parser.add_argument("--csc-iterations", type=int, default=defaults.csc_iterations,
+                        help="FISTA iterations of the sparse coding step")
+    parser.add_argument("--seed", type=int, default=0, help="seed of crops and initial filters")
+    parser.add_argument("--device", default=None, help="cpu, cuda, or auto (default)")
+
+
+def learn_dictionary(args: argparse.Namespace) -> int:
+    torch.manual_seed(args.seed)
+    if args.family:
+        dictionary_learning.write_family(Path(args.weights_dir) if args.weights_dir else default_weights_dir(),
+                                         args.steps, args.seed, device=args.device, only=args.only)
+        return 0
+    if not args.output:
+        log.error("give --output FILE.pt (or --family)")
+        return 2
+    config = dictionary_learning.LearningConfig(args.num_filters, args.kernel_size, args.lambda_d, args.beta_d,
+                                                args.steps, args.batch_size, args.patch_size, args.csc_iterations,
+                                                args.seed)
+    dictionary, history = dictionary_learning.learn_dictionary(config, device=args.device)
+    sha = dictionary.save(args.output)
+    print(f"{args.output}: objective {np.mean(history[:10]):.1f} → {np.mean(history[-10:]):.1f}, sha256 {sha}")
+    return 0
+
+
+# ---- train -----------------------------------------------------------------------------------------------------
+TRAIN_HELP = {
+    "size": "n of the n × n training images",
+    "batch_size": "examples per step",
+    "steps": "optimiser steps",
+    "iterations": "FISTA iterations T",
+    "grad_iterations": "differentiated (last) iterations T − T′",
+    "base_channels": "U-Net channels of the first stage",
+    "stages": "U-Net down-sampling stages",
+    "upper_bound": "u_b of Λ = u_b · sigmoid(u), normalised units",
+    "initial_lambda": "Λ at initialisation (sets the U-Net head's bias), normalised units",
+    "beta": "initial β of the (PH) split",
+    "cascades": "unrolled baseline: denoiser / data-consistency cascades",
+    "lr": "Adam learning rate of the network",
+    "weight_decay": "Adam weight decay of the network",
+    "beta_lr": "Adam learning rate of the scalar parameters (β, μ)",
+    "dictionary": "v1/v2: the fixed dictionary (manifest name)",
+    "validate_every": "validate (and checkpoint) every this many steps",
+    "validation_slices": "validation slices (half from each validation source)",
+    "seed": "seed of data, initialisation and dictionary sampling",
+    "time_limit_min": "stop after this many minutes (validating and checkpointing first)",
+    "weights_dir": "weights folder (default: the shipped weights/)",
+}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = training.TrainConfig()
+    parser.add_argument("--method", choices=training.METHODS, default=defaults.method, help="what to train")
+    for field in dataclasses.fields(training.TrainConfig):
+        if field.name == "method":
+            continue
+        kind = {"int": int, "float": float}.get(str(field.type).split(" ")[0], str)
+        if field.name == "time_limit_min":
+            kind = float
+        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=getattr(defaults, field.name),
+                            help=TRAIN_HELP[field.name])
+    parser.add_argument("--checkpoint", default="runs/train.ckpt", help="checkpoint file (written as it trains)")
+    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    parser.add_argument("--export", metavar="NAME", help="after training, write the weights as NAME into the weights "
+                                                         "folder and its manifest")
+    parser.add_argument("--set-default", action="store_true", help="with --export: make it the default network")
+    parser.add_argument("--default-dictionary", help="with --export: also make this dictionary the default")
+    parser.add_argument("--note", default="", help="with --export: a note stored in the manifest entry")
+    parser.add_argument("--device", default=None, help="cpu, cuda, or auto (default)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def train(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = training.TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(training.TrainConfig)})
+    trainer = training.Trainer(config, device=args.device)
+    checkpoint = Path(args.checkpoint)
+    if args.resume and checkpoint.exists():
+        trainer.load(checkpoint)
+        log.info("resumed %s at step %d", checkpoint, trainer.step)
+    trainer.run(checkpoint)
+    if args.export:
+        weights_dir = Path(config.weights_dir) if config.weights_dir else default_weights_dir()
+        entry = training.export(checkpoint, args.export, weights_dir, args.set_default, args.note,
+                                args.default_dictionary)
+        log.info("exported %s (sha256 %s)", entry["file"], entry["sha256"])
+    return 0
+
+
+# ---- evaluate --------------------------------------------------------------------------------------------------
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    d = evaluation.Settings()
+    parser.add_argument("--size", type=int, default=d.size, help="image matrix n (n × n)")
+    parser.add_argument("--slices", type=int, default=d.slices, help="slices per source volume")
+    parser.add_argument("--iterations", type=int, default=d.iterations, help="FISTA iterations T for every CDL method")
+    parser.add_argument("--network", default=d.network, help="the V3 network (manifest name)")
+    parser.add_argument("--dictionary", default=d.dictionary, help="dictionary of the scalar baseline and the figure")
+    parser.add_argument("--v1-dictionary", default=d.v1_dictionary,
+                        help="dictionary of the V1 network and the permutation test (default: the one V1 was trained on)")
+    parser.add_argument("--train-dictionaries", type=int, default=d.train_dictionaries,
+                        help="how many training dictionaries to average (0: all)")
+    parser.add_argument("--lambdas", type=float, nargs="+", default=list(d.lambdas), help="scalar λ grid")
+    parser.add_argument("--betas", type=float, nargs="+", default=list(d.betas), help="scalar-λ CDL β grid")
+    parser.add_argument("--figure-ood", default=d.figure_ood, help="source of the out-of-distribution figure row")
+    parser.add_argument("--no-bart", action="store_true", help="leave out BART pics even when it is installed")
+    parser.add_argument("--weights-dir", default=d.weights_dir, help="weights folder (default: the shipped weights/)")
+    parser.add_argument("--output-dir", default=d.output_dir, help="folder of the report and its figures/")
+    parser.add_argument("--name", default=d.name, help="report name: NAME.md and figures/NAME.png")
+    parser.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    command = "cdl-lambda " + " ".join(sys.argv[1:]) if sys.argv[1:] else "cdl-lambda evaluate"
+    settings = evaluation.Settings(
+        size=args.size, slices=args.slices, iterations=args.iterations, network=args.network,
+        dictionary=args.dictionary, v1_dictionary=args.v1_dictionary, train_dictionaries=args.train_dictionaries,
+        lambdas=tuple(args.lambdas), betas=tuple(args.betas), figure_ood=args.figure_ood, bart=not args.no_bart,
+        weights_dir=args.weights_dir, output_dir=args.output_dir, name=args.name, threads=args.threads,
+        command_line=command)
+    print(evaluation.run_evaluation(settings))
+    return 0
+
+
+# name: (add_arguments, main); the one-line help of each lives in gadgets.cli, which lists them without the lab
+COMMANDS = {
+    "simulate": (add_simulate_arguments, simulate),
+    "learn-dictionary": (add_learn_dictionary_arguments, learn_dictionary),
+    "train": (add_train_arguments, train),
+    "evaluate": (add_evaluate_arguments, evaluate),
+}
