@@ -136,6 +136,19 @@ def build_image(pixels: np.ndarray, reference, *, kind: str, image_index: int, s
     return image
 
 
+def noise_meta(outcome) -> dict:
+    """The noise level the slice was reconstructed in the units of, where it came from, and the final data
+    residual relative to it (≈ 1 when the fit stops at the noise; well above 1 means over-regularisation)."""
+    meta = {}
+    if getattr(outcome, "noise_source", ""):
+        meta["CDL_NoiseSource"] = outcome.noise_source
+    if getattr(outcome, "noise_std", None) is not None:
+        meta["CDL_NoiseStd"] = f"{outcome.noise_std:.6g}"
+    if getattr(outcome, "residual_to_noise", None) is not None:
+        meta["CDL_ResidualToNoise"] = f"{outcome.residual_to_noise:.4f}"
+    return meta
+
+
 def slice_images(one, outcome, params, *, identity: dict, chain: str, encoding, numbers: ImageNumbers) -> list:
     """The images of one reconstructed slice ``one`` (a :class:`gadgets.slices.SliceInput`) from its
     ``outcome`` (a :class:`recon.pipeline.SliceOutcome`): the CDL-Λ image, then, as ``params`` asks, the
@@ -145,7 +158,7 @@ def slice_images(one, outcome, params, *, identity: dict, chain: str, encoding, 
                   partitions=one.partitions, slice_thickness=fov[2] if one.partitions > 1 else 0.0,
                   note=outcome.note,
                   extra_meta={"CDL_Iterations": str(params.iterations), "CDL_Device": outcome.device,
-                              "CDL_Readouts": str(one.readouts)})
+                              "CDL_Readouts": str(one.readouts), **noise_meta(outcome)})
     outputs = [("image", outcome.image)]
     if params.send_zero_filled:
         outputs.append(("zero_filled", outcome.zero_filled))

@@ -35,6 +35,7 @@ class SliceInput:
     errors: list = field(default_factory=list)
     readouts: int = 0      # readouts of the acquisition group this slice comes from
     array_index: tuple | None = None  # (n, s, loc) in a ReconData buffer
+    noise_std: float | None = None  # σ per complex sample: 1.0 once prewhitened with a noise scan; None: unknown
 
     def describe(self) -> str:
         where = self.key.describe()
@@ -59,7 +60,7 @@ def from_group(group: SliceGroup, whitening, oversampling: int) -> list[SliceInp
                        reference=group.reference,
                        calibration=None if calibration is None else calibration[:, z],
                        calibration_mask=calibration_mask, errors=list(group.errors),
-                       readouts=group.readouts)
+                       readouts=group.readouts, noise_std=None if whitening is None else 1.0)
             for z in range(partitions)]
 
 

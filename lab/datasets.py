@@ -114,9 +114,12 @@ class Batch:
     target: torch.Tensor   # complex (B, n, n)
     kspace: torch.Tensor   # complex (B, n, n)
     mask: torch.Tensor     # float (B, n, n)
+    noise_std: torch.Tensor | None = None  # (B,) σ of the k-space noise, in the units of ``kspace``
+    coil_maps = None       # single coil
 
     def to(self, device) -> "Batch":
-        return Batch(self.target.to(device), self.kspace.to(device), self.mask.to(device))
+        sigma = None if self.noise_std is None else self.noise_std.to(device)
+        return Batch(self.target.to(device), self.kspace.to(device), self.mask.to(device), sigma)
 
 
 def load_images(split: str, size: int, step: int = 1) -> dict[str, torch.Tensor]:
@@ -155,7 +158,7 @@ class TrainingStream:
 
 def collate(examples: list[dict]) -> Batch:
     return Batch(torch.stack([e["target"] for e in examples]), torch.stack([e["kspace"] for e in examples]),
-                 torch.stack([e["mask"] for e in examples]))
+                 torch.stack([e["mask"] for e in examples]), torch.stack([e["sigma"] for e in examples]))
 
 
 def fixed_examples(images: torch.Tensor, noise_variance: float, seed: int = 1234) -> Batch:

@@ -1,4 +1,10 @@
-"""Training NET_Θ (V1/V2/V3) and the learned baselines on the low-field task.
+"""Training NET_Θ (V1/V2/V3) and the learned baselines.
+
+Data (``--data``):
+* ``multicoil`` (default): scans as the gadget receives them after prewhitening — 1–16 coils, R = 1–4 with 12–32
+  calibration lines, SNR 5–40, ESPIRiT maps estimated from the calibration lines, and the paper's single-coil
+  low-resolution windows (:mod:`lab.multicoil`).
+* ``lowres``: the paper's single-coil low-resolution task alone (:class:`lab.datasets.LowFieldDataset`).
 
 Methods (``--method``):
 * ``v3``: CDL-Λ with the shared per-filter U-Net; **a random training dictionary for every batch** (the manifest's
@@ -7,16 +13,18 @@ Methods (``--method``):
 * ``ablation``: the same U-Net mapping x₀ to the image, no model-based part (:class:`lab.baselines.ImageUNet`).
 * ``unrolled``: the black-box MoDL-style unrolled network (:class:`lab.baselines.UnrolledNet`).
 
-Λ = u_b · sigmoid(u) with u_b = ``--upper-bound`` (normalised units; the best scalar λ on validation data is about
-1, so u_b = 3 keeps the optimum on the responsive part of the sigmoid) and the U-Net head's bias set so that Λ starts
-at ``--initial-lambda`` everywhere: a Λ at the bound saturates the sigmoid, a Λ that zeroes every code has no
-gradient through the soft-threshold, and either stalls training.
+Units: everything works in units of the noise (:mod:`recon.model`). Λ = u_b · sigmoid(u) with u_b =
+``--upper-bound`` (the best scalar λ on validation data is about 1 noise unit, so u_b = 6 keeps the optimum on the
+responsive part of the sigmoid) and the U-Net head's bias set so that Λ starts at ``--initial-lambda`` everywhere:
+the network starts as the scalar-λ baseline, and a Λ at the bound (saturated sigmoid) or one that zeroes every
+code (no gradient through the soft-threshold) would stall training.
 
-Loss: MSE on the real and imaginary parts of the normalised image. Adam with the network at ``--lr`` (weight decay
-``--weight-decay``) and the scalar parameters (β of the (PH) split, μ of the unrolled net) at ``--beta-lr``.
-CDL-Λ runs ``--iterations`` FISTA steps (T) and differentiates the last ``--grad-iterations`` (T − T′).
-Checkpoints hold the model, optimiser, step, history and every random-number state, so ``--resume`` continues the
-exact run. ``--export NAME`` writes the trained weights into the weights folder with a manifest entry.
+Loss: the relative squared error of the image (:func:`image_loss`). Adam with the network at ``--lr`` (weight
+decay ``--weight-decay``) and the scalar parameters (β of the (PH) split, μ of the unrolled net) at ``--beta-lr``.
+CDL-Λ runs ``--iterations`` FISTA steps (T) and differentiates the last ``--grad-iterations`` (T − T′);
+validation runs the deployed T = 64. Checkpoints hold the model, optimiser, step, history and every random-number
+state, so ``--resume`` continues the exact run. ``--export NAME`` writes the trained weights into the weights folder
+with a manifest entry.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lab import datasets as data
+from lab import multicoil
 from lab.baselines import BASELINES, build_baseline
 from lab.manifest import update_manifest
 from recon.device import choose_device
@@ -56,8 +65,9 @@ class TrainConfig:
     grad_iterations: int = 6       # T − T′: differentiated iterations
     base_channels: int = 8
     stages: int = 2
-    upper_bound: float = 3.0       # u_b of Λ = u_b · sigmoid(u), normalised units
-    initial_lambda: float = 0.75   # Λ at initialisation (sets the U-Net head's bias), normalised units
+    data: str = "multicoil"        # "multicoil": scans as the gadget gets them (lab.multicoil); "lowres": the paper's
+    upper_bound: float = 6.0       # u_b of Λ = u_b · sigmoid(u), noise units
+    initial_lambda: float = 1.0    # Λ at initialisation (sets the U-Net head's bias), noise units
     beta: float = 1.0              # initial β of the (PH) split
     cascades: int = 4              # unrolled baseline
     lr: float = 1e-4
@@ -99,8 +109,10 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
 
 def image_loss(image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MSE on real and imaginary parts."""
-    return F.mse_loss(torch.view_as_real(image), torch.view_as_real(target))
+    """Relative squared error ‖x − x_true‖² / ‖x_true‖² per image (real and imaginary parts), averaged over the
+    batch: every SNR and coil count weighs the same."""
+    error = (image - target).abs().pow(2).sum(dim=(-2, -1))
+    return (error / target.abs().pow(2).sum(dim=(-2, -1)).clamp_min(1e-30)).mean()
 
 
 def training_dictionaries(registry: WeightsRegistry, config: TrainConfig) -> tuple[list[Dictionary], list[Dictionary]]:
@@ -119,16 +131,20 @@ def training_dictionaries(registry: WeightsRegistry, config: TrainConfig) -> tup
     return train, val or train
 
 
-def reconstruct(model: nn.Module, batch: data.Batch, dictionary: Dictionary | None, **kwargs):
-    return model(batch.kspace, batch.mask, dictionary, **kwargs)
+def reconstruct(model: nn.Module, batch, dictionary: Dictionary | None, **kwargs):
+    return model(batch.kspace, batch.mask, dictionary, coil_maps=batch.coil_maps, noise_std=batch.noise_std,
+                 **kwargs)
 
 
 @torch.no_grad()
-def validate(model: nn.Module, examples: data.Batch, dictionaries: list[Dictionary]) -> float:
-    """Mean MSE over the validation examples (and over the validation dictionaries for CDL-Λ)."""
+def validate(model: nn.Module, examples, dictionaries: list[Dictionary]) -> float:
+    """Mean loss over the validation batches (a Batch or a list of them) and, for CDL-Λ, the validation
+    dictionaries, at the deployed T = 64 iterations."""
     model.eval()
-    losses = [float(image_loss(reconstruct(model, examples, d).image, examples.target))
-              for d in (dictionaries or [None])]
+    batches = examples if isinstance(examples, list) else [examples]
+    extra = {"iterations": 64} if hasattr(model, "lambda_net") else {}
+    losses = [float(image_loss(reconstruct(model, b, d, **extra).image, b.target))
+              for d in (dictionaries or [None]) for b in batches]
     model.train()
     return sum(losses) / len(losses)
 
@@ -147,14 +163,25 @@ class Trainer:
         k = self.train_dicts[0].num_filters if config.method in ("v1", "v2") else None
         self.model = build_model(config, k).to(self.device)
         self.optimizer = make_optimizer(self.model, config)
+        if config.data not in ("multicoil", "lowres"):
+            raise ValueError(f"unknown training data {config.data!r}: multicoil or lowres")
         if images is None:
             images = torch.cat(list(data.load_images("train", config.size).values()))
-        self.stream = data.TrainingStream(images, config.batch_size, seed=config.seed)
+        if config.data == "multicoil":
+            self.stream = multicoil.TrainingStream(images.numpy(), config.batch_size, seed=config.seed)
+        else:
+            self.stream = data.TrainingStream(images, config.batch_size, seed=config.seed)
         if validation is None:
-            val_images = torch.cat([data.pick_slices(s, config.validation_slices // 2 or 1)
-                                    for s in data.load_images("val", config.size).values()])
-            validation = data.fixed_examples(val_images, 0.2, seed=config.seed + 1)
-        self.validation = validation.to(self.device)
+            val_sets = data.load_images("val", config.size)
+            if config.data == "multicoil":
+                validation = multicoil.validation_batches(torch.cat(list(val_sets.values())).numpy(),
+                                                          seed=config.seed + 1)
+            else:
+                val_images = torch.cat([data.pick_slices(s, config.validation_slices // 2 or 1)
+                                        for s in val_sets.values()])
+                validation = data.fixed_examples(val_images, 0.2, seed=config.seed + 1)
+        self.validation = ([b.to(self.device) for b in validation] if isinstance(validation, list)
+                           else validation.to(self.device))
         self.sampler = torch.Generator().manual_seed(config.seed + 2)
         self.step = 0
         self.seconds = 0.0
@@ -258,9 +285,13 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     config = TrainConfig(**state["config"])
     model, _ = load_trained(checkpoint)
-    training = {"method": config.method, "data": "lab.images split 'train' (Colin27 T1 + BrainWeb PD) through "
-                f"lab.datasets.LowFieldDataset, {config.size}x{config.size}, central k-space window with 40-119/320 "
-                "lines removed per side, sigma^2 ~ U(0.15, 0.30), flips and 90-degree rotations",
+    described = ("lab.multicoil.TrainingStream: 1-16 coils (rings and arcs, prewhitened channel mixing), R 1-4 "
+                 "outside 12-32 calibration lines, image SNR 5-40, ESPIRiT maps from the calibration lines, and "
+                 "single-coil low-resolution windows" if config.data == "multicoil" else
+                 "lab.datasets.LowFieldDataset: central k-space window with 40-119/320 lines removed per side, "
+                 "sigma^2 ~ U(0.15, 0.30)")
+    training = {"method": config.method, "data": f"lab.images split 'train' (Colin27 T1 + BrainWeb PD), "
+                f"{config.size}x{config.size}, flips and 90-degree rotations, through {described}",
                 "steps": state["step"], "batch_size": config.batch_size, "cpu_minutes": round(state["seconds"] / 60, 1),
                 "lr": config.lr, "weight_decay": config.weight_decay, "beta_lr": config.beta_lr,
                 "iterations": config.iterations, "grad_iterations": config.grad_iterations,
@@ -268,7 +299,7 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
     if note:
         training["note"] = note
     last = state["history"][-1] if state["history"] else {}
-    metrics = {"val_mse_sigma2_0.2": last.get("val_loss"), "final_train_mse": last.get("train_loss")}
+    metrics = {"val_relative_error2": last.get("val_loss"), "final_train_relative_error2": last.get("train_loss")}
     buffer_dir = "networks" if config.method in NETWORKS else "baselines"
     (weights_dir / buffer_dir).mkdir(parents=True, exist_ok=True)
     path = weights_dir / buffer_dir / f"{name}.pt"

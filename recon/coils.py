@@ -1,5 +1,8 @@
 """Coil preprocessing: noise prewhitening, readout-oversampling removal, coil sensitivities and combination.
 
+Coil maps for reconstruction come from :func:`estimate_coil_maps` (ESPIRiT, support-cropped); Walsh's adaptive
+maps (:func:`walsh_coil_maps`, unit norm everywhere) remain for a quick combination.
+
 Shapes: noise samples ``(coils, samples)``; k-space ``(..., coils, ny, nx)`` with nx the readout; coil maps
 ``(..., coils, ny, nx)`` normalised so Σ_j |c_j|² = 1 (so the multi-coil operator has ‖A‖ ≤ 1).
 """
@@ -10,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from recon import fft as _fft
+from recon.espirit import espirit_maps
 
 
 def noise_covariance(noise: torch.Tensor) -> torch.Tensor:
@@ -95,9 +99,15 @@ def calibration_coil_images(kspace: torch.Tensor, calibration_mask: torch.Tensor
     return _fft.ifft2c(kspace * weights)
 
 
-def estimate_coil_maps(kspace: torch.Tensor, calibration_mask: torch.Tensor, kernel: int = 7) -> torch.Tensor:
-    """Coil sensitivities from the calibration lines of ``kspace`` (Walsh on tapered low-resolution images)."""
-    return walsh_coil_maps(calibration_coil_images(kspace, calibration_mask), kernel=kernel)
+def estimate_coil_maps(kspace: torch.Tensor, calibration_mask: torch.Tensor,
+                       noise_std: float | None = None) -> torch.Tensor:
+    """Coil sensitivities from the calibration lines of ``kspace`` ``(..., coils, ny, nx)``: ESPIRiT
+    (:mod:`recon.espirit`), support-cropped, Σ_j |c_j|² = 1 on the support and 0 outside it. ``noise_std``: the
+    std of the complex noise per k-space sample (1 after prewhitening; None: estimated from the data)."""
+    lead = kspace.shape[:-3]
+    flat = kspace.reshape(-1, *kspace.shape[-3:])
+    maps = [espirit_maps(one, calibration_mask, noise_std) for one in flat]
+    return torch.stack(maps).reshape(*lead, *kspace.shape[-3:])
 
 
 def combine_coils(coil_images: torch.Tensor, coil_maps: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,6 +24,7 @@ from recon import coils as _coils
 from recon.device import choose_device, keep_freed_memory_for_reuse
 from recon.dictionary import Dictionary
 from recon.model import DEFAULT_SCALAR_LAMBDA, CDLLambda
+from recon.noise import estimate_noise_std
 from recon.solvers import compile_available
 from recon.weights import WeightsRegistry
 
@@ -33,12 +34,15 @@ log = logging.getLogger(__name__)
 @dataclass
 class ReconResult:
     """Numpy results, centred layout: image and zero_filled ``(slices, ny, nx)`` complex64 in the units of the
-    coil-combined zero-filled image; lambda_maps ``(slices, K, ny, nx)`` float32; coil_maps or None."""
+    coil-combined zero-filled image; lambda_maps ``(slices, K, ny, nx)`` float32 (noise units); coil_maps or None;
+    the noise level each slice was reconstructed with and its final data residual relative to it."""
 
     image: np.ndarray
     zero_filled: np.ndarray
     lambda_maps: np.ndarray | None
     coil_maps: np.ndarray | None
+    noise_std: np.ndarray | None = None          # (slices,) σ per complex k-space sample
+    residual_to_noise: np.ndarray | None = None  # (slices,) ‖A x* − y‖ / (σ √M)
 
 
 def default_calibration_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -101,9 +105,10 @@ class Reconstructor:
 
     @torch.inference_mode()
     def reconstruct(self, kspace, mask, calibration_mask=None, coil_maps=None,
-                    dictionary: Dictionary | None = None) -> ReconResult:
+                    dictionary: Dictionary | None = None, noise_std=None) -> ReconResult:
         """Reconstruct every slice of ``kspace`` ``(slices, coils, ny, nx)``; ``mask`` ``(ny, nx)`` or
-        ``(slices, ny, nx)``. Raises ValueError on bad input."""
+        ``(slices, ny, nx)``; ``noise_std``: σ per slice (1 after prewhitening; None: estimated from the data,
+        :func:`recon.noise.estimate_noise_std`). Raises ValueError on bad input."""
         kspace = self._as_tensor(kspace, "k-space", torch.complex64)
         if kspace.ndim != 4:
             raise ValueError(f"k-space must be (slices, coils, ny, nx), got shape {tuple(kspace.shape)}")
@@ -115,6 +120,7 @@ class Reconstructor:
         if min(ny, nx) < dictionary.kernel_size:
             raise ValueError(f"image {ny}×{nx} is smaller than the dictionary's {dictionary.kernel_size}² filters")
 
+        sigma = self._noise_std(kspace, mask, noise_std)
         if coil_maps is not None:
             maps = self._as_tensor(coil_maps, "coil maps", torch.complex64)
             if maps.shape != kspace.shape:
@@ -123,28 +129,42 @@ class Reconstructor:
             calibration = (self._as_tensor(calibration_mask, "calibration mask", torch.float32)
                            if calibration_mask is not None else
                            default_calibration_mask(mask if mask.ndim == 2 else mask[0]))
-            maps = _coils.estimate_coil_maps(kspace, calibration)
+            maps = torch.stack([_coils.estimate_coil_maps(kspace[i], calibration, float(sigma[i]))
+                                for i in range(slices)])
         else:
             maps = None
 
         with self._device_lock:
-            return self._reconstruct_locked(kspace, mask, maps, dictionary, slices)
+            return self._reconstruct_locked(kspace, mask, maps, dictionary, slices, sigma)
 
-    def _reconstruct_locked(self, kspace, mask, maps, dictionary, slices) -> ReconResult:
-        images, zero_filled, lambdas = [], [], []
+    def _noise_std(self, kspace: torch.Tensor, mask: torch.Tensor, noise_std) -> torch.Tensor:
+        """σ per slice ``(slices,)``: as given (a scalar or one per slice), else estimated from each slice."""
+        slices = kspace.shape[0]
+        if noise_std is None:
+            masks = mask if mask.ndim == 3 else mask.expand(slices, *mask.shape)
+            return torch.stack([estimate_noise_std(kspace[i], masks[i]) for i in range(slices)]).float()
+        sigma = self._as_tensor(noise_std, "noise level", torch.float32).reshape(-1).expand(slices)
+        if (sigma <= 0).any():
+            raise ValueError(f"the noise level must be positive, got {sigma.tolist()}")
+        return sigma
+
+    def _reconstruct_locked(self, kspace, mask, maps, dictionary, slices, sigma) -> ReconResult:
+        images, zero_filled, lambdas, ratios = [], [], [], []
         for start in range(0, slices, self.batch_size):
             part = slice(start, start + self.batch_size)
             batch_mask = mask if mask.ndim == 2 else mask[part]
             if maps is None:
-                out = self.model(kspace[part, 0], batch_mask, dictionary)
+                out = self.model(kspace[part, 0], batch_mask, dictionary, noise_std=sigma[part])
             else:
-                out = self.model(kspace[part], batch_mask, dictionary, coil_maps=maps[part])
+                out = self.model(kspace[part], batch_mask, dictionary, coil_maps=maps[part], noise_std=sigma[part])
             images.append(out.image.cpu())
             zero_filled.append(out.zero_filled.cpu())
             lambdas.append(out.lambda_maps.float().cpu())
+            ratios.append(out.residual_to_noise.float().cpu())
         return ReconResult(image=torch.cat(images).numpy(), zero_filled=torch.cat(zero_filled).numpy(),
                            lambda_maps=torch.cat(lambdas).numpy(),
-                           coil_maps=None if maps is None else maps.cpu().numpy())
+                           coil_maps=None if maps is None else maps.cpu().numpy(),
+                           noise_std=sigma.cpu().numpy(), residual_to_noise=torch.cat(ratios).numpy())
 
 
 
@@ -157,15 +177,21 @@ class SliceKSpace(Protocol):
     mask: np.ndarray
     calibration: np.ndarray | None
     calibration_mask: np.ndarray | None
+    noise_std: float | None  # σ per complex sample: 1.0 after prewhitening with a noise scan, None: unknown
 
     def describe(self) -> str: ...
+
+
+NOISE_FROM_SCAN = "noise scan (prewhitened)"
+NOISE_ESTIMATED = "estimated from the data (median absolute Haar detail along the readout and outer k-space)"
 
 
 @dataclass
 class SliceOutcome:
     """What became of one slice: ``image`` and ``zero_filled`` ``(ny, nx)`` complex64, ``lambda_maps``
-    ``(K, ny, nx)`` or None, the ``device`` it ran on and a ``note`` (a CPU fallback); or the ``error`` that lost
-    it (then the arrays are None)."""
+    ``(K, ny, nx)`` or None, the ``device`` it ran on and a ``note`` (a CPU fallback), the noise level σ, where it
+    came from and the final data residual relative to it; or the ``error`` that lost it (then the arrays are
+    None)."""
 
     image: np.ndarray | None = None
     zero_filled: np.ndarray | None = None
@@ -173,34 +199,62 @@ class SliceOutcome:
     device: str = "cpu"
     note: str = ""
     error: Exception | None = None
+    noise_std: float | None = None
+    noise_source: str = ""
+    residual_to_noise: float | None = None
 
 
-def coil_maps(slices: Sequence[SliceKSpace]) -> np.ndarray | None:
+def noise_levels(slices: Sequence[SliceKSpace]) -> tuple[np.ndarray, list[str]]:
+    """σ per slice ``(slices,)`` and where each came from: the slice's own (prewhitened with a noise scan) or
+    estimated from its measured samples (:func:`recon.noise.estimate_noise_std`)."""
+    sigmas, sources = [], []
+    for one in slices:
+        known = getattr(one, "noise_std", None)
+        if known is not None:
+            sigmas.append(float(known))
+            sources.append(NOISE_FROM_SCAN)
+        else:
+            sigma = estimate_noise_std(torch.from_numpy(one.kspace), torch.from_numpy(one.mask))
+            sigmas.append(float(sigma))
+            sources.append(NOISE_ESTIMATED)
+    return np.asarray(sigmas, dtype=np.float32), sources
+
+
+def coil_maps(slices: Sequence[SliceKSpace], noise_std: Sequence[float] | None = None) -> np.ndarray | None:
     """Coil maps ``(slices, coils, ny, nx)`` complex64, each slice's from its calibration lines (or, without
-    them, from its own fully sampled central rows); None for single-coil data."""
+    them, from its own fully sampled central rows), ESPIRiT with the slice's noise level; None for single-coil
+    data."""
     if slices[0].kspace.shape[0] <= 1:
         return None
+    noise_std = noise_levels(slices)[0] if noise_std is None else noise_std
     maps = []
-    for one in slices:
+    for one, sigma in zip(slices, noise_std):
         if one.calibration is not None:
             cal_k, cal_m = torch.from_numpy(one.calibration), torch.from_numpy(one.calibration_mask)
         else:
             cal_k = torch.from_numpy(one.kspace)
             cal_m = default_calibration_mask(torch.from_numpy(one.mask))
-        maps.append(_coils.estimate_coil_maps(cal_k, cal_m).numpy())
+        maps.append(_coils.estimate_coil_maps(cal_k, cal_m, float(sigma)).numpy())
     return np.stack(maps)
 
 
-def _reconstruct_batch(reconstructor, slices: Sequence[SliceKSpace]) -> ReconResult:
+def _reconstruct_batch(reconstructor, slices: Sequence[SliceKSpace]) -> tuple[ReconResult, list[str]]:
     kspace = np.stack([one.kspace for one in slices])
     mask = np.stack([one.mask for one in slices])
-    return reconstructor.reconstruct(kspace, mask, coil_maps=coil_maps(slices))
+    sigma, sources = noise_levels(slices)
+    return reconstructor.reconstruct(kspace, mask, coil_maps=coil_maps(slices, sigma), noise_std=sigma), sources
 
 
-def _outcomes(result: ReconResult, count: int, device: str, note: str = "") -> list[SliceOutcome]:
+def _outcomes(done: tuple[ReconResult, list[str]], count: int, device: str, note: str = "") -> list[SliceOutcome]:
+    result, sources = done
+
+    def item(values, i):
+        return None if values is None else float(values[i])
+
     return [SliceOutcome(image=result.image[i], zero_filled=result.zero_filled[i],
                          lambda_maps=None if result.lambda_maps is None else result.lambda_maps[i],
-                         device=device, note=note) for i in range(count)]
+                         device=device, note=note, noise_std=item(result.noise_std, i), noise_source=sources[i],
+                         residual_to_noise=item(result.residual_to_noise, i)) for i in range(count)]
 
 
 def release_gpu_memory() -> None:

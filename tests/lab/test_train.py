@@ -61,12 +61,12 @@ def test_steps_on_one_batch_lower_the_loss(registry):
 
     @torch.no_grad()
     def loss():
-        return float(train.image_loss(trainer.model(batch.kspace, batch.mask, dictionary).image, batch.target))
+        return float(train.image_loss(train.reconstruct(trainer.model, batch, dictionary).image, batch.target))
 
     before = loss()
     for _ in range(5):
         trainer.optimizer.zero_grad()
-        train.image_loss(trainer.model(batch.kspace, batch.mask, dictionary).image, batch.target).backward()
+        train.image_loss(train.reconstruct(trainer.model, batch, dictionary).image, batch.target).backward()
         trainer.optimizer.step()
     assert loss() < before
 

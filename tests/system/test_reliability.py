@@ -289,7 +289,7 @@ class FakeReconstructor:
         self.identity = {"dictionary": "fake", "network": "fake"}
         self.calls = 0
 
-    def reconstruct(self, kspace, mask, coil_maps=None):
+    def reconstruct(self, kspace, mask, coil_maps=None, noise_std=None):
         self.calls += 1
         image = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(kspace, axes=(-2, -1))), axes=(-2, -1))
         combined = np.sqrt((np.abs(image) ** 2).sum(axis=1)).astype(np.complex64)

@@ -1,0 +1,124 @@
+"""ESPIRiT coil sensitivities (Uecker et al., MRM 2014), in torch.
+
+1. Calibration matrix: every ``kernel × kernel`` window of the fully sampled calibration block, all coils, one row
+   per window position: ``(windows, coils·kernel²)``.
+2. Its right singular vectors V_r with σ_r above a threshold span the signal subspace (the "kernels").
+3. In the image domain the projection onto that subspace is, at each pixel x, the ``coils × coils`` matrix
+   W(x) = (1/kernel²) Σ_r g_r(x) g_r(x)ᴴ with g_r(x) the zero-padded inverse DFT of kernel r. W(x) is a
+   trigonometric polynomial of degree < 2·kernel, so it is formed exactly from the kernels' auto-correlation
+   (``(2·kernel − 1)²`` coefficients per coil pair) with C² inverse FFTs of the image size: no per-kernel FFTs.
+4. The sensitivities are the eigenvectors of W(x) with eigenvalue ≈ 1; where the largest eigenvalue falls below
+   ``crop`` (no signal: background) the maps are set to zero, so the background is not reconstructed from noise.
+
+Normalisation: Σ_j |c_j(x)|² = 1 where the eigenvalue ≥ ``crop`` and 0 elsewhere; the phase is relative to the
+coil with the largest energy (the maps are smooth across the image). Shapes: k-space ``(coils, ny, nx)`` centred.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recon import fft as _fft
+from recon.noise import estimate_noise_std
+
+
+def calibration_block(kspace: torch.Tensor, calibration_mask: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """The fully sampled centred block ``(coils, rows, cols)`` of k-space: the calibrated rows (a contiguous run
+    through the centre) and ``width`` readout columns around the centre (default: as many as rows, at least 24)."""
+    rows = torch.nonzero(calibration_mask.amax(dim=-1) > 0).flatten()
+    if rows.numel() == 0:
+        raise ValueError("no calibration lines: cannot estimate coil sensitivities")
+    lo, hi = int(rows.min()), int(rows.max()) + 1
+    nx = kspace.shape[-1]
+    width = min(nx, width or max(24, hi - lo))
+    x0 = nx // 2 - width // 2
+    return kspace[..., lo:hi, x0:x0 + width]
+
+
+def calibration_matrix(block: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Rows: the ``kernel²·coils`` values of one window of ``block`` ``(coils, ry, rx)``."""
+    windows = block.unfold(-2, kernel, 1).unfold(-2, kernel, 1)  # (C, wy, wx, k, k)
+    c = block.shape[0]
+    return windows.permute(1, 2, 0, 3, 4).reshape(-1, c * kernel * kernel)
+
+
+def espirit_operator(kernels: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """W(x) ``(ny, nx, C, C)`` from kernels ``(r, C, k, k)`` (rows of Vᴴ reshaped), exactly, via auto-correlation."""
+    r, c, k, _ = kernels.shape
+    ny, nx = shape
+    # A[c1, c2, Δ] = (1/k²) Σ_r Σ_o v_r[c1, o] conj(v_r[c2, o − Δ]) for Δ ∈ [−(k−1), k−1]²: a cross-correlation
+    # over the window offsets, summed over r (conv2d's input channels), computed on real and imaginary parts.
+    v = kernels.permute(1, 0, 2, 3)  # (C, r, k, k)
+    padded = torch.nn.functional.pad(v, (k - 1, k - 1, k - 1, k - 1))
+    conv = torch.nn.functional.conv2d
+    acr = conv(padded.real, v.real) + conv(padded.imag, v.imag)  # (C, C, 2k−1, 2k−1)
+    aci = conv(padded.imag, v.real) - conv(padded.real, v.imag)
+    auto = torch.complex(acr, aci) / (k * k)  # indexed [c1, c2, Δ + (k−1)]
+    grid = torch.zeros(c, c, ny, nx, dtype=auto.dtype, device=auto.device)
+    cy, cx = ny // 2, nx // 2
+    grid[..., cy - (k - 1):cy + k, cx - (k - 1):cx + k] = auto
+    # W(x) = Σ_Δ A[Δ] e^{…}: an (unnormalised) inverse DFT of the centred coefficient grid
+    w = _fft.ifft2c(grid) * (ny * nx) ** 0.5
+    return w.permute(2, 3, 0, 1)
+
+
+def right_singular_vectors(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (descending) and right singular vectors (rows of Vᴴ) of a ``(m, n)`` matrix, from the
+    eigen-decomposition of the smaller Gram matrix (several times faster than an SVD for these shapes; float64)."""
+    m, n = matrix.shape
+    if m >= n:
+        eigval, eigvec = torch.linalg.eigh(matrix.conj().T @ matrix)
+        order = eigval.flip(0).clamp_min(0).sqrt(), eigvec.flip(1)
+        return order[0], order[1].conj().T
+    eigval, u = torch.linalg.eigh(matrix @ matrix.conj().T)
+    sv, u = eigval.flip(0).clamp_min(0).sqrt(), u.flip(1)
+    vh = (u.conj().T @ matrix) / sv.clamp_min(1e-300)[:, None]
+    return sv, vh
+
+
+def dominant_eigenvector(w: torch.Tensor, iterations: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest eigenvalue and its unit eigenvector of Hermitian ``w`` ``(..., C, C)`` by power iteration from
+    w·1. Where the object is, the ESPIRiT eigenvalue 1 is well separated from the next, so a few steps suffice;
+    where the eigenvalues are close there is no signal and the maps are cropped anyway."""
+    vec = w.sum(dim=-1, keepdim=True)
+    for _ in range(iterations):
+        vec = w @ vec
+        vec = vec / vec.norm(dim=-2, keepdim=True).clamp_min(1e-30)
+    value = (vec.conj().transpose(-1, -2) @ w @ vec).real[..., 0, 0]
+    return value, vec[..., 0]
+
+
+def espirit(kspace: torch.Tensor, calibration_mask: torch.Tensor, noise_std: float | None = None, kernel: int = 6,
+            threshold: float = 0.02, crop: float = 0.8, iterations: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """ESPIRiT sensitivities ``(coils, ny, nx)`` complex64 and the eigenvalue map ``(ny, nx)`` float32 from centred
+    ``kspace`` ``(coils, ny, nx)`` and its ``calibration_mask`` ``(ny, nx)``.
+
+    Kernels: singular vectors with σ ≥ ``threshold``·σ_max and σ ≥ 1.5·σ_n·(√rows + √cols), above the largest
+    singular value that noise alone would give a matrix of that size (σ_n = ``noise_std``, the std of the complex
+    noise per sample: 1 after prewhitening; None: estimated from the data, :mod:`recon.noise`). This noise floor is
+    what keeps the maps clean at low SNR. ``crop``: eigenvalue below which a pixel has no signal (maps 0 there)."""
+    c, ny, nx = kspace.shape
+    kspace = kspace.to(torch.complex64)
+    if noise_std is None:
+        noise_std = float(estimate_noise_std(kspace, calibration_mask))
+    block = calibration_block(kspace, calibration_mask)
+    if min(block.shape[-2:]) < kernel + 2:
+        raise ValueError(f"calibration block of {block.shape[-2]}×{block.shape[-1]} samples is too small for "
+                         f"{kernel}×{kernel} ESPIRiT kernels")
+    matrix = calibration_matrix(block, kernel).to(torch.complex128)
+    sv, vh = right_singular_vectors(matrix)
+    keep = (sv >= threshold * sv[0]) & (sv >= 1.5 * noise_std * (matrix.shape[0] ** 0.5 + matrix.shape[1] ** 0.5))
+    rank = max(int(keep.sum()), 1)
+    kernels = vh[:rank].reshape(rank, c, kernel, kernel)
+    value, maps = dominant_eigenvector(espirit_operator(kernels, (ny, nx)), iterations)
+    reference = maps.abs().pow(2).sum(dim=(0, 1)).argmax()
+    ref = maps[..., reference]
+    maps = maps * (ref.conj() / ref.abs().clamp_min(1e-12))[..., None]
+    maps = maps * (value >= crop)[..., None]
+    return maps.permute(2, 0, 1).to(torch.complex64).contiguous(), value.to(torch.float32)
+
+
+def espirit_maps(kspace: torch.Tensor, calibration_mask: torch.Tensor, noise_std: float | None = None,
+                 **options) -> torch.Tensor:
+    """The sensitivities of :func:`espirit` alone."""
+    return espirit(kspace, calibration_mask, noise_std, **options)[0]
