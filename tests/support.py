@@ -161,3 +161,31 @@ def phantom(ny: int = 32, nx: int = 32, dtype: torch.dtype = torch.complex64) ->
 def complex_randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.complex128) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=generator, dtype=dtype)
+
+
+def read_kspace(path: Path, repetition: int = 0):
+    """Centred k-space ``(coils, ny, nx)`` complex64 and mask ``(ny, nx)`` of one repetition of a single-slice,
+    2-D ISMRMRD file without readout oversampling (noise scans skipped), straight from the file."""
+    dataset = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
+    try:
+        acquisitions = [dataset.read_acquisition(i) for i in range(dataset.number_of_acquisitions())]
+    finally:
+        dataset.close()
+    lines = [a for a in acquisitions if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+             and a.idx.repetition == repetition]
+    coils, samples = lines[0].data.shape
+    ny = max(a.idx.kspace_encode_step_1 for a in acquisitions) + 1  # all repetitions together cover every line
+    kspace = np.zeros((coils, ny, samples), np.complex64)
+    mask = np.zeros((ny, samples), np.float32)
+    for a in lines:
+        kspace[:, a.idx.kspace_encode_step_1] = a.data
+        mask[a.idx.kspace_encode_step_1] = 1
+    return torch.from_numpy(kspace), torch.from_numpy(mask)
+
+
+def true_coil_maps(path: Path) -> torch.Tensor:
+    """The tool's true sensitivities ``(coils, ny, nx)`` complex64, normalised so Σ|c|² = 1."""
+    with h5py.File(path, "r") as f:
+        csm = f["dataset/csm"][0]
+    maps = torch.from_numpy((csm["real"] + 1j * csm["imag"]).astype(np.complex64))
+    return maps / maps.abs().pow(2).sum(0).sqrt().clamp_min(1e-12)
