@@ -212,6 +212,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--betas", type=float, nargs="+", default=list(d.betas), help="scalar-λ CDL β grid")
     parser.add_argument("--figure-ood", default=d.figure_ood, help="source of the out-of-distribution figure row")
     parser.add_argument("--no-bart", action="store_true", help="leave out BART pics even when it is installed")
+    parser.add_argument("--no-multicoil", action="store_true", help="leave out the multi-coil section")
+    parser.add_argument("--multicoil-slices", type=int, nargs=3, default=list(d.multicoil_slices),
+                        metavar=("VAL", "TEST", "OOD"), help="multi-coil slices per source of each split")
     parser.add_argument("--weights-dir", default=d.weights_dir, help="weights folder (default: the shipped weights/)")
     parser.add_argument("--output-dir", default=d.output_dir, help="folder of the report and its figures/")
     parser.add_argument("--name", default=d.name, help="report name: NAME.md and figures/NAME.png")
@@ -225,7 +228,7 @@ def evaluate(args: argparse.Namespace) -> int:
         dictionary=args.dictionary, v1_dictionary=args.v1_dictionary, train_dictionaries=args.train_dictionaries,
         lambdas=tuple(args.lambdas), betas=tuple(args.betas), figure_ood=args.figure_ood, bart=not args.no_bart,
         weights_dir=args.weights_dir, output_dir=args.output_dir, name=args.name, threads=args.threads,
-        command_line=command)
+        multicoil=not args.no_multicoil, multicoil_slices=tuple(args.multicoil_slices), command_line=command)
     print(evaluation.run_evaluation(settings))
     return 0
 
