@@ -47,7 +47,8 @@ from recon.device import choose_device
 from recon.dictionary import Dictionary
 from recon.lambda_nets import NETWORKS, build_lambda_net
 from recon.model import CDLLambda
-from recon.weights import WeightsRegistry, save_network, sha256_of
+from recon.checksum import sha256_of
+from recon.weights import WeightsRegistry, save_network
 
 log = logging.getLogger(__name__)
 

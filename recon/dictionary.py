@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from recon.checksum import sha256_of_bytes
+
 NORM_TOLERANCE = 1e-3
 
 
@@ -123,8 +125,6 @@ class Dictionary:
 
     def save(self, path: str | Path) -> str:
         """Write the dictionary; returns its sha256."""
-        from recon.weights import sha256_of_bytes  # weights imports this module
-
         data = self.to_bytes()
         Path(path).write_bytes(data)
         return sha256_of_bytes(data)
@@ -138,8 +138,6 @@ class Dictionary:
             data = path.read_bytes()
         except OSError as error:
             raise DictionaryError(f"cannot read dictionary file {path}: {error.strerror or error}") from None
-        from recon.weights import sha256_of_bytes  # weights imports this module
-
         if sha256 is not None and sha256_of_bytes(data) != sha256:
             raise DictionaryError(f"dictionary file {path} does not match its checksum (corrupt or tampered)")
         try:

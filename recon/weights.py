@@ -15,7 +15,6 @@ differs, a missing file, or a path that would leave the weights folder is refuse
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from recon.checksum import sha256_of, sha256_of_bytes  # noqa: F401 - re-exported
 from recon.dictionary import Dictionary, dct_dictionary
 from recon.lambda_nets import LambdaNet, build_lambda_net
 
@@ -38,16 +38,6 @@ def default_weights_dir() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parent.parent / "weights"
-
-
-def sha256_of_bytes(data: bytes) -> str:
-    """The hex sha256 of ``data``: the checksum the manifest records for every weights file."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_of(path: Path) -> str:
-    """The hex sha256 of the file at ``path``."""
-    return sha256_of_bytes(Path(path).read_bytes())
 
 
 def safe_join(root: Path, relative: str) -> Path:
