@@ -136,6 +136,18 @@ def build_image(pixels: np.ndarray, reference, *, kind: str, image_index: int, s
     return image
 
 
+RESIDUAL_WARNING = 1.5  # data residual / noise above which the image comment warns of over-regularisation
+
+
+def residual_note(outcome) -> str:
+    """A warning for the image comment when the final data residual is well above the noise (the discrepancy
+    principle: a fit that stops far above the noise level has regularised away measured signal)."""
+    ratio = getattr(outcome, "residual_to_noise", None)
+    if ratio is None or not ratio > RESIDUAL_WARNING:
+        return ""
+    return f"data residual {ratio:.2f}x the noise: over-regularised?"
+
+
 def noise_meta(outcome) -> dict:
     """The noise level the slice was reconstructed in the units of, where it came from, and the final data
     residual relative to it (≈ 1 when the fit stops at the noise; well above 1 means over-regularisation)."""
@@ -156,7 +168,7 @@ def slice_images(one, outcome, params, *, identity: dict, chain: str, encoding, 
     fov = field_of_view(encoding, one.partitions)
     common = dict(field_of_view=fov, identity=identity, chain=chain, partition=one.partition,
                   partitions=one.partitions, slice_thickness=fov[2] if one.partitions > 1 else 0.0,
-                  note=outcome.note,
+                  note="; ".join(n for n in (outcome.note, residual_note(outcome)) if n),
                   extra_meta={"CDL_Iterations": str(params.iterations), "CDL_Device": outcome.device,
                               "CDL_Readouts": str(one.readouts), **noise_meta(outcome)})
     outputs = [("image", outcome.image)]

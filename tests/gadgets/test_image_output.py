@@ -41,3 +41,16 @@ def test_meta_window_is_the_preview_window():
     preview = np.asarray(Image.open(io.BytesIO(png_bytes(image.data[0, 0])))).astype(float)
     displayed = np.clip((image.data[0, 0] - (centre - width / 2)) / width, 0, 1) * 255
     assert np.corrcoef(preview.ravel(), displayed.ravel())[0, 1] > 0.999
+
+
+def test_residual_far_above_the_noise_is_flagged_in_the_comment():
+    from types import SimpleNamespace
+
+    from gadgets.image_output import noise_meta, residual_note
+
+    fitted = SimpleNamespace(residual_to_noise=0.98, noise_std=1.0, noise_source="noise scan (prewhitened)")
+    assert residual_note(fitted) == ""
+    assert noise_meta(fitted) == {"CDL_NoiseSource": "noise scan (prewhitened)", "CDL_NoiseStd": "1",
+                                  "CDL_ResidualToNoise": "0.9800"}
+    over = SimpleNamespace(residual_to_noise=2.9, noise_std=1.0, noise_source="")
+    assert "2.90x the noise" in residual_note(over)
