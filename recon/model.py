@@ -51,7 +51,8 @@ class ReconOutput:
     residual_to_noise: torch.Tensor
 
 
-DEFAULT_SCALAR_LAMBDA = 1.0  # noise units
+DEFAULT_SCALAR_LAMBDA = 1.0  # noise units; with β = DEFAULT_SCALAR_BETA the best pair on the validation split
+DEFAULT_SCALAR_BETA = 3.0
 NETWORK_INPUT_SCALE = 0.25   # the network sees x₀ / (4σ): inputs of a few units at SNR 5–50
 
 

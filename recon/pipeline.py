@@ -23,7 +23,7 @@ import torch
 from recon import coils as _coils
 from recon.device import choose_device, keep_freed_memory_for_reuse
 from recon.dictionary import Dictionary
-from recon.model import DEFAULT_SCALAR_LAMBDA, CDLLambda
+from recon.model import DEFAULT_SCALAR_BETA, DEFAULT_SCALAR_LAMBDA, CDLLambda
 from recon.noise import estimate_noise_std
 from recon.solvers import compile_available
 from recon.weights import WeightsRegistry
@@ -83,7 +83,8 @@ class Reconstructor:
         loaded = registry.network(network)
         if loaded is None:
             log.warning("no trained Λ network selected: using the scalar-λ baseline (λ = %g)", scalar_lambda)
-            self.model = CDLLambda(None, iterations=iterations, scalar_lambda=scalar_lambda, compiled=compiled)
+            self.model = CDLLambda(None, beta=DEFAULT_SCALAR_BETA, iterations=iterations, scalar_lambda=scalar_lambda,
+                                   compiled=compiled)
         else:
             self.model = CDLLambda(loaded.network, beta=loaded.beta, iterations=iterations, compiled=compiled)
         self.model.to(self.device).eval()

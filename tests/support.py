@@ -17,6 +17,7 @@ import torch
 from recon.dictionary import Dictionary
 
 SHEPP_LOGAN = shutil.which("ismrmrd_generate_cartesian_shepp_logan")
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FAST_REGISTRY = {
     "default": "cdl-lambda",
     "chains": {
