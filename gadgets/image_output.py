@@ -108,6 +108,15 @@ def build_image(pixels: np.ndarray, reference, *, kind: str, image_index: int, s
         offset = (partition - partitions // 2) * slice_thickness
         image.position = tuple(float(p) + offset * float(d) for p, d in zip(image.position, image.slice_dir))
         image.slice = partition
+    image.meta = image_meta(pixels, image, kind=kind, identity=identity, chain=chain, image_index=image_index,
+                            extra_meta=extra_meta, note=note)
+    return image
+
+
+def image_meta(pixels: np.ndarray, header, *, kind: str, identity: dict, chain: str, image_index: int,
+               extra_meta: dict | None = None, note: str = "") -> ismrmrd.Meta:
+    """The meta of an image of ``kind`` with ``pixels`` (any shape: the window covers them all) and ``header``
+    (its read/phase directions): Gadgetron, MRD/FIRE and ``CDL_*`` keys, then ``extra_meta``."""
     centre, width = window(pixels)
     description = DESCRIPTIONS[kind]
     comment = f"{description} ({identity.get('dictionary', '?')}, {identity.get('network', '?')})"
@@ -126,14 +135,23 @@ def build_image(pixels: np.ndarray, reference, *, kind: str, image_index: int, s
         "SeriesDescriptionAdditional": description,
         "WindowCenter": f"{centre:.6g}",
         "WindowWidth": f"{width:.6g}",
-        "ImageRowDir": _directions(image.read_dir),
-        "ImageColumnDir": _directions(image.phase_dir),
+        "ImageRowDir": _directions(header.read_dir),
+        "ImageColumnDir": _directions(header.phase_dir),
         **identity_meta(identity, chain),
     })
     if extra_meta:
         meta.update({k: v if isinstance(v, list) else str(v) for k, v in extra_meta.items()})
-    image.meta = meta
-    return image
+    return meta
+
+
+def slice_meta(params, outcome, one) -> dict:
+    """The per-slice ``CDL_*`` keys: iterations, device and readouts."""
+    return {"CDL_Iterations": str(params.iterations), "CDL_Device": outcome.device, "CDL_Readouts": str(one.readouts)}
+
+
+def output_pixels(image: np.ndarray, params) -> np.ndarray:
+    """The CDL-Λ image as sent: complex64 (``output=complex``) or its magnitude as float32."""
+    return image.astype(np.complex64) if params.output == "complex" else np.abs(image).astype(np.float32)
 
 
 def slice_images(one, outcome, params, *, identity: dict, chain: str, encoding, numbers: ImageNumbers) -> list:
@@ -144,8 +162,7 @@ def slice_images(one, outcome, params, *, identity: dict, chain: str, encoding, 
     common = dict(field_of_view=fov, identity=identity, chain=chain, partition=one.partition,
                   partitions=one.partitions, slice_thickness=fov[2] if one.partitions > 1 else 0.0,
                   note=outcome.note,
-                  extra_meta={"CDL_Iterations": str(params.iterations), "CDL_Device": outcome.device,
-                              "CDL_Readouts": str(one.readouts)})
+                  extra_meta=slice_meta(params, outcome, one))
     outputs = [("image", outcome.image)]
     if params.send_zero_filled:
         outputs.append(("zero_filled", outcome.zero_filled))
@@ -154,7 +171,7 @@ def slice_images(one, outcome, params, *, identity: dict, chain: str, encoding, 
     images = []
     for kind, pixels in outputs:
         if kind != "lambda":
-            pixels = pixels.astype(np.complex64) if params.output == "complex" else np.abs(pixels).astype(np.float32)
+            pixels = output_pixels(pixels, params)
         series = params.series_index + SERIES_OFFSETS[kind]
         images.append(build_image(pixels, one.reference, kind=kind, image_index=numbers.next(series),
                                   series_index=series, **common))
@@ -162,41 +179,45 @@ def slice_images(one, outcome, params, *, identity: dict, chain: str, encoding, 
 
 
 # ------------------------------------------------------------------------------------------------- ImageArray
-def image_header(reference, *, image_index: int, series_index: int, field_of_view: tuple, matrix: tuple,
-                 channels: int = 1) -> ismrmrd.ImageHeader:
-    """An ImageHeader for ImageArray output (complex64, matrix ``(x, y, z)``)."""
-    source = reference if reference is not None else ismrmrd.AcquisitionHeader()
-    return ismrmrd.ImageHeader.from_acquisition(
-        source, version=1, data_type=ismrmrd.DATATYPE_CXFLOAT, channels=channels, matrix_size=tuple(matrix),
-        field_of_view=tuple(float(v) for v in field_of_view), image_type=ismrmrd.IMTYPE_COMPLEX,
-        image_index=image_index, image_series_index=series_index)
-
-
-def image_array(shape: tuple, inputs: list, outcomes: dict, *, series_index: int, identity: dict, chain: str,
-                encoding, numbers: ImageNumbers) -> ImageArray:
+def image_array(shape: tuple, inputs: list, outcomes: dict, params, *, identity: dict, chain: str, encoding,
+                numbers: ImageNumbers) -> ImageArray:
     """The ImageArray answering a ReconBit whose buffer has ``shape`` ``[RO, E1, E2, CHA, N, S, LOC]``, from its
     ``inputs`` (SliceInputs with ``array_index``) and ``outcomes`` ``{id(input): SliceOutcome}`` of those that
-    were reconstructed."""
+    were reconstructed.
+
+    Each (n, s, loc) is one image, a volume of E2 partitions for a 3-D scan, with the raw path's header and meta
+    (:func:`build_image`, :func:`image_meta`); pixels are the raw path's (magnitude unless ``output=complex``)
+    stored complex64, the one type an ImageArray carries; Gadgetron's ExtractGadget then takes the magnitude."""
     _, _, E2, _, N, S, LOC = shape
     ny, nx = inputs[0].kspace.shape[-2:]
     data = np.zeros((nx, ny, E2, 1, N, S, LOC), np.complex64)
     headers = np.empty((N, S, LOC), dtype=object)
     metas = np.empty((N, S, LOC), dtype=object)
-    fov = field_of_view(encoding, E2)
+    fov = field_of_view(encoding, 1)
+    by_image: dict = {}
     for one in inputs:
-        n, s, loc = one.array_index
-        outcome = outcomes.get(id(one))
-        if outcome is not None:
-            data[:, :, one.partition, 0, n, s, loc] = outcome.image.T
-        if headers[n, s, loc] is None:
-            note = outcome.note if outcome is not None else ""
-            comment = f"CDL-Lambda [{note}]" if note else "CDL-Lambda"
-            headers[n, s, loc] = image_header(one.reference, image_index=numbers.next(series_index),
-                                              series_index=series_index, field_of_view=fov, matrix=(nx, ny, E2))
-            metas[n, s, loc] = ismrmrd.Meta({
-                "GADGETRON_DataRole": "Image", "DataRole": "Image",
-                "GADGETRON_ImageComment": comment, "ImageComments": comment,
-                **identity_meta(identity, chain),
-            }).serialize()
+        by_image.setdefault(one.array_index, []).append(one)
+    for (n, s, loc), parts in sorted(by_image.items(), key=lambda item: item[0][::-1]):
+        done = [(one, outcomes[id(one)]) for one in parts if id(one) in outcomes]
+        if not done:
+            continue
+        for one, outcome in done:
+            data[:, :, one.partition, 0, n, s, loc] = output_pixels(outcome.image, params).T
+        one, outcome = done[0]
+        volume = np.ascontiguousarray(data[:, :, :, 0, n, s, loc].transpose(2, 1, 0))  # (E2, ny, nx)
+        pixels = volume[0] if E2 == 1 else volume
+        if params.output != "complex":
+            pixels = pixels.real.astype(np.float32)
+        index = numbers.next(params.series_index)
+        image = build_image(pixels, one.reference, kind="image", image_index=index, series_index=params.series_index,
+                            field_of_view=fov, identity=identity, chain=chain, extra_meta=slice_meta(params, outcome, one),
+                            note=outcome.note)
+        header = image.getHead()
+        header.data_type = ismrmrd.DATATYPE_CXFLOAT
+        header.image_type = ismrmrd.IMTYPE_COMPLEX if params.output == "complex" else ismrmrd.IMTYPE_MAGNITUDE
+        header.matrix_size[:] = (nx, ny, E2)
+        header.channels = 1
+        headers[n, s, loc] = header
+        metas[n, s, loc] = image.meta.serialize()
     meta = [metas[n, s, loc] or "" for loc in range(LOC) for s in range(S) for n in range(N)]
     return ImageArray(data=data, headers=headers, meta=meta, waveform=None, acq_headers=None)

@@ -125,7 +125,7 @@ class ScanSession:
                 self._fail("ReconData bit", error)
 
     def _recon_bit(self, bit) -> None:
-        inputs = from_recon_bit(bit)
+        inputs = from_recon_bit(bit, calibration_in_data=self.buffer.calibration_in_data)
         outcomes = {}
         for one, outcome in reconstruct_slices(self.rec, inputs, self.cpu_fallback):
             if outcome.error is not None:
@@ -133,7 +133,7 @@ class ScanSession:
             else:
                 outcomes[id(one)] = outcome
         if outcomes:
-            self.send(image_output.image_array(np.asarray(bit.data.data).shape, inputs, outcomes,
-                                               series_index=self.params.series_index, identity=self.rec.identity,
+            self.send(image_output.image_array(np.asarray(bit.data.data).shape, inputs, outcomes, self.params,
+                                               identity=self.rec.identity,
                                                chain=self.chain_name, encoding=self.enc, numbers=self.numbers))
             self.sent += 1
