@@ -178,12 +178,45 @@ def slice_images(one, outcome, params, *, identity: dict, chain: str, encoding, 
     return images
 
 
+NOT_RECONSTRUCTED = "NOT RECONSTRUCTED"
+
+
+def placeholder_images(reference, key, reason: str, *, shape: tuple, partitions: int, params, identity: dict,
+                       chain: str, encoding, numbers: ImageNumbers) -> list:
+    """Images (zeros ``shape`` ``(ny, nx)``, one per partition) standing in the series for a slice that could not
+    be reconstructed: counters from ``key`` (a :class:`gadgets.buffer.GroupKey`), image comment
+    ``NOT RECONSTRUCTED: reason`` and meta ``CDL_NotReconstructed`` = reason."""
+    fov = field_of_view(encoding, partitions)
+    images = []
+    for z in range(partitions):
+        pixels = np.zeros(shape, np.complex64 if params.output == "complex" else np.float32)
+        image = build_image(pixels, reference, kind="image", image_index=numbers.next(params.series_index),
+                            series_index=params.series_index, field_of_view=fov, identity=identity, chain=chain,
+                            partition=z, partitions=partitions, slice_thickness=fov[2] if partitions > 1 else 0.0,
+                            extra_meta={"CDL_NotReconstructed": reason})
+        mark_not_reconstructed(image.meta, reason)
+        for name, value in key._asdict().items():
+            setattr(image, name, value)
+        if partitions > 1:
+            image.slice = z
+        images.append(image)
+    return images
+
+
+def mark_not_reconstructed(meta, reason: str) -> None:
+    """Comment keys of ``meta`` say the image was not reconstructed, and why."""
+    comment = f"CDL-Lambda: {NOT_RECONSTRUCTED}: {reason}"
+    meta["GADGETRON_ImageComment"] = meta["ImageComments"] = comment
+    meta["CDL_NotReconstructed"] = reason
+
+
 # ------------------------------------------------------------------------------------------------- ImageArray
 def image_array(shape: tuple, inputs: list, outcomes: dict, params, *, identity: dict, chain: str, encoding,
-                numbers: ImageNumbers) -> ImageArray:
+                numbers: ImageNumbers, failed: dict | None = None) -> ImageArray:
     """The ImageArray answering a ReconBit whose buffer has ``shape`` ``[RO, E1, E2, CHA, N, S, LOC]``, from its
     ``inputs`` (SliceInputs with ``array_index``) and ``outcomes`` ``{id(input): SliceOutcome}`` of those that
-    were reconstructed.
+    were reconstructed. An image none of whose partitions was reconstructed is zeros marked
+    :data:`NOT_RECONSTRUCTED` with the reason (the first of its inputs' ``errors``, or ``failed[index]``).
 
     Each (n, s, loc) is one image, a volume of E2 partitions for a 3-D scan, with the raw path's header and meta
     (:func:`build_image`, :func:`image_meta`); pixels are the raw path's (magnitude unless ``output=complex``)
@@ -199,19 +232,20 @@ def image_array(shape: tuple, inputs: list, outcomes: dict, params, *, identity:
         by_image.setdefault(one.array_index, []).append(one)
     for (n, s, loc), parts in sorted(by_image.items(), key=lambda item: item[0][::-1]):
         done = [(one, outcomes[id(one)]) for one in parts if id(one) in outcomes]
-        if not done:
-            continue
         for one, outcome in done:
             data[:, :, one.partition, 0, n, s, loc] = output_pixels(outcome.image, params).T
-        one, outcome = done[0]
+        one, outcome = done[0] if done else (parts[0], None)
         volume = np.ascontiguousarray(data[:, :, :, 0, n, s, loc].transpose(2, 1, 0))  # (E2, ny, nx)
         pixels = volume[0] if E2 == 1 else volume
         if params.output != "complex":
             pixels = pixels.real.astype(np.float32)
         index = numbers.next(params.series_index)
         image = build_image(pixels, one.reference, kind="image", image_index=index, series_index=params.series_index,
-                            field_of_view=fov, identity=identity, chain=chain, extra_meta=slice_meta(params, outcome, one),
-                            note=outcome.note)
+                            field_of_view=fov, identity=identity, chain=chain,
+                            extra_meta=slice_meta(params, outcome, one) if outcome else {}, note=outcome.note if outcome else "")
+        if outcome is None:
+            reason = (one.errors or [(failed or {}).get((n, s, loc), "failed")])[0]
+            mark_not_reconstructed(image.meta, reason)
         header = image.getHead()
         header.data_type = ismrmrd.DATATYPE_CXFLOAT
         header.image_type = ismrmrd.IMTYPE_COMPLEX if params.output == "complex" else ismrmrd.IMTYPE_MAGNITUDE

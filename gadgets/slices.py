@@ -148,47 +148,57 @@ def from_recon_bit(bit, calibration_in_data: bool = True) -> list[SliceInput]:
     """One :class:`SliceInput` per (partition, n, s, loc) of a ReconBit, in Fortran order of [N, S, LOC].
 
     Only acquired slots count (:func:`acquired_slots`); calibration lines from ``bit.ref`` are coil-map data and,
-    when ``calibration_in_data``, also filled into the data slots they measured (as the raw path does)."""
+    when ``calibration_in_data``, also filled into the data slots they measured (as the raw path does). An image
+    that cannot be used (NaN/Inf samples, no line) gives one SliceInput with ``errors`` set and zero k-space."""
     buffer = bit.data
     shape = np.asarray(buffer.data).shape
     if len(shape) != 7:
         raise InputError(f"ReconData buffer must be [RO, E1, E2, CHA, N, S, LOC], got shape {shape}")
     if buffer.trajectory is not None and np.asarray(buffer.trajectory).size:
         raise InputError("ReconData with a trajectory (non-Cartesian) is not supported")
-    RO, E1, E2, CHA, N, S, LOC = shape
+    _, _, _, _, N, S, LOC = shape
+    inputs = []
+    for loc in range(LOC):
+        for s in range(S):
+            for n in range(N):
+                inputs.extend(_image_inputs(bit, n, s, loc, calibration_in_data))
+    return inputs
+
+
+def _image_inputs(bit, n: int, s: int, loc: int, calibration_in_data: bool) -> list[SliceInput]:
+    buffer = bit.data
+    RO, E1, E2, CHA = np.asarray(buffer.data).shape[:4]
     centres = _limits_centres(buffer)
     limits = buffer.sampling.sampling_limits
     e1_centre = int(limits[1].center) if limits[1].max > 0 else E1 // 2
     e2_centre = (int(limits[2].center) if limits[2].max > 0 else E2 // 2) if E2 > 1 else None
     data_headers = np.asarray(buffer.headers)
-    inputs = []
-    for loc in range(LOC):
-        for s in range(S):
-            for n in range(N):
-                kspace = _slot_kspace(buffer, n, s, loc)
-                slots = acquired_slots(buffer, n, s, loc)
-                headers = {(int(e1), int(e2)): data_headers[e1, e2, n, s, loc] for e1, e2 in zip(*np.nonzero(slots))}
-                calibration = calibration_mask = None
-                if bit.ref is not None and CHA > 1:
-                    ref_k = _slot_kspace(bit.ref, *(min(i, d - 1) for i, d in
-                                                    zip((n, s, loc), np.asarray(bit.ref.data).shape[4:])))
-                    ref_slots = acquired_slots(bit.ref, *(min(i, d - 1) for i, d in
-                                                          zip((n, s, loc), np.asarray(bit.ref.data).shape[4:])))
-                    if ref_k.shape == kspace.shape:
-                        calibration, calibration_mask = _prepare(
-                            _centred(ref_k, centres), _centred(_line_mask(bit.ref, ref_slots, RO), centres), None, 1)
-                    if calibration_in_data:
-                        slots, headers = _merge_calibration(kspace, slots, headers, bit, n, s, loc)
-                if not slots.any():
-                    raise InputError(f"ReconData image (n={n}, s={s}, loc={loc}) holds no acquired line")
-                mask = _line_mask(buffer, slots, RO)
-                hybrid, mask2d = _prepare(_centred(kspace * mask[None], centres), _centred(mask, centres), None, 1)
-                reference = _reference(headers, e1_centre, e2_centre)
-                key = GroupKey(*(int(getattr(reference.idx, f)) for f in COUNTERS))
-                for z in range(hybrid.shape[1]):
-                    inputs.append(SliceInput(key=key, partition=z, partitions=hybrid.shape[1], kspace=hybrid[:, z],
-                                             mask=mask2d, reference=reference,
-                                             calibration=None if calibration is None else calibration[:, z],
-                                             calibration_mask=calibration_mask, array_index=(n, s, loc),
-                                             readouts=int(slots.sum())))
-    return inputs
+    slots = acquired_slots(buffer, n, s, loc)
+    headers = {(int(e1), int(e2)): data_headers[e1, e2, n, s, loc] for e1, e2 in zip(*np.nonzero(slots))}
+    try:
+        kspace = _slot_kspace(buffer, n, s, loc)
+        calibration = calibration_mask = None
+        if bit.ref is not None and CHA > 1:
+            ref_index = [min(i, d - 1) for i, d in zip((n, s, loc), np.asarray(bit.ref.data).shape[4:])]
+            ref_k = _slot_kspace(bit.ref, *ref_index)
+            if ref_k.shape == kspace.shape:
+                ref_mask = _line_mask(bit.ref, acquired_slots(bit.ref, *ref_index), RO)
+                calibration, calibration_mask = _prepare(_centred(ref_k, centres), _centred(ref_mask, centres), None, 1)
+            if calibration_in_data:
+                slots, headers = _merge_calibration(kspace, slots, headers, bit, n, s, loc)
+        if not slots.any():
+            raise InputError(f"ReconData image (n={n}, s={s}, loc={loc}) holds no acquired line")
+        mask = _line_mask(buffer, slots, RO)
+        hybrid, mask2d = _prepare(_centred(kspace * mask[None], centres), _centred(mask, centres), None, 1)
+    except InputError as error:
+        reference = _reference(headers, e1_centre, e2_centre)
+        key = GroupKey(*(int(getattr(reference.idx, f)) if reference is not None else 0 for f in COUNTERS))
+        return [SliceInput(key=key, partition=0, partitions=E2, kspace=np.zeros((CHA, E1, RO), np.complex64),
+                           mask=np.zeros((E1, RO), np.float32), reference=reference, errors=[str(error)],
+                           array_index=(n, s, loc))]
+    reference = _reference(headers, e1_centre, e2_centre)
+    key = GroupKey(*(int(getattr(reference.idx, f)) for f in COUNTERS))
+    return [SliceInput(key=key, partition=z, partitions=hybrid.shape[1], kspace=hybrid[:, z], mask=mask2d,
+                       reference=reference, calibration=None if calibration is None else calibration[:, z],
+                       calibration_mask=calibration_mask, array_index=(n, s, loc), readouts=int(slots.sum()))
+            for z in range(hybrid.shape[1])]
