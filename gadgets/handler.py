@@ -65,7 +65,8 @@ class CDLLambdaGadget:
                           len(scan.failures), " | ".join(scan.failures[:20]))
                 connection.close()
             elif scan.failures:
-                connection.fail(f"{len(scan.failures)} problem(s); {sent} image(s) were sent. "
+                connection.fail(f"{len(scan.failures)} problem(s); {sent} image(s) were sent, "
+                                f"{scan.reconstructed} image(s) reconstructed. "
                                 + " | ".join(scan.failures[:20]))
             else:
                 connection.close()
