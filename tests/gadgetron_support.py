@@ -1,7 +1,8 @@
 """Running chains inside the real Gadgetron (a CPU build of 4.7.2, unpacked by ``.ci/run``) and the scans they are
 tested on.
 
-``CDL_GADGETRON_HOME`` names the build's folder (``bin/``, ``lib/``, ``share/``); default
+``CDL_GADGETRON_HOME`` names the build's folder (``bin/``, ``lib/``, ``share/``; in the Docker image Gadgetron's
+install prefix); default ``build/gadgetron/gadgetron-4.7.2`` in the checkout where ``.ci/run`` unpacks it, else
 ``/tmp/cdl-gadgetron/gadgetron-4.7.2``. Without it, or without its runtime libraries, the tests skip with the reason.
 Gadgetron's ``<external>`` node starts ``python -m gadgetron`` with the first ``python`` on PATH: the interpreter
 running the tests goes first and PYTHONPATH points at this checkout.
@@ -15,7 +16,6 @@ zero-filled root-sum-of-squares of the same data is the bar every reconstruction
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -29,7 +29,9 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HOME = Path(os.environ.get("CDL_GADGETRON_HOME", "/tmp/cdl-gadgetron/gadgetron-4.7.2"))
+_UNPACKED = ROOT / "build" / "gadgetron" / "gadgetron-4.7.2"
+HOME = Path(os.environ.get("CDL_GADGETRON_HOME")
+            or (_UNPACKED if _UNPACKED.exists() else Path("/tmp/cdl-gadgetron/gadgetron-4.7.2")))
 TARBALL = ROOT.parent / "shared" / "peers" / "gadgetron-4.7.2-cpu.tar.gz"
 NS = {"m": "http://www.ismrm.org/ISMRMRD"}
 RUNTIME_PACKAGES = ("libboost-filesystem1.81.0 libboost-program-options1.81.0 libpugixml1v5 libcurl4 libfftw3-double3 "
@@ -341,7 +343,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def have_build() -> bool:
-    return (HOME / "bin" / "gadgetron").exists() and shutil.which("ldd") is not None
