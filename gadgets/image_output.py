@@ -182,18 +182,17 @@ NOT_RECONSTRUCTED = "NOT RECONSTRUCTED"
 
 
 def placeholder_images(reference, key, reason: str, *, shape: tuple, partitions: int, params, identity: dict,
-                       chain: str, encoding, numbers: ImageNumbers) -> list:
-    """Images (zeros ``shape`` ``(ny, nx)``, one per partition) standing in the series for a slice that could not
-    be reconstructed: counters from ``key`` (a :class:`gadgets.buffer.GroupKey`), image comment
+                       chain: str, encoding, numbers: ImageNumbers, only: int | None = None) -> list:
+    """Images (zeros ``shape`` ``(ny, nx)``, one per partition, or partition ``only``) standing in the series for
+    a slice that could not be reconstructed: counters from ``key`` (a :class:`gadgets.buffer.GroupKey`), image comment
     ``NOT RECONSTRUCTED: reason`` and meta ``CDL_NotReconstructed`` = reason."""
     fov = field_of_view(encoding, partitions)
     images = []
-    for z in range(partitions):
+    for z in range(partitions) if only is None else [only]:
         pixels = np.zeros(shape, np.complex64 if params.output == "complex" else np.float32)
         image = build_image(pixels, reference, kind="image", image_index=numbers.next(params.series_index),
                             series_index=params.series_index, field_of_view=fov, identity=identity, chain=chain,
-                            partition=z, partitions=partitions, slice_thickness=fov[2] if partitions > 1 else 0.0,
-                            extra_meta={"CDL_NotReconstructed": reason})
+                            partition=z, partitions=partitions, slice_thickness=fov[2] if partitions > 1 else 0.0)
         mark_not_reconstructed(image.meta, reason)
         for name, value in key._asdict().items():
             setattr(image, name, value)

@@ -111,14 +111,16 @@ class ScanSession:
         log.error("%s", message)
         self.failures.append(message)
 
-    def _placeholder(self, reference, key, reason: str, partitions: int) -> None:
-        """With ``slice_errors=report``: the images of a slice that failed, zeros marked NOT RECONSTRUCTED."""
+    def _placeholder(self, reference, key, reason: str, partitions: int, only: int | None = None) -> None:
+        """With ``slice_errors=report``: the images of a slice (every partition, or partition ``only``) that
+        failed, zeros marked NOT RECONSTRUCTED."""
         if self.params.slice_errors != "report":
             return
         shape = (self.enc.ny, self.enc.nx_raw // self.enc.oversampling)
         for image in image_output.placeholder_images(reference, key, reason, shape=shape, partitions=partitions,
                                                      params=self.params, identity=self.rec.identity,
-                                                     chain=self.chain_name, encoding=self.enc, numbers=self.numbers):
+                                                     chain=self.chain_name, encoding=self.enc, numbers=self.numbers,
+                                                     only=only):
             self.send(image)
             self.sent += 1
 
@@ -128,7 +130,7 @@ class ScanSession:
         for one, outcome in reconstruct_slices(self.rec, pending, self.cpu_fallback):
             if outcome.error is not None:
                 self._fail(one.describe(), outcome.error)
-                self._placeholder(one.reference, one.key, str(outcome.error), 1)
+                self._placeholder(one.reference, one.key, str(outcome.error), one.partitions, only=one.partition)
                 continue
             for image in image_output.slice_images(one, outcome, self.params, identity=self.rec.identity,
                                                    chain=self.chain_name, encoding=self.enc, numbers=self.numbers):

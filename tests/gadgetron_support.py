@@ -169,7 +169,9 @@ def _complex(a):
 def shepp_logan(folder: Path, matrix=64, coils=4, repetitions=1, acceleration=2, calibration=16) -> Scan:
     """The build's Shepp-Logan generator (noise scan, 2× readout oversampling); ``repetitions × acceleration``
     repetitions, each the same object."""
-    path = folder / "shepp_logan.h5"
+    path = folder / f"shepp_logan_{matrix}.h5"
+    path.unlink(missing_ok=True)  # the generator appends to an existing file
+    path.with_suffix(".bin").unlink(missing_ok=True)
     subprocess.run([tool("ismrmrd_generate_cartesian_shepp_logan"), "-m", str(matrix), "-c", str(coils),
                     "-a", str(acceleration), "-r", str(repetitions), "-w", str(calibration), "-C", "-o", str(path)],
                    check=True, capture_output=True, cwd=folder)
@@ -186,6 +188,7 @@ def shepp_logan(folder: Path, matrix=64, coils=4, repetitions=1, acceleration=2,
 def _template(folder: Path, matrix: int, coils: int):
     """Header text, phantom ``(ny, nx)`` and coil maps ``(coils, ny, nx)`` from the build's generator."""
     path = folder / "template.h5"
+    path.unlink(missing_ok=True)
     subprocess.run([tool("ismrmrd_generate_cartesian_shepp_logan"), "-m", str(matrix), "-c", str(coils), "-o",
                     str(path)], check=True, capture_output=True, cwd=folder)
     with h5py.File(path, "r") as f:
@@ -240,6 +243,7 @@ def synthetic_scan(folder: Path, *, slices=1, contrasts=1, partitions=1, matrix=
     norm = np.sqrt((np.abs(csm) ** 2).sum(0))
     path = folder / f"synthetic_s{slices}_c{contrasts}_z{partitions}{'_nan' if nan_image else ''}.h5"
     path.unlink(missing_ok=True)
+    path.with_suffix(".bin").unlink(missing_ok=True)
     dataset = ismrmrd.Dataset(str(path), "dataset", create_if_needed=True)
     dataset.write_xml_header(header.encode())
     counter = 0
