@@ -42,8 +42,9 @@ def gadgetron_home() -> Path:
     """The build's folder, or a skip naming what is missing."""
     binary = HOME / "bin" / "gadgetron"
     if not binary.exists():
-        pytest.skip(f"no Gadgetron build at {HOME} (CDL_GADGETRON_HOME): unpack {TARBALL} there "
-                    f"(tar xzf … -C {HOME.parent}), as .ci/run does")
+        where = f"{TARBALL} is there" if TARBALL.exists() else f"{TARBALL} is absent too"
+        pytest.skip(f"no Gadgetron build at {HOME}: set CDL_GADGETRON_HOME to a Gadgetron 4.7.2 folder (bin/, share/); "
+                    f".ci/run unpacks {TARBALL.name} into build/gadgetron ({where})")
     missing = [line.split()[0] for line in subprocess.run(["ldd", str(binary)], capture_output=True, text=True)
                .stdout.splitlines() if "not found" in line]
     if missing:
