@@ -241,7 +241,8 @@ def image_array(shape: tuple, inputs: list, outcomes: dict, params, *, identity:
         index = numbers.next(params.series_index)
         image = build_image(pixels, one.reference, kind="image", image_index=index, series_index=params.series_index,
                             field_of_view=fov, identity=identity, chain=chain,
-                            extra_meta=slice_meta(params, outcome, one) if outcome else {}, note=outcome.note if outcome else "")
+                            extra_meta=slice_meta(params, outcome, one) if outcome else {},
+                            note=outcome.note if outcome else "")
         if outcome is None:
             reason = (one.errors or [(failed or {}).get((n, s, loc), "failed")])[0]
             mark_not_reconstructed(image.meta, reason)
