@@ -170,7 +170,8 @@ def test_buffered_and_raw_chains_agree(runs, scan_name):
 def test_warm_server_keeps_its_reconstructor_between_scans(runs, warm_server):
     _, log = warm_server
     text = log.read_text()
-    loads = [line for line in text.splitlines() if "loaded reconstructor" in line and f"'iterations': {ITERATIONS}" in line]
+    loads = [line for line in text.splitlines()
+             if "loaded reconstructor" in line and f"'iterations': {ITERATIONS}" in line]
     assert len(loads) == 1, text[-3000:]  # three scans through <connect>, one load
     assert text.count("scan done") >= len([k for k in runs if k[0] == "cdl_lambda_connect"])
 
