@@ -9,8 +9,12 @@ Gadgetron targets (``<execute name="gadgets.handler" target=… type="python"/>`
 Per connection the gadget only composes: chain (:mod:`gadgets.chains`) + ``<property>`` elements + JSON text →
 :class:`gadgets.settings.Parameters` → a cached :class:`recon.pipeline.Reconstructor` → a
 :class:`gadgets.scan.ScanSession` fed with the connection's items. A slice that fails is reported and the others
-still come back; a slice that fails on the GPU is redone on the CPU and its image comment says so; any failure ends
-with an ERROR message (id 8) after the good images, never a silent clean close.
+still come back; a slice that fails on the GPU is redone on the CPU and its image comment says so. With
+``slice_errors=fail`` (the default, for MRD clients that keep what they received) any failure ends with an ERROR
+message (id 8) after the good images; with ``slice_errors=report`` (the shipped Gadgetron chains: Gadgetron aborts
+the stream on an ERROR and would drop the good images) a failed slice is sent as a placeholder marked NOT
+RECONSTRUCTED and the scan ends normally, unless no image at all was reconstructed: then ERROR. Never a silent clean
+close.
 """
 
 from __future__ import annotations
@@ -56,8 +60,13 @@ class CDLLambdaGadget:
             scan.finish(complete=getattr(connection, "ended_with_close", True))
             sent = scan.sent
             log.info("scan done: %d item(s) sent in %.2f s", sent, time.perf_counter() - start)
-            if scan.failures:
-                connection.fail(f"{len(scan.failures)} problem(s); {sent} image(s) were sent. "
+            if scan.failures and params.slice_errors == "report" and scan.reconstructed:
+                log.error("%d problem(s), reported in the images marked NOT RECONSTRUCTED (slice_errors=report): %s",
+                          len(scan.failures), " | ".join(scan.failures[:20]))
+                connection.close()
+            elif scan.failures:
+                connection.fail(f"{len(scan.failures)} problem(s); {sent} image(s) were sent, "
+                                f"{scan.reconstructed} image(s) reconstructed. "
                                 + " | ".join(scan.failures[:20]))
             else:
                 connection.close()

@@ -108,6 +108,15 @@ def build_image(pixels: np.ndarray, reference, *, kind: str, image_index: int, s
         offset = (partition - partitions // 2) * slice_thickness
         image.position = tuple(float(p) + offset * float(d) for p, d in zip(image.position, image.slice_dir))
         image.slice = partition
+    image.meta = image_meta(pixels, image, kind=kind, identity=identity, chain=chain, image_index=image_index,
+                            extra_meta=extra_meta, note=note)
+    return image
+
+
+def image_meta(pixels: np.ndarray, header, *, kind: str, identity: dict, chain: str, image_index: int,
+               extra_meta: dict | None = None, note: str = "") -> ismrmrd.Meta:
+    """The meta of an image of ``kind`` with ``pixels`` (any shape: the window covers them all) and ``header``
+    (its read/phase directions): Gadgetron, MRD/FIRE and ``CDL_*`` keys, then ``extra_meta``."""
     centre, width = window(pixels)
     description = DESCRIPTIONS[kind]
     comment = f"{description} ({identity.get('dictionary', '?')}, {identity.get('network', '?')})"
@@ -126,14 +135,24 @@ def build_image(pixels: np.ndarray, reference, *, kind: str, image_index: int, s
         "SeriesDescriptionAdditional": description,
         "WindowCenter": f"{centre:.6g}",
         "WindowWidth": f"{width:.6g}",
-        "ImageRowDir": _directions(image.read_dir),
-        "ImageColumnDir": _directions(image.phase_dir),
+        "ImageRowDir": _directions(header.read_dir),
+        "ImageColumnDir": _directions(header.phase_dir),
         **identity_meta(identity, chain),
     })
     if extra_meta:
         meta.update({k: v if isinstance(v, list) else str(v) for k, v in extra_meta.items()})
-    image.meta = meta
-    return image
+    return meta
+
+
+def slice_meta(params, outcome, one) -> dict:
+    """The per-slice ``CDL_*`` keys: iterations, device, readouts, and the noise level and data residual."""
+    return {"CDL_Iterations": str(params.iterations), "CDL_Device": outcome.device, "CDL_Readouts": str(one.readouts),
+            **noise_meta(outcome)}
+
+
+def output_pixels(image: np.ndarray, params) -> np.ndarray:
+    """The CDL-Λ image as sent: complex64 (``output=complex``) or its magnitude as float32."""
+    return image.astype(np.complex64) if params.output == "complex" else np.abs(image).astype(np.float32)
 
 
 RESIDUAL_WARNING = 1.5  # data residual / noise above which the image comment warns of over-regularisation
@@ -146,6 +165,11 @@ def residual_note(outcome) -> str:
     if ratio is None or not ratio > RESIDUAL_WARNING:
         return ""
     return f"data residual {ratio:.2f}x the noise: over-regularised?"
+
+
+def slice_note(outcome) -> str:
+    """What the image comment adds for a slice: a CPU fallback, a residual far above the noise."""
+    return "; ".join(n for n in (getattr(outcome, "note", ""), residual_note(outcome)) if n)
 
 
 def noise_meta(outcome) -> dict:
@@ -168,9 +192,8 @@ def slice_images(one, outcome, params, *, identity: dict, chain: str, encoding, 
     fov = field_of_view(encoding, one.partitions)
     common = dict(field_of_view=fov, identity=identity, chain=chain, partition=one.partition,
                   partitions=one.partitions, slice_thickness=fov[2] if one.partitions > 1 else 0.0,
-                  note="; ".join(n for n in (outcome.note, residual_note(outcome)) if n),
-                  extra_meta={"CDL_Iterations": str(params.iterations), "CDL_Device": outcome.device,
-                              "CDL_Readouts": str(one.readouts), **noise_meta(outcome)})
+                  note=slice_note(outcome),
+                  extra_meta=slice_meta(params, outcome, one))
     outputs = [("image", outcome.image)]
     if params.send_zero_filled:
         outputs.append(("zero_filled", outcome.zero_filled))
@@ -179,49 +202,87 @@ def slice_images(one, outcome, params, *, identity: dict, chain: str, encoding, 
     images = []
     for kind, pixels in outputs:
         if kind != "lambda":
-            pixels = pixels.astype(np.complex64) if params.output == "complex" else np.abs(pixels).astype(np.float32)
+            pixels = output_pixels(pixels, params)
         series = params.series_index + SERIES_OFFSETS[kind]
         images.append(build_image(pixels, one.reference, kind=kind, image_index=numbers.next(series),
                                   series_index=series, **common))
     return images
 
 
+NOT_RECONSTRUCTED = "NOT RECONSTRUCTED"
+
+
+def placeholder_images(reference, key, reason: str, *, shape: tuple, partitions: int, params, identity: dict,
+                       chain: str, encoding, numbers: ImageNumbers, only: int | None = None) -> list:
+    """Images (zeros ``shape`` ``(ny, nx)``, one per partition, or partition ``only``) standing in the series for
+    a slice that could not be reconstructed: counters from ``key`` (a :class:`gadgets.buffer.GroupKey`), image comment
+    ``NOT RECONSTRUCTED: reason`` and meta ``CDL_NotReconstructed`` = reason."""
+    fov = field_of_view(encoding, partitions)
+    images = []
+    for z in range(partitions) if only is None else [only]:
+        pixels = np.zeros(shape, np.complex64 if params.output == "complex" else np.float32)
+        image = build_image(pixels, reference, kind="image", image_index=numbers.next(params.series_index),
+                            series_index=params.series_index, field_of_view=fov, identity=identity, chain=chain,
+                            partition=z, partitions=partitions, slice_thickness=fov[2] if partitions > 1 else 0.0)
+        mark_not_reconstructed(image.meta, reason)
+        for name, value in key._asdict().items():
+            setattr(image, name, value)
+        if partitions > 1:
+            image.slice = z
+        images.append(image)
+    return images
+
+
+def mark_not_reconstructed(meta, reason: str) -> None:
+    """Comment keys of ``meta`` say the image was not reconstructed, and why."""
+    comment = f"CDL-Lambda: {NOT_RECONSTRUCTED}: {reason}"
+    meta["GADGETRON_ImageComment"] = meta["ImageComments"] = comment
+    meta["CDL_NotReconstructed"] = reason
+
+
 # ------------------------------------------------------------------------------------------------- ImageArray
-def image_header(reference, *, image_index: int, series_index: int, field_of_view: tuple, matrix: tuple,
-                 channels: int = 1) -> ismrmrd.ImageHeader:
-    """An ImageHeader for ImageArray output (complex64, matrix ``(x, y, z)``)."""
-    source = reference if reference is not None else ismrmrd.AcquisitionHeader()
-    return ismrmrd.ImageHeader.from_acquisition(
-        source, version=1, data_type=ismrmrd.DATATYPE_CXFLOAT, channels=channels, matrix_size=tuple(matrix),
-        field_of_view=tuple(float(v) for v in field_of_view), image_type=ismrmrd.IMTYPE_COMPLEX,
-        image_index=image_index, image_series_index=series_index)
-
-
-def image_array(shape: tuple, inputs: list, outcomes: dict, *, series_index: int, identity: dict, chain: str,
-                encoding, numbers: ImageNumbers) -> ImageArray:
+def image_array(shape: tuple, inputs: list, outcomes: dict, params, *, identity: dict, chain: str, encoding,
+                numbers: ImageNumbers, failed: dict | None = None) -> ImageArray:
     """The ImageArray answering a ReconBit whose buffer has ``shape`` ``[RO, E1, E2, CHA, N, S, LOC]``, from its
     ``inputs`` (SliceInputs with ``array_index``) and ``outcomes`` ``{id(input): SliceOutcome}`` of those that
-    were reconstructed."""
+    were reconstructed. An image none of whose partitions was reconstructed is zeros marked
+    :data:`NOT_RECONSTRUCTED` with the reason (the first of its inputs' ``errors``, or ``failed[index]``).
+
+    Each (n, s, loc) is one image, a volume of E2 partitions for a 3-D scan, with the raw path's header and meta
+    (:func:`build_image`, :func:`image_meta`); pixels are the raw path's (magnitude unless ``output=complex``)
+    stored complex64, the one type an ImageArray carries; Gadgetron's ExtractGadget then takes the magnitude."""
     _, _, E2, _, N, S, LOC = shape
     ny, nx = inputs[0].kspace.shape[-2:]
     data = np.zeros((nx, ny, E2, 1, N, S, LOC), np.complex64)
     headers = np.empty((N, S, LOC), dtype=object)
     metas = np.empty((N, S, LOC), dtype=object)
-    fov = field_of_view(encoding, E2)
+    fov = field_of_view(encoding, 1)
+    by_image: dict = {}
     for one in inputs:
-        n, s, loc = one.array_index
-        outcome = outcomes.get(id(one))
-        if outcome is not None:
-            data[:, :, one.partition, 0, n, s, loc] = outcome.image.T
-        if headers[n, s, loc] is None:
-            note = outcome.note if outcome is not None else ""
-            comment = f"CDL-Lambda [{note}]" if note else "CDL-Lambda"
-            headers[n, s, loc] = image_header(one.reference, image_index=numbers.next(series_index),
-                                              series_index=series_index, field_of_view=fov, matrix=(nx, ny, E2))
-            metas[n, s, loc] = ismrmrd.Meta({
-                "GADGETRON_DataRole": "Image", "DataRole": "Image",
-                "GADGETRON_ImageComment": comment, "ImageComments": comment,
-                **identity_meta(identity, chain),
-            }).serialize()
+        by_image.setdefault(one.array_index, []).append(one)
+    for (n, s, loc), parts in sorted(by_image.items(), key=lambda item: item[0][::-1]):
+        done = [(one, outcomes[id(one)]) for one in parts if id(one) in outcomes]
+        for one, outcome in done:
+            data[:, :, one.partition, 0, n, s, loc] = output_pixels(outcome.image, params).T
+        one, outcome = done[0] if done else (parts[0], None)
+        volume = np.ascontiguousarray(data[:, :, :, 0, n, s, loc].transpose(2, 1, 0))  # (E2, ny, nx)
+        pixels = volume[0] if E2 == 1 else volume
+        if params.output != "complex":
+            pixels = pixels.real.astype(np.float32)
+        index = numbers.next(params.series_index)
+        image = build_image(pixels, one.reference, kind="image", image_index=index, series_index=params.series_index,
+                            field_of_view=fov, identity=identity, chain=chain,
+                            extra_meta=slice_meta(params, outcome, one) if outcome else {},
+                            note=slice_note(outcome) if outcome else "")
+        if outcome is None:
+            reason = (one.errors or [(failed or {}).get((n, s, loc), "failed")])[0]
+            mark_not_reconstructed(image.meta, reason)
+        header = image.getHead()
+        header.data_type = ismrmrd.DATATYPE_CXFLOAT
+        header.image_type = ismrmrd.IMTYPE_COMPLEX if params.output == "complex" else ismrmrd.IMTYPE_MAGNITUDE
+        header.matrix_size[:] = (nx, ny, E2)
+        header.channels = 1
+        headers[n, s, loc] = header
+        metas[n, s, loc] = image.meta.serialize()
     meta = [metas[n, s, loc] or "" for loc in range(LOC) for s in range(S) for n in range(N)]
     return ImageArray(data=data, headers=headers, meta=meta, waveform=None, acq_headers=None)

@@ -3,7 +3,9 @@
 
 Slices are handed to the reconstruction as soon as the reconstructor's batch is full (and at the end of the
 stream); ReconData from Gadgetron's ``BucketToBufferGadget`` goes down a bit at a time and is answered with one
-ImageArray. A slice that fails is reported in :attr:`ScanSession.failures` and the others still come back.
+ImageArray. A slice that fails is reported in :attr:`ScanSession.failures` and the others still come back; with
+``slice_errors=report`` a placeholder marked NOT RECONSTRUCTED takes its place in the series (in an ImageArray a
+failed image is always such a placeholder: the array has a slot for it).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 
 from gadgets import image_output
 from gadgets.buffer import AcquisitionBuffer, read_encoding
+from gadgets.errors import InputError
 from gadgets.settings import Parameters
 from gadgets.slices import SliceInput, from_group, from_recon_bit
 from gadgets.wire import ImageArray, ReconData
@@ -46,6 +49,7 @@ class ScanSession:
         self.failures: list[str] = []
         self.numbers = image_output.ImageNumbers()
         self.sent = 0
+        self.reconstructed = 0  # images that carry a reconstruction (not placeholders)
         self._reported = 0
 
     # -- input
@@ -84,6 +88,7 @@ class ScanSession:
             message = f"{group.key.describe()}: not reconstructed: " + "; ".join(group.errors)
             log.error("%s", message)
             self.failures.append(message)
+            self._placeholder(group.reference, group.key, "; ".join(group.errors), self.enc.nz)
             return
         if not self.whitening_ready:
             self.whitening = whitening_matrix(self.buffer.noise, self.buffer.noise_sample_time_us,
@@ -94,6 +99,7 @@ class ScanSession:
             inputs = from_group(group, self.whitening, self.enc.oversampling)
         except Exception as error:  # noqa: BLE001 - one group's failure must not end the scan
             self._fail(group.key.describe(), error)
+            self._placeholder(group.reference, group.key, str(error), self.enc.nz)
             return
         del group  # the raw k-space is released here
         self.pending.extend(inputs)
@@ -105,17 +111,32 @@ class ScanSession:
         log.error("%s", message)
         self.failures.append(message)
 
+    def _placeholder(self, reference, key, reason: str, partitions: int, only: int | None = None) -> None:
+        """With ``slice_errors=report``: the images of a slice (every partition, or partition ``only``) that
+        failed, zeros marked NOT RECONSTRUCTED."""
+        if self.params.slice_errors != "report":
+            return
+        shape = (self.enc.ny, self.enc.nx_raw // self.enc.oversampling)
+        for image in image_output.placeholder_images(reference, key, reason, shape=shape, partitions=partitions,
+                                                     params=self.params, identity=self.rec.identity,
+                                                     chain=self.chain_name, encoding=self.enc, numbers=self.numbers,
+                                                     only=only):
+            self.send(image)
+            self.sent += 1
+
     # -- reconstruction and output
     def _run_pending(self) -> None:
         pending, self.pending = self.pending, []
         for one, outcome in reconstruct_slices(self.rec, pending, self.cpu_fallback):
             if outcome.error is not None:
                 self._fail(one.describe(), outcome.error)
+                self._placeholder(one.reference, one.key, str(outcome.error), one.partitions, only=one.partition)
                 continue
             for image in image_output.slice_images(one, outcome, self.params, identity=self.rec.identity,
                                                    chain=self.chain_name, encoding=self.enc, numbers=self.numbers):
                 self.send(image)
                 self.sent += 1
+            self.reconstructed += 1
 
     def _recon_data(self, recon_data: ReconData) -> None:
         for bit in recon_data.bits:
@@ -125,15 +146,21 @@ class ScanSession:
                 self._fail("ReconData bit", error)
 
     def _recon_bit(self, bit) -> None:
-        inputs = from_recon_bit(bit)
-        outcomes = {}
-        for one, outcome in reconstruct_slices(self.rec, inputs, self.cpu_fallback):
+        inputs = from_recon_bit(bit, calibration_in_data=self.buffer.calibration_in_data)
+        for one in inputs:
+            for error in one.errors:
+                self._fail(one.key.describe(), InputError(error))
+        outcomes, failed = {}, {}
+        usable = [one for one in inputs if not one.errors]
+        for one, outcome in reconstruct_slices(self.rec, usable, self.cpu_fallback):
             if outcome.error is not None:
                 self._fail(one.describe(), outcome.error)
+                failed[one.array_index] = str(outcome.error)
             else:
                 outcomes[id(one)] = outcome
-        if outcomes:
-            self.send(image_output.image_array(np.asarray(bit.data.data).shape, inputs, outcomes,
-                                               series_index=self.params.series_index, identity=self.rec.identity,
-                                               chain=self.chain_name, encoding=self.enc, numbers=self.numbers))
+        if outcomes or self.params.slice_errors == "report":
+            self.send(image_output.image_array(np.asarray(bit.data.data).shape, inputs, outcomes, self.params,
+                                               identity=self.rec.identity, chain=self.chain_name, encoding=self.enc,
+                                               numbers=self.numbers, failed=failed))
             self.sent += 1
+            self.reconstructed += len({one.array_index for one in inputs if id(one) in outcomes})

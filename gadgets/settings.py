@@ -41,6 +41,8 @@ class Parameters:
     send_lambda_maps: bool = False
     max_open_images: int = 256
     calibration_in_data: str = "auto"  # "auto" (not for calibrationMode=separate), "true", "false"
+    slice_errors: str = "fail"       # a slice that fails: "fail" (ERROR after the good images) or "report" (a
+                                     # marked placeholder in its place; ERROR only when no image was reconstructed)
 
     @classmethod
     def from_sources(cls, *sources: dict) -> "Parameters":
@@ -60,6 +62,8 @@ class Parameters:
                 raise InputError(f"property {name}={getattr(params, name)!r} must be a shipped name, not a path")
         if params.output not in ("magnitude", "complex"):
             raise InputError(f"property output={params.output!r} must be 'magnitude' or 'complex'")
+        if params.slice_errors not in ("fail", "report"):
+            raise InputError(f"property slice_errors={params.slice_errors!r} must be 'fail' or 'report'")
         if not 1 <= params.iterations <= 10000 or params.batch_slices < 0 or params.series_index < 0:
             raise InputError("properties iterations (1–10000), batch_slices (≥ 0), series_index (≥ 0) out of range")
         return params

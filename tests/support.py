@@ -190,3 +190,51 @@ def true_coil_maps(path: Path) -> torch.Tensor:
         csm = f["dataset/csm"][0]
     maps = torch.from_numpy((csm["real"] + 1j * csm["imag"]).astype(np.complex64))
     return maps / maps.abs().pow(2).sum(0).sqrt().clamp_min(1e-12)
+
+
+def bucket_to_buffer(acquisitions, ny: int, trigger: str = "repetition", oversampling: int = 1):
+    """ReconData per ``trigger`` value as Gadgetron's BucketToBufferGadget builds them (seen with Gadgetron 4.7.2):
+    ``data`` [RO, E1, 1, CHA, 1, 1, 1] with the imaging lines, ``ref`` the same shape with the calibration lines
+    (calibration-only and calibration-and-imaging); every slot of a line that was not acquired holds zeros and a
+    blank header whose ``version`` is 1. 2-D, one slice; noise readouts are left out; readouts cropped by
+    ``oversampling`` as RemoveROOversamplingGadget does (a centred crop of each readout's Fourier transform)."""
+    from gadgetron.types.recon_data import ReconBit, ReconBuffer, ReconData, SamplingDescription
+    from recon.coils import remove_readout_oversampling
+    groups: dict[int, list] = {}
+    for acq in acquisitions:
+        if not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            groups.setdefault(int(getattr(acq.idx, trigger)), []).append(acq)
+
+    def blank():
+        head = ismrmrd.AcquisitionHeader()
+        head.version = 1
+        return head
+
+    def buffer(lines):
+        coils, samples = lines[0].data.shape
+        samples //= oversampling
+        data = np.zeros((samples, ny, 1, coils, 1, 1, 1), np.complex64)
+        headers = np.empty((ny, 1, 1, 1, 1), dtype=object)
+        for e1 in range(ny):
+            headers[e1, 0, 0, 0, 0] = blank()
+        for acq in lines:
+            line = torch.from_numpy(np.ascontiguousarray(acq.data))
+            if oversampling > 1:
+                line = remove_readout_oversampling(line, oversampling, dim=-1)
+            data[:, acq.idx.kspace_encode_step_1, 0, :, 0, 0, 0] = line.numpy().T
+            headers[acq.idx.kspace_encode_step_1, 0, 0, 0, 0] = acq.getHead()
+        sampling = SamplingDescription()
+        sampling.encoded_matrix[:] = (samples, ny, 1)
+        sampling.recon_matrix[:] = (samples, ny, 1)
+        for axis, (lo, centre, hi) in enumerate([(0, samples // 2, samples - 1), (0, ny // 2, ny - 1), (0, 0, 0)]):
+            sampling.sampling_limits[axis].min, sampling.sampling_limits[axis].center = lo, centre
+            sampling.sampling_limits[axis].max = hi
+        return ReconBuffer(data, None, None, headers, sampling)
+
+    calibration = (ismrmrd.ACQ_IS_PARALLEL_CALIBRATION, ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
+    result = []
+    for _, lines in sorted(groups.items()):
+        imaging = [a for a in lines if not a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)]
+        ref = [a for a in lines if any(a.is_flag_set(f) for f in calibration)]
+        result.append(ReconData([ReconBit(buffer(imaging), buffer(ref) if ref else None)]))
+    return result

@@ -69,3 +69,24 @@ def test_one_bad_slice_does_not_stop_the_others(reconstructor):
     scan.finish()
     assert [im.slice for im in sent] == [0, 2]
     assert len(scan.failures) == 1 and "slice 1" in scan.failures[0]
+
+
+def test_bad_slice_reported_in_its_place_with_slice_errors_report(reconstructor):
+    sent = []
+    params = Parameters(iterations=4, slice_errors="report")
+    scan = ScanSession(header(slices=3), params, reconstructor, "test", sent.append)
+    for s in range(3):
+        for e1 in range(16):
+            acq = acquisition(e1, slice_=s, flags=(ismrmrd.ACQ_LAST_IN_SLICE,) if e1 == 15 else (),
+                              value=np.inf if (s, e1) == (1, 3) else 1.0)
+            scan.on_item(acq)
+    scan.finish()
+    assert [im.slice for im in sent] == [0, 1, 2] and [im.image_index for im in sent] == [1, 2, 3]
+    assert len(scan.failures) == 1 and scan.reconstructed == 2
+    comment = sent[1].meta["GADGETRON_ImageComment"]
+    assert comment.startswith("CDL-Lambda: NOT RECONSTRUCTED") and "NaN/Inf" in comment
+    assert sent[1].meta["ImageComments"] == comment and "NaN/Inf" in sent[1].meta["CDL_NotReconstructed"]
+    assert not np.abs(sent[1].data).any() and sent[1].data.shape == sent[0].data.shape
+    assert "NOT RECONSTRUCTED" not in sent[0].meta["GADGETRON_ImageComment"]
+    with pytest.raises(InputError, match="slice_errors"):
+        Parameters.from_sources({"slice_errors": "ignore"})

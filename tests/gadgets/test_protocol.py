@@ -161,3 +161,27 @@ def test_recon_data_path_returns_complex64_image_array(accelerated_file, server)
     assert array.headers.shape == (1, 1, 1) and array.headers[0, 0, 0].image_index == 1
     assert len(array.meta) == 1 and "CDL_Dictionary" in array.meta[0]
     assert np.abs(array.data).max() > 0
+
+
+REPORT_CONFIG = CONFIG.replace('</configuration>', '\t<property name="slice_errors" value="report" />\n</configuration>')
+
+
+def test_slice_errors_report_closes_normally_unless_nothing_was_reconstructed(accelerated_file, server):
+    header, acquisitions = read_file(accelerated_file)
+    for acq in acquisitions:
+        if acq.idx.repetition == 2 and acq.idx.kspace_encode_step_1 == 10:
+            acq.data[0, 3] = np.nan
+    replies = run_scan(Peer.connect("127.0.0.1", server.port), header, acquisitions, config=REPORT_CONFIG)
+    images = by_id(replies, MSG_IMAGE)
+    assert [im.repetition for im in images] == [0, 1, 2, 3] and not by_id(replies, MSG_ERROR)
+    assert "NOT RECONSTRUCTED" in images[2].meta["GADGETRON_ImageComment"]
+    # every image bad: the placeholders, then an ERROR (never an apparently successful scan)
+    header, acquisitions = read_file(accelerated_file)
+    for acq in acquisitions:
+        if acq.idx.kspace_encode_step_1 in (10, 11):  # imaged in every repetition (R = 2, interleaved)
+            acq.data[0, 3] = np.nan
+    replies = run_scan(Peer.connect("127.0.0.1", server.port), header, acquisitions, config=REPORT_CONFIG)
+    images = by_id(replies, MSG_IMAGE)
+    assert len(images) == 4 and all("NOT RECONSTRUCTED" in im.meta["ImageComments"] for im in images)
+    errors = by_id(replies, MSG_ERROR)
+    assert len(errors) == 1 and "4 problem(s)" in errors[0] and "0 image(s) reconstructed" in errors[0]
