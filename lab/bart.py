@@ -63,18 +63,23 @@ def ifft(kspace: np.ndarray) -> np.ndarray:
 
 
 def _run(args: list[str]) -> None:
+    if not available():
+        raise RuntimeError("the `bart` command is not installed (apt-get install bart)")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     subprocess.run(["bart", *args], check=True, env=env, capture_output=True)
 
 
+def _write_multicoil(base: Path, kspace: np.ndarray) -> None:
+    """Centred multi-coil k-space ``(coils, ny, nx)`` as BART's [PHS/READ, READ/PHS, 1, COIL] array."""
+    write_cfl(base, np.asarray(kspace).transpose(1, 2, 0)[:, :, None, :])
+
+
 def ecalib(kspace: np.ndarray, extra: tuple[str, ...] = ("-m1",)) -> np.ndarray:
     """BART's ESPIRiT maps ``(coils, ny, nx)`` complex64 of centred multi-coil k-space ``(coils, ny, nx)``."""
-    if not available():
-        raise RuntimeError("the `bart` command is not installed (apt-get install bart)")
     coils, ny, nx = kspace.shape
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_cfl(tmp / "k", np.asarray(kspace).transpose(1, 2, 0)[:, :, None, :])
+        _write_multicoil(tmp / "k", kspace)
         _run(["ecalib", *extra, str(tmp / "k"), str(tmp / "s")])
         return read_cfl(tmp / "s").reshape(ny, nx, coils).transpose(2, 0, 1).copy()
 
@@ -82,12 +87,10 @@ def ecalib(kspace: np.ndarray, extra: tuple[str, ...] = ("-m1",)) -> np.ndarray:
 def pics_multicoil(kspace: np.ndarray, regularization: tuple[str, ...]) -> np.ndarray:
     """``bart ecalib -m1`` maps, then ``bart pics -S <regularization>`` of centred multi-coil k-space
     ``(coils, ny, nx)`` (prewhitened, zeros where not measured) → complex ``(ny, nx)`` in the units of the data."""
-    if not available():
-        raise RuntimeError("the `bart` command is not installed (apt-get install bart)")
-    coils, ny, nx = kspace.shape
+    _, ny, nx = kspace.shape
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_cfl(tmp / "k", np.asarray(kspace).transpose(1, 2, 0)[:, :, None, :])
+        _write_multicoil(tmp / "k", kspace)
         _run(["ecalib", "-m1", str(tmp / "k"), str(tmp / "s")])
         _run(["pics", "-S", *regularization, str(tmp / "k"), str(tmp / "s"), str(tmp / "x")])
         return read_cfl(tmp / "x").reshape(ny, nx)
