@@ -101,7 +101,7 @@ class ScanSession:
             self.whitening_ready = True
             log.info("prewhitening: %s", "from the noise scan" if self.whitening is not None else "none (no noise scan)")
         try:
-            inputs = from_group(group, self.whitening, self.enc.oversampling)
+            inputs = from_group(group, self.whitening, self.enc.oversampling, self.enc.image_matrix)
         except Exception as error:  # noqa: BLE001 - one group's failure must not end the scan
             self._fail(group.key.describe(), error)
             self._placeholder(group.reference, group.key, str(error), self.enc.nz)
