@@ -150,7 +150,8 @@ def replay(path: str | Path, server: str | None = None, config: str | None = Non
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=count, unit="acq", file=sys.stderr, desc="replay", leave=False)
+        bar = tqdm(total=count, unit="acq", file=sys.stderr, desc="replay", leave=False,
+                   disable=None)  # no bar when stderr is not a terminal
     own = None
     try:
         if server:
