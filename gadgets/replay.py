@@ -244,7 +244,8 @@ def check_output(out: Path) -> None:
 
 def check_request(args, parameters: dict) -> None:
     """Everything that can be checked before the reconstruction starts: the gadget properties (names and values),
-    the chain name (when reconstructing here; a remote server has its own registry), server address, device."""
+    the server address; when reconstructing here (a remote server has its own registry, weights and devices) the
+    weights folder, the chain name and the device."""
     from gadgets.settings import Parameters
     try:
         Parameters.from_sources(parameters)
@@ -260,7 +261,7 @@ def check_request(args, parameters: dict) -> None:
             ChainRegistry().check_name(args.chain)
         except ValueError as error:
             raise UsageError(str(error)) from None
-    check_device(parameters.get("device"))
+        check_device(parameters.get("device"))  # a remote server judges its own devices
 
 
 PREVIEW_NAME = re.compile(r"^image_\d+_\d+\.png$")
