@@ -121,7 +121,7 @@ class ScanSession:
         failed, zeros marked NOT RECONSTRUCTED."""
         if self.params.slice_errors != "report":
             return
-        shape = (self.enc.ny, self.enc.nx_raw // self.enc.oversampling)
+        shape = tuple(self.enc.image_matrix)  # the grid the slices are reconstructed on
         for image in image_output.placeholder_images(reference, key, reason, shape=shape, partitions=partitions,
                                                      params=self.params, identity=self.rec.identity,
                                                      chain=self.chain_name, encoding=self.enc, numbers=self.numbers,
