@@ -1,11 +1,12 @@
-"""Time to first image for a 10-slice scan: warm server against a cold active-mode start.
+"""Time to first image: warm server against a cold active-mode start (``--slices 1``: a one-slice scan).
 
 * reconstruction alone: :meth:`recon.pipeline.Reconstructor.reconstruct` of one slice, warm (weights loaded,
   kernels compiled);
 * warm: ``cdl-lambda serve`` already running (one earlier scan done); time from connecting to the first image;
 * cold: what Gadgetron's ``<execute>`` node does per scan: listen, start ``python -m gadgetron PORT
   gadgets.handler CDLLambdaGadget``, stream; time from the process start to the first image (process start,
-  torch import, weights load, first compile).
+  torch import, weights load, loading the compiled kernels from the persistent cache that the warm server filled,
+  see ``recon.solvers.compile_cache_dir``).
 
 Writes a Markdown table (default docs/bench_first_image.md).
 
@@ -35,6 +36,7 @@ from gadgets.replay import read_recording, stream  # noqa: E402
 from lab.acquisition import Scan, Setting  # noqa: E402
 from lab.images import load_source, SourceUnavailable  # noqa: E402
 from lab.mrd_writer import write_ismrmrd  # noqa: E402
+from recon.solvers import compile_cache_dir  # noqa: E402
 
 
 def magnitudes(slices: int, size: int) -> np.ndarray:
@@ -154,7 +156,9 @@ def main(argv=None) -> int:
             f"| cold active mode (`python -m gadgetron …`) | {cold:.2f} | {cold / alone:.2f} |"]
     text = (f"# Time to first image\n\n{args.slices}-slice scan, {args.size}², {args.coils} coils, acceleration 3, "
             f"{args.threads} threads, torch {torch.__version__}.\nCommand: `python bench/first_image.py --size "
-            f"{args.size} --coils {args.coils} --slices {args.slices} --threads {args.threads}`\n\n"
+            f"{args.size} --coils {args.coils} --slices {args.slices} --threads {args.threads}`\n"
+            f"Compile cache: {compile_cache_dir()}; load average {os.getloadavg()[0]:.1f} at the end (shared "
+            "machine).\n\n"
             + "\n".join(rows) + "\n")
     publish(text, args.out)
     return 0

@@ -70,10 +70,45 @@ class Encoding:
     limits: dict           # counter name → maximum (only those present in the header)
     calibration_mode: str  # "embedded", "interleaved", "separate", ... or "" when absent
     receiver_channels: int | None
+    image_matrix: tuple = (0, 0)        # (y, x) k-space grid the images are reconstructed on
+    image_fov: tuple = (0.0, 0.0, 0.0)  # (x, y, z) mm of that grid (the recon space when the FOVs agree)
 
     @property
     def is_3d(self) -> bool:
         return self.nz > 1
+
+
+def readout_oversampling(nx_raw: int, recon_x: int, encoded_fov_x: float, recon_fov_x: float) -> int:
+    """The readout oversampling factor, decided as Gadgetron's ``RemoveROOversamplingGadget`` does: from the fields
+    of view, encoded FOV / recon FOV along x (1 when they agree), whatever the matrix sizes; from the matrices
+    (raw samples / recon x, when the raw readout is longer) only when the header gives no fields of view.
+    InputError when the factor is not an integer or does not divide the readout."""
+    if encoded_fov_x > 0 and recon_fov_x > 0:
+        ratio = encoded_fov_x / recon_fov_x
+    elif recon_x and nx_raw > recon_x:
+        ratio = nx_raw / recon_x
+    else:
+        return 1
+    factor = max(1, int(round(ratio)))
+    if ratio < 1 - 1e-3 or abs(ratio - factor) > 0.01 * factor:
+        raise InputError(f"encoded readout field of view {encoded_fov_x} mm is not an integer multiple of the recon "
+                         f"field of view {recon_fov_x} mm")
+    if nx_raw % factor:
+        raise InputError(f"readout of {nx_raw} samples is not divisible by the oversampling factor {factor}")
+    return factor
+
+
+def image_grid(encoded: tuple, recon: tuple, encoded_fov: tuple, recon_fov: tuple) -> tuple[tuple, tuple]:
+    """(matrix (y, x), field of view (x, y, z) mm) the images are reconstructed on: along y and x (``encoded``
+    (y, x) samples over ``encoded_fov`` (y, x) mm, oversampling removed), the recon matrix when the encoded and
+    recon fields of view agree (k-space zero-padded or cropped around its centre: Gadgetron's zero-filling to the
+    recon space), else the encoded grid as it is."""
+    matrix, fov = [], []
+    for axis, (n, r, efov, rfov) in enumerate(zip(encoded, recon, encoded_fov, (recon_fov[1], recon_fov[0]))):
+        agree = r > 0 and (efov <= 0 or rfov <= 0 or abs(efov - rfov) <= 0.01 * rfov)
+        matrix.append(r if agree else n)
+        fov.append(rfov if agree and rfov > 0 else efov)
+    return (matrix[0], matrix[1]), (fov[1], fov[0], recon_fov[2])
 
 
 def read_encoding(header) -> Encoding:
@@ -98,12 +133,9 @@ def read_encoding(header) -> Encoding:
     nx_raw, ny, nz = int(size.x), int(size.y), max(int(size.z or 1), 1)
     if nx_raw * ny * nz > MAX_MATRIX_VALUES:
         raise InputError(f"encoded matrix {nx_raw}×{ny}×{nz} is larger than the {MAX_MATRIX_VALUES} samples supported")
-    oversampling = 1
-    if int(rsize.x) and nx_raw > int(rsize.x):
-        ratio = encoded_fov[0] / recon_fov[0] if recon_fov[0] > 0 else nx_raw / int(rsize.x)
-        oversampling = max(1, int(round(ratio)))
-        if nx_raw % oversampling:
-            raise InputError(f"readout of {nx_raw} samples is not divisible by the oversampling factor {oversampling}")
+    oversampling = readout_oversampling(nx_raw, int(rsize.x), encoded_fov[0], recon_fov[0])
+    image_matrix, image_fov = image_grid((ny, nx_raw // oversampling), (int(rsize.y), int(rsize.x)),
+                                         (encoded_fov[1], encoded_fov[0] / oversampling), recon_fov)
     limits_node = _value(enc, "encodingLimits")
     limits = {}
     e1_center, e2_center = ny // 2, nz // 2
@@ -124,7 +156,7 @@ def read_encoding(header) -> Encoding:
     mode = str(getattr(mode, "value", mode) or "")
     channels = _value(header, "acquisitionSystemInformation", "receiverChannels")
     return Encoding(nx_raw=nx_raw, ny=ny, nz=nz, recon_matrix=(int(rsize.x), int(rsize.y), max(int(rsize.z or 1), 1)),
-                    oversampling=oversampling, e1_center=e1_center, e2_center=e2_center, encoded_fov=encoded_fov,
+                    oversampling=oversampling, image_matrix=image_matrix, image_fov=image_fov, e1_center=e1_center, e2_center=e2_center, encoded_fov=encoded_fov,
                     recon_fov=recon_fov, limits=limits, calibration_mode=mode,
                     receiver_channels=int(channels) if channels else None)
 

@@ -6,7 +6,13 @@ Selection for a connection (config name from the peer, ISMRMRD header):
 2. else the first rule whose conditions all hold: ``config`` (glob on the config name), ``protocol_name`` and
    ``sequence_type`` (globs, case-insensitive), ``field_strength_T`` and ``matrix`` (``[min, max]``, matrix = the
    larger of the recon matrix's x and y);
-3. else the ``default`` chain.
+3. else, when the peer sent no config name (Gadgetron's active mode sends the configuration itself), the
+   ``default`` chain.
+
+A config name that is none of these — not a chain, not matched by a ``config`` rule, not a chain file of the
+registry's folder (``cdl_lambda.xml`` …) — is refused (:class:`gadgets.errors.ChainError` listing the known
+chains): a misspelt name must not silently run the default chain. A known chain file name with no rule of its own
+selects the header rules, then the default chain.
 
 A chain is a name, a description and ``parameters`` (the same names as the gadget's ``<property>`` elements).
 The file is read with ``yaml.safe_load``; chain names are plain words (no paths).
@@ -27,9 +33,6 @@ from gadgets.settings import NAME_PATTERN
 
 log = logging.getLogger(__name__)
 
-BUILTIN = {"default": "cdl-lambda", "chains": {"cdl-lambda": {"description": "CDL-Λ, shipped defaults",
-                                                              "parameters": {}}}}
-
 
 @dataclass
 class Chain:
@@ -39,9 +42,12 @@ class Chain:
 
 
 def default_chains_dir() -> Path:
-    """``$CDL_LAMBDA_CHAINS`` if set, else the ``chains/`` folder next to the package."""
+    """``$CDL_LAMBDA_CHAINS`` if set, else the shipped ``chains`` folder (``recon.weights.shipped_data_dir``)."""
     env = os.environ.get("CDL_LAMBDA_CHAINS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "chains"
+    if env:
+        return Path(env)
+    from recon.weights import shipped_data_dir
+    return shipped_data_dir("chains")
 
 
 def _glob(pattern, value) -> bool:
@@ -77,7 +83,9 @@ def header_facts(header) -> dict:
 
 
 class ChainRegistry:
-    """Loaded from ``registry.yaml`` in ``root`` (built-in single chain when the file is absent)."""
+    """Loaded from ``registry.yaml`` in ``root`` (or from ``data``); ChainError when the file is absent: a missing
+    chains folder is a broken installation or a wrong ``--chains``/``CDL_LAMBDA_CHAINS``, never silently the
+    built-in chain."""
 
     def __init__(self, root: str | Path | None = None, data: dict | None = None):
         self.root = Path(root) if root is not None else default_chains_dir()
@@ -89,8 +97,9 @@ class ChainRegistry:
                 except yaml.YAMLError as error:
                     raise ChainError(f"chain registry {path} is not valid YAML: {error}") from None
             else:
-                log.warning("no chain registry at %s: using the built-in default chain", path)
-                data = BUILTIN
+                raise ChainError(f"no chain registry at {path}: the chains folder is missing or incomplete "
+                                 "(reinstall the package, or point --chains / CDL_LAMBDA_CHAINS at a folder with "
+                                 "registry.yaml)")
         if not isinstance(data, dict) or not isinstance(data.get("chains"), dict) or not data["chains"]:
             raise ChainError("chain registry must be a mapping with a non-empty 'chains' mapping")
         self.chains: dict[str, Chain] = {}
@@ -111,11 +120,38 @@ class ChainRegistry:
             if not isinstance(rule, dict) or rule.get("chain") not in self.chains:
                 raise ChainError(f"rule {rule!r} must name a defined chain")
 
+    def chain_files(self) -> list[str]:
+        """The chain XML files in the registry's folder and the shipped ones (names a client may send, like
+        ``cdl_lambda.xml``, the name ``cdl-lambda replay`` sends by default)."""
+        from recon.weights import shipped_data_dir
+        names = set()
+        for folder in {self.root, shipped_data_dir("chains")}:
+            try:
+                names.update(p.name for p in folder.glob("*.xml") if p.is_file())
+            except OSError:
+                pass
+        return sorted(names)
+
+    def known_names(self) -> list[str]:
+        """Chain names and chain file names a config name may be."""
+        return sorted(self.chains) + self.chain_files()
+
+    def check_name(self, config_name: str | None) -> None:
+        """ChainError naming the known chains when ``config_name`` is not empty and names nothing known."""
+        name = (config_name or "").strip()
+        if not name or name in self.chains or name in self.chain_files():
+            return
+        if any("config" in (rule.get("when") or {}) and _glob(rule["when"]["config"], name) for rule in self.rules):
+            return
+        raise ChainError(f"unknown chain {name!r}; known chains: {', '.join(sorted(self.chains))} "
+                         f"(chain files: {', '.join(self.chain_files()) or 'none'})")
+
     def select(self, config_name: str | None, header=None) -> Chain:
-        """The chain for a connection (see the module docstring)."""
+        """The chain for a connection (see the module docstring); ChainError for an unknown config name."""
         name = (config_name or "").strip()
         if name in self.chains:
             return self.chains[name]
+        self.check_name(name)
         facts = header_facts(header) if header is not None else {}
         for rule in self.rules:
             when = rule.get("when") or {}
@@ -133,5 +169,5 @@ class ChainRegistry:
                 log.info("chain %r chosen by rule %s", rule["chain"], when)
                 return self.chains[rule["chain"]]
         if name:
-            log.info("config %r names no chain and matches no rule: using the default chain %r", name, self.default)
+            log.info("config %r matches no rule: using the default chain %r", name, self.default)
         return self.chains[self.default]

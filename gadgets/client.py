@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 
 import ismrmrd
 
@@ -77,4 +78,13 @@ class Peer:
                 raise ProtocolError(f"unexpected message id {mid} from the server")
 
     def close(self):
+        self.socket.close()
+
+    def abort(self):
+        """Close with a reset (SO_LINGER 0) instead of a clean end: the server sees at once that nobody waits for
+        the images."""
+        try:
+            self.socket.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
         self.socket.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import socket
 from types import SimpleNamespace
 
@@ -175,6 +176,25 @@ class RobustConnection:
             if item is None:  # skipped (text)
                 continue
             return mid, item
+
+    def peer_gone(self) -> bool:
+        """Whether the peer has gone (never blocks): its connection was reset, or it closed its side after its
+        CLOSE message (a peer that still wants the images keeps its side open until our CLOSE)."""
+        if self.closed:
+            return False
+        sock = self.socket.socket
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):  # a reset, even with unread data queued
+                return True
+            readable, _, _ = select.select([sock], [], [], 0)
+            if not readable:
+                return False
+            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except (OSError, ValueError):
+            return True
+        return data == b"" and self.ended_with_close
 
     def send(self, item):
         """Serialise ``item`` whole (complex64 for arrays), then send it in one piece."""

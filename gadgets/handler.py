@@ -37,9 +37,11 @@ class CDLLambdaGadget:
     """The Gadgetron target. ``handle(connection)`` serves one connection: a gadgetron ``Connection`` (active mode,
     already past the handshake) or a :class:`RobustConnection` (server, replay)."""
 
-    def __init__(self, cache: ReconstructorCache | None = None, registry: ChainRegistry | None = None):
+    def __init__(self, cache: ReconstructorCache | None = None, registry: ChainRegistry | None = None,
+                 overrides: dict | None = None):
         self.cache = cache or _DEFAULT_CACHE
         self.registry = registry
+        self.overrides = dict(overrides or {})  # settings that win over every source (``serve --device``)
 
     def handle(self, connection) -> int:
         """Serve ``connection`` to its end; returns the number of items sent. Never raises."""
@@ -49,18 +51,23 @@ class CDLLambdaGadget:
         try:
             registry = self.registry or ChainRegistry()
             chain = registry.select(connection.config_name, connection.header)
-            params = Parameters.from_sources(chain.parameters, properties_of(connection.config), connection.parameters)
+            params = Parameters.from_sources(chain.parameters, properties_of(connection.config), connection.parameters,
+                                             self.overrides)
             log.info("chain %r: %s", chain.name, params)
             reconstructor = self.cache.get(params)
             scan = ScanSession(connection.header, params, reconstructor, chain.name, connection.send,
-                               cpu_fallback=lambda: self.cache.get(replace(params, device="cpu")))
+                               cpu_fallback=lambda: self.cache.get(replace(params, device="cpu")),
+                               peer_gone=connection.peer_gone)
             start = time.perf_counter()
             for item in connection:
                 scan.on_item(item)
             scan.finish(complete=getattr(connection, "ended_with_close", True))
             sent = scan.sent
             log.info("scan done: %d item(s) sent in %.2f s", sent, time.perf_counter() - start)
-            if scan.failures and params.slice_errors == "report" and scan.reconstructed:
+            if scan.abandoned:
+                log.warning("the peer went away: %d slice(s) were not reconstructed", scan.abandoned)
+                connection.close()
+            elif scan.failures and params.slice_errors == "report" and scan.reconstructed:
                 log.error("%d problem(s), reported in the images marked NOT RECONSTRUCTED (slice_errors=report): %s",
                           len(scan.failures), " | ".join(scan.failures[:20]))
                 connection.close()

@@ -190,6 +190,8 @@ def slice_images(one, outcome, params, *, identity: dict, chain: str, encoding, 
     ``outcome`` (a :class:`recon.pipeline.SliceOutcome`): the CDL-Λ image, then, as ``params`` asks, the
     zero-filled image and the Λ maps, each in its own series."""
     fov = field_of_view(encoding, one.partitions)
+    if getattr(encoding, "image_fov", None) and all(encoding.image_fov[:2]):  # the grid the slices were put on
+        fov = (encoding.image_fov[0], encoding.image_fov[1], fov[2])
     common = dict(field_of_view=fov, identity=identity, chain=chain, partition=one.partition,
                   partitions=one.partitions, slice_thickness=fov[2] if one.partitions > 1 else 0.0,
                   note=slice_note(outcome),

@@ -10,7 +10,10 @@ example (128², 4 coils, 2× oversampling, acceleration 2, noise scan) is replay
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -147,19 +150,27 @@ def replay(path: str | Path, server: str | None = None, config: str | None = Non
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=count, unit="acq", file=sys.stderr, desc="replay", leave=False)
+        bar = tqdm(total=count, unit="acq", file=sys.stderr, desc="replay", leave=False,
+                   disable=None)  # no bar when stderr is not a terminal
     own = None
     try:
         if server:
-            host, _, port = server.rpartition(":")
-            peer = Peer.connect(host or "127.0.0.1", int(port))
+            peer = Peer.connect(*parse_address(server))
         else:
             if local_server is None:
                 from gadgets.server import Server
                 own = local_server = Server("127.0.0.1", 0)
                 own.start(max_connections=1)
             peer = Peer.connect("127.0.0.1", local_server.port)
-        return stream(peer, header, acquisitions, config or DEFAULT_CONFIG, parameters, bar)
+        try:
+            if bar is None:
+                return stream(peer, header, acquisitions, config or DEFAULT_CONFIG, parameters, bar)
+            from tqdm.contrib.logging import logging_redirect_tqdm
+            with logging_redirect_tqdm():  # log lines above the bar, the bar on its own line
+                return stream(peer, header, acquisitions, config or DEFAULT_CONFIG, parameters, bar)
+        except KeyboardInterrupt:
+            peer.abort()
+            raise
     finally:
         if bar is not None:
             bar.close()
@@ -192,15 +203,105 @@ def write_previews(result: ReplayResult, folder: str | Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
+class UsageError(ValueError):
+    """A command-line argument that cannot work; reported in one line with exit status 2."""
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` → (host, port); UsageError unless the port is an integer in 1…65535."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UsageError(f"--server {text!r} must be HOST:PORT with a port in 1…65535")
+    return host or "127.0.0.1", int(port)
+
+
+def check_device(name: str | None) -> None:
+    """UsageError when ``name`` is not auto/cpu/cuda[:N] or asks for CUDA where there is none."""
+    if name in (None, "auto", "cpu"):
+        return
+    from recon.device import choose_device
+    try:
+        choose_device(name)
+    except (ValueError, RuntimeError) as error:
+        raise UsageError(f"--device {name!r}: {error}") from None
+
+
+def check_output(out: Path) -> None:
+    """UsageError unless ``out`` can be written: its folder exists (or is created) and is writable, and ``out`` is
+    not a folder. Checked before reconstructing so that no reconstruction is lost to a bad path."""
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"--out {out}: {parent} is not a folder") from None
+    except OSError as error:
+        raise UsageError(f"--out {out}: cannot create {parent}: {error.strerror or error}") from None
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"--out {out}: the folder {parent} is not writable")
+
+
+def check_request(args, parameters: dict) -> None:
+    """Everything that can be checked before the reconstruction starts: the gadget properties (names and values),
+    the server address; when reconstructing here (a remote server has its own registry, weights and devices) the
+    weights folder, the chain name and the device."""
+    from gadgets.settings import Parameters
+    try:
+        Parameters.from_sources(parameters)
+    except ValueError as error:
+        raise UsageError(f"--param: {error}") from None
+    if args.server:
+        parse_address(args.server)
+    else:
+        from gadgets.chains import ChainRegistry
+        from recon.weights import WeightsRegistry
+        try:
+            WeightsRegistry()
+            ChainRegistry().check_name(args.chain)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        check_device(parameters.get("device"))  # a remote server judges its own devices
+
+
+PREVIEW_NAME = re.compile(r"^image_\d+_\d+\.png$")
+
+
+def save(result: ReplayResult, out: Path, group: str, previews: Path | None) -> dict[int, int]:
+    """Write the images to a temporary file beside ``out`` and rename it over ``out`` (a failure leaves the old
+    output as it was); then replace the previews of the old output in ``previews`` (None: none)."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(handle)
+    os.unlink(temporary)  # ismrmrd.Dataset creates the file itself
+    try:
+        counts = write_images(result, temporary, group)
+        os.replace(temporary, out)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    if previews is not None:
+        if previews.is_dir():
+            for old in previews.iterdir():
+                if PREVIEW_NAME.match(old.name):
+                    old.unlink()
+        log.info("previews: %d PNG in %s", len(write_previews(result, previews)), previews)
+    return counts
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("input", nargs="?", default=None,
                         help="ISMRMRD .h5 file (default: the bundled 128² 4-coil Shepp-Logan example)")
-    parser.add_argument("--out", default="out.h5", help="output ISMRMRD file, replaced if it exists (default out.h5)")
+    parser.add_argument("--out", default="out.h5",
+                        help="output ISMRMRD file, replaced only once the reconstruction succeeded")
     parser.add_argument("--out-group", default="dataset", help="group for image_<series> in the output")
     parser.add_argument("--dataset", default="dataset", help="dataset group in the input file")
-    parser.add_argument("--chain", default=None, help=f"config/chain name sent to the server (default {DEFAULT_CONFIG})")
+    parser.add_argument("--chain", default=None,
+                        help=f"chain or chain file name sent to the server (default: {DEFAULT_CONFIG}, which picks "
+                             "the chain by the registry's rules)")
     parser.add_argument("--server", default=None, metavar="HOST:PORT",
                         help="send to a running cdl-lambda serve or Gadgetron instead of reconstructing in-process")
+    parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
+                        help="where to reconstruct (default: the chain's setting, auto = CUDA when present)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="gadget property override (repeatable), sent as a JSON text message")
     parser.add_argument("--previews", default=None, help="folder for PNG previews (default: OUT stem + _previews)")
@@ -209,34 +310,51 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    """Exit status 0: images written; 1: the reconstruction failed or reported errors; 2: a bad argument (nothing
+    was reconstructed); 130: interrupted (Ctrl-C)."""
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        # Threads of the in-process server may be inside torch; ending the interpreter normally would wait for
+        # them (or abort in C++), so leave at once. The peer connection was reset, so a server drops the scan.
+        print("\ninterrupted", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(130)
+
+
+def _main(args) -> int:
     path = Path(args.input) if args.input else EXAMPLE
-    if not path.exists():
-        log.error("input file %s does not exist", path)
-        return 2
     parameters = {}
-    for item in args.param:
-        name, sep, value = item.partition("=")
-        if not sep:
-            log.error("--param %r is not NAME=VALUE", item)
-            return 2
-        parameters[name.strip()] = value.strip()
+    try:
+        if not path.exists():
+            raise UsageError(f"input file {path} does not exist")
+        for item in args.param:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise UsageError(f"--param {item!r} is not NAME=VALUE")
+            parameters[name.strip()] = value.strip()
+        if args.device:
+            parameters["device"] = args.device
+        check_request(args, parameters)
+        out = Path(args.out)
+        check_output(out)
+    except UsageError as error:
+        log.error("%s", error)
+        return 2
     try:
         result = replay(path, server=args.server, config=args.chain, parameters=parameters or None,
                         progress=not args.no_progress, dataset=args.dataset)
     except (ValueError, OSError) as error:
         log.error("%s", error)
         return 1
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        log.info("overwriting %s", out)
-        out.unlink()
-    counts = write_images(result, out, args.out_group) if result.images else {}
-    log.info("%s: %d image(s) in %.1f s → %s %s", path.name, len(result.images), result.seconds, out,
-             {f"image_{k}": v for k, v in counts.items()})
-    if not args.no_previews and result.images:
-        folder = Path(args.previews) if args.previews else out.with_name(out.stem + "_previews")
-        log.info("previews: %d PNG in %s", len(write_previews(result, folder)), folder)
     for error in result.errors:
         log.error("server error: %s", error)
-    return 1 if result.errors or not result.images else 0
+    if not result.images:
+        log.error("%s: no images came back%s", path.name, f"; {out} was left as it was" if out.exists() else "")
+        return 1
+    previews = None if args.no_previews else (
+        Path(args.previews) if args.previews else out.with_name(out.stem + "_previews"))
+    counts = save(result, out, args.out_group, previews)
+    log.info("%s: %d image(s) in %.1f s → %s %s", path.name, len(result.images), result.seconds, out,
+             {f"image_{k}": v for k, v in counts.items()})
+    return 1 if result.errors else 0

@@ -31,9 +31,12 @@ class ScanSession:
     """One connection's state: buffering, reconstruction and image output.
 
     ``send`` is called with each outgoing item; ``failures`` collects per-slice error messages; ``cpu_fallback``
-    (no arguments) returns a CPU reconstructor for slices that fail on the GPU (None: no fallback)."""
+    (no arguments) returns a CPU reconstructor for slices that fail on the GPU (None: no fallback); ``peer_gone``
+    (no arguments) tells whether the peer has gone, checked before each batch of slices: the slices still to do
+    are then dropped (:attr:`abandoned` counts them) instead of reconstructed for nobody."""
 
-    def __init__(self, header, params: Parameters, reconstructor, chain_name: str, send, cpu_fallback=None):
+    def __init__(self, header, params: Parameters, reconstructor, chain_name: str, send, cpu_fallback=None,
+                 peer_gone=None):
         self.header = header
         self.params = params
         self.rec = reconstructor
@@ -51,6 +54,8 @@ class ScanSession:
         self.sent = 0
         self.reconstructed = 0  # images that carry a reconstruction (not placeholders)
         self._reported = 0
+        self.peer_gone = peer_gone or (lambda: False)
+        self.abandoned = 0
 
     # -- input
     def on_item(self, item) -> None:
@@ -96,7 +101,7 @@ class ScanSession:
             self.whitening_ready = True
             log.info("prewhitening: %s", "from the noise scan" if self.whitening is not None else "none (no noise scan)")
         try:
-            inputs = from_group(group, self.whitening, self.enc.oversampling)
+            inputs = from_group(group, self.whitening, self.enc.oversampling, self.enc.image_matrix)
         except Exception as error:  # noqa: BLE001 - one group's failure must not end the scan
             self._fail(group.key.describe(), error)
             self._placeholder(group.reference, group.key, str(error), self.enc.nz)
@@ -116,7 +121,7 @@ class ScanSession:
         failed, zeros marked NOT RECONSTRUCTED."""
         if self.params.slice_errors != "report":
             return
-        shape = (self.enc.ny, self.enc.nx_raw // self.enc.oversampling)
+        shape = tuple(self.enc.image_matrix)  # the grid the slices are reconstructed on
         for image in image_output.placeholder_images(reference, key, reason, shape=shape, partitions=partitions,
                                                      params=self.params, identity=self.rec.identity,
                                                      chain=self.chain_name, encoding=self.enc, numbers=self.numbers,
@@ -127,7 +132,12 @@ class ScanSession:
     # -- reconstruction and output
     def _run_pending(self) -> None:
         pending, self.pending = self.pending, []
+        if self.abandoned or (pending and self.peer_gone()):
+            self._abandon(len(pending))
+            return
+        done = 0
         for one, outcome in reconstruct_slices(self.rec, pending, self.cpu_fallback):
+            done += 1
             if outcome.error is not None:
                 self._fail(one.describe(), outcome.error)
                 self._placeholder(one.reference, one.key, str(outcome.error), one.partitions, only=one.partition)
@@ -137,6 +147,14 @@ class ScanSession:
                 self.send(image)
                 self.sent += 1
             self.reconstructed += 1
+            if done < len(pending) and self.peer_gone():
+                self._abandon(len(pending) - done)
+                return
+
+    def _abandon(self, count: int) -> None:
+        if not self.abandoned:
+            log.warning("the peer has gone: dropping the scan's remaining slices")
+        self.abandoned += count
 
     def _recon_data(self, recon_data: ReconData) -> None:
         for bit in recon_data.bits:

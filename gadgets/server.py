@@ -39,8 +39,8 @@ class Server:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 18000, cache: ReconstructorCache | None = None,
                  registry: ChainRegistry | None = None, max_concurrent: int = 2, idle_timeout: float | None = 600.0,
-                 listener: socket.socket | None = None):
-        self.gadget = CDLLambdaGadget(cache or ReconstructorCache(), registry)
+                 listener: socket.socket | None = None, overrides: dict | None = None):
+        self.gadget = CDLLambdaGadget(cache or ReconstructorCache(), registry, overrides)
         self.listener = listener or socket.create_server((host, port), reuse_port=False, backlog=16)
         self.listener.settimeout(0.5)
         self.idle_timeout = idle_timeout
@@ -107,8 +107,20 @@ class Server:
         self.stopping.set()
 
 
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1…65535 (0: any free port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0…65535)")
+    return port
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--port", type=int, default=18000, help="TCP port (default 18000; Gadgetron itself uses 9002)")
+    parser.add_argument("--port", type=port_number, default=18000,
+                        help="TCP port (Gadgetron itself uses 9002; 0 = any free port)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server to the network)")
     parser.add_argument("--chains", default=None, help="folder with registry.yaml (default: the shipped chains/)")
@@ -117,6 +129,8 @@ def add_arguments(parser) -> None:
                         help="load this chain's reconstructor before accepting connections")
     parser.add_argument("--idle-timeout", type=float, default=600.0,
                         help="drop a peer that sends nothing for this many seconds (default 600; 0 = never)")
+    parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
+                        help="reconstruct on this device whatever the chain says (default: each chain's setting)")
     parser.add_argument("--no-supervisor", action="store_true",
                         help="serve in this process (no restart after a native crash)")
     parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)  # set by the supervisor
@@ -136,17 +150,41 @@ def check_startup(chains_dir=None) -> ChainRegistry:
     return registry
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket; OSError (port taken, address not local, no permission) for the caller to report."""
+    return socket.create_server((host, port), reuse_port=False, backlog=16)
+
+
 def main(args) -> int:
+    """Bind first (a port that is taken is reported at once, before anything is loaded), then verify the weights
+    and chains, then serve. Exit status 2 with one line on stderr for anything that stops the start."""
+    if args.listen_fd is not None:
+        listener = socket.socket(fileno=args.listen_fd)
+    else:
+        try:
+            listener = listen(args.host, args.port)
+        except (OSError, OverflowError) as error:
+            log.error("cannot listen on %s:%s: %s", args.host, args.port, getattr(error, "strerror", None) or error)
+            return 2
+    overrides = {"device": args.device} if getattr(args, "device", None) else {}
     try:
+        if overrides:
+            from gadgets.replay import UsageError, check_device
+            try:
+                check_device(args.device)
+            except UsageError as error:
+                raise ValueError(str(error)) from None
         registry = check_startup(args.chains)
+        if args.preload:
+            registry.check_name(args.preload)
     except ValueError as error:
         log.error("refusing to start: %s", error)
+        listener.close()
         return 2
     if not args.no_supervisor and args.listen_fd is None:
-        return supervise(args)
-    listener = socket.socket(fileno=args.listen_fd) if args.listen_fd is not None else None
+        return supervise(args, listener)
     server = Server(args.host, args.port, registry=registry, max_concurrent=args.max_concurrent,
-                    idle_timeout=args.idle_timeout or None, listener=listener)
+                    idle_timeout=args.idle_timeout or None, listener=listener, overrides=overrides)
     if args.preload:
         chain = registry.select(args.preload)
         server.cache.get(Parameters.from_sources(chain.parameters))
@@ -164,18 +202,19 @@ MAX_RESTARTS = 5          # worker deaths by a signal tolerated within RESTART_W
 RESTART_WINDOW_S = 60.0
 
 
-def supervise(args) -> int:
+def supervise(args, listener: socket.socket | None = None) -> int:
     """Own the listening socket, run the server in a worker process, restart the worker when a signal kills it.
 
     A worker that exits by itself (0 after SIGTERM/SIGINT, 2 when start-up is refused) ends the supervisor with its
     status; more than :data:`MAX_RESTARTS` deaths within :data:`RESTART_WINDOW_S` seconds end it with status 1."""
-    listener = socket.create_server((args.host, args.port), reuse_port=False, backlog=16)
+    listener = listener or listen(args.host, args.port)
     host, port = listener.getsockname()[:2]
     command = [sys.executable, "-m", "gadgets.cli"] + (["-v"] if getattr(args, "verbose", False) else []) + [
         "serve", "--listen-fd", str(listener.fileno()), "--host", host, "--port", str(port),
         "--max-concurrent", str(args.max_concurrent), "--idle-timeout", str(args.idle_timeout)]
     command += ["--chains", str(args.chains)] if args.chains else []
     command += ["--preload", args.preload] if args.preload else []
+    command += ["--device", args.device] if getattr(args, "device", None) else []
     deaths: list[float] = []
     worker = None
     stopping = threading.Event()

@@ -53,8 +53,7 @@ class Parameters:
                 if name == "chain":
                     continue
                 if name not in known:
-                    log.warning("unknown gadget property %r ignored", name)
-                    continue
+                    raise InputError(f"unknown gadget property {name!r}; known: {', '.join(sorted(known))}")
                 values[name] = cls._convert(name, known[name].type, raw)
         params = cls(**values)
         for name in ("dictionary", "network"):

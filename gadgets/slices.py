@@ -42,19 +42,21 @@ class SliceInput:
         return f"{where}, partition {self.partition}" if self.partitions > 1 else where
 
 
-def _prepare(kspace, mask, whitening, oversampling):
+def _prepare(kspace, mask, whitening, oversampling, matrix=None):
     try:
-        return prepare_kspace(kspace, mask, whitening, oversampling)
+        return prepare_kspace(kspace, mask, whitening, oversampling, matrix)
     except ValueError as error:
         raise InputError(str(error)) from None
 
 
-def from_group(group: SliceGroup, whitening, oversampling: int) -> list[SliceInput]:
-    """One :class:`SliceInput` per partition of a buffered ``group``, prewhitened with ``whitening`` (or None)."""
-    kspace, mask = _prepare(group.kspace, group.mask, whitening, oversampling)
+def from_group(group: SliceGroup, whitening, oversampling: int, matrix=None) -> list[SliceInput]:
+    """One :class:`SliceInput` per partition of a buffered ``group``, prewhitened with ``whitening`` (or None), on
+    the k-space grid ``matrix`` (ny, nx) when given (``gadgets.buffer.Encoding.image_matrix``)."""
+    kspace, mask = _prepare(group.kspace, group.mask, whitening, oversampling, matrix)
     calibration = calibration_mask = None
     if group.calibration is not None:
-        calibration, calibration_mask = _prepare(group.calibration, group.calibration_mask, whitening, oversampling)
+        calibration, calibration_mask = _prepare(group.calibration, group.calibration_mask, whitening, oversampling,
+                                                 matrix)
     partitions = kspace.shape[1]
     return [SliceInput(key=group.key, partition=z, partitions=partitions, kspace=kspace[:, z], mask=mask,
                        reference=group.reference,

@@ -19,18 +19,21 @@ def choose_device(requested: str | torch.device | None = None) -> torch.device:
 
 
 # glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
 _MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's largest accepted mmap threshold on 64-bit
 _allocator_tuned = False
 
 
 def keep_freed_memory_for_reuse() -> bool:
-    """Make glibc's malloc keep freed blocks of up to 32 MiB in the heap instead of returning them to the kernel.
+    """Make glibc's malloc keep freed blocks in the heap for reuse instead of returning them to the kernel.
 
     PyTorch's CPU allocator does not cache, and glibc serves blocks above its mmap threshold with fresh ``mmap``
-    pages, so every FISTA iteration would page-fault its code-sized buffers (megabytes each) in again. This is the
-    in-process form of ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``; memory stays bounded by the
-    largest working set. Returns whether it took effect (glibc only; a no-op elsewhere)."""
+    pages, so every FISTA iteration would page-fault its code-sized buffers in again. The threshold cannot be
+    raised above 32 MiB, and a batch of 256², K = 32 codes is about 50 MiB per buffer, so ``mmap`` is switched off
+    altogether (``M_MMAP_MAX`` = 0: every block comes from the heap, threads' allocations that their arena cannot
+    hold fall back to the main heap) and the heap is never trimmed below 4 GiB. This is the in-process form of
+    ``MALLOC_MMAP_MAX_=0`` / ``MALLOC_TRIM_THRESHOLD_``; memory stays bounded by the largest working set. Returns
+    whether it took effect (glibc only; a no-op elsewhere)."""
     global _allocator_tuned
     if _allocator_tuned:
         return True
@@ -43,6 +46,6 @@ def keep_freed_memory_for_reuse() -> bool:
     except (OSError, AttributeError):
         return False
     ok = (mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1 and mallopt(_M_TRIM_THRESHOLD, 4 * 2**30) == 1
-          and mallopt(_M_TOP_PAD, 64 * 2**20) == 1)
+          and mallopt(_M_TOP_PAD, 64 * 2**20) == 1 and mallopt(_M_MMAP_MAX, 0) == 1)
     _allocator_tuned = ok
     return ok

@@ -43,11 +43,31 @@ def readout_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
     return mask[..., index.clamp(0, n_old - 1)]
 
 
-def prepare_kspace(kspace: np.ndarray, mask: np.ndarray, whitening, oversampling: int):
+def resize_centred(data: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Centred k-space ``(..., ny, nx)`` zero-padded or cropped to ``shape`` (ny, nx), the centre n // 2 kept at
+    n // 2: a finer image grid over the same field of view (zero-filling) or a coarser one."""
+    out = data
+    for dim, new in zip((-2, -1), shape):
+        old = out.shape[dim]
+        if new == old:
+            continue
+        if new < old:
+            out = out.narrow(dim, old // 2 - new // 2, new)
+        else:
+            size = list(out.shape)
+            size[dim] = new
+            padded = out.new_zeros(size)
+            padded.narrow(dim, new // 2 - old // 2, old).copy_(out)
+            out = padded
+    return out
+
+
+def prepare_kspace(kspace: np.ndarray, mask: np.ndarray, whitening, oversampling: int, matrix=None):
     """``kspace`` ``(coils, nz, ny, nx_raw)`` complex, ``mask`` ``(nz, ny, nx_raw)`` → hybrid space
     ``(coils, nz, ny, nx)`` complex64 (prewhitened with ``whitening`` ``(coils, coils)`` or None, readout
     oversampling removed, zeros where not measured, k2 → z by a centred inverse FFT when nz > 1) and the 2-D mask
-    ``(ny, nx)`` float32 every partition uses. ValueError when the whitening's coils differ from the data's."""
+    ``(ny, nx)`` float32 every partition uses, both on the grid ``matrix`` (ny, nx) when given (:func:`resize_centred`).
+    ValueError when the whitening's coils differ from the data's."""
     k = torch.from_numpy(np.require(kspace, requirements=["C", "W"]))
     mask = np.require(mask, requirements=["C", "W"])
     m = torch.from_numpy(mask)
@@ -58,6 +78,8 @@ def prepare_kspace(kspace: np.ndarray, mask: np.ndarray, whitening, oversampling
     if oversampling > 1:
         k = _coils.remove_readout_oversampling(k, oversampling, dim=-1)
         m = readout_mask(m, oversampling)
+    if matrix is not None and tuple(matrix) != tuple(k.shape[-2:]) and all(matrix):
+        k, m = resize_centred(k, tuple(matrix)), resize_centred(m, tuple(matrix))
     k = k * m.to(k.dtype)
     if k.shape[1] > 1:
         planes = m.any(dim=-1).any(dim=-1)

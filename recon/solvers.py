@@ -19,7 +19,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import shutil
+import time
+import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -53,6 +57,26 @@ def _shrink_extrapolate(v: torch.Tensor, s: torch.Tensor, threshold: torch.Tenso
     return s_next, torch.lerp(s_next, s, -alpha)
 
 
+class _CodeBuffers:
+    """The code-sized arrays of the untracked FISTA steps, allocated once per solve and reused by every step:
+    ``s`` and ``z`` (the iterates) and two scratch arrays; written with ``out=`` so that no step allocates."""
+
+    def __init__(self, like: torch.Tensor):
+        self.s, self.z, self.a, self.b = (torch.empty_like(like) for _ in range(4))
+        self.spare = torch.empty_like(like)
+
+    def step(self, v, s, threshold, alpha):
+        """s⁺ = soft(v, t) into a free buffer, z = s⁺ + α (s⁺ − s) into ``z``; returns (s⁺, z)."""
+        s_next = self.spare if s is self.s else self.s
+        torch.sub(v, threshold, out=self.a).relu_()           # relu(v − t)
+        torch.add(v, threshold, out=self.b).neg_().relu_()    # relu(−t − v)
+        torch.sub(self.a, self.b, out=s_next)
+        torch.lerp(s_next, s, -alpha, out=self.z)
+        if s_next is self.spare:                              # keep s⁺ in self.s, the free one in self.spare
+            self.s, self.spare = self.spare, self.s
+        return self.s, self.z
+
+
 def compile_available(device: torch.device) -> bool:
     """Whether ``torch.compile`` can build kernels here: Triton on CUDA, a C++ compiler on the CPU."""
     if device.type == "cuda":
@@ -67,9 +91,59 @@ def _shrink_extrapolate_one_threshold(v: torch.Tensor, s: torch.Tensor, threshol
     return s_next, torch.lerp(s_next, s, -alpha)
 
 
+# torch's own torch/utils/mkldnn.py still decorates with torch.jit.script_method, which warns when torch.compile
+# first imports inductor; nothing in this package uses TorchScript
+_SCRIPT_METHOD_WARNING = r"`torch\.jit\.script_method` is deprecated"
+
+
+def compile_cache_dir() -> Path:
+    """Where compiled kernels persist between processes: ``$TORCHINDUCTOR_CACHE_DIR`` if set, else
+    ``$XDG_CACHE_HOME/cdl-lambda/inductor`` (``~/.cache/…``), so that a new process (Gadgetron's active mode starts
+    one per scan) loads the kernels instead of compiling them again, also after a reboot empties /tmp."""
+    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "cdl-lambda" / "inductor"
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_kernel():
-    return torch.compile(_shrink_extrapolate_one_threshold, dynamic=None)
+    folder = compile_cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))  # read by inductor when it compiles
+        os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    except OSError as error:  # read-only home: torch's default cache in the temporary folder
+        log.warning("compile cache %s is not writable (%s); using torch's default", folder, error)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_SCRIPT_METHOD_WARNING, category=DeprecationWarning)
+        import torch._inductor.compile_fx  # noqa: F401 - the import that warns, done here once
+        return torch.compile(_shrink_extrapolate_one_threshold, dynamic=None)
+
+
+_compiled_shapes: set = set()
+
+# torch.compile pays only when the element-wise work it saves exceeds its own cost: about 0.1 µs per complex code
+# and iteration saved on a CPU core against 2 s to trace and load a cached kernel (more for a first compile), so
+# a solve smaller than this many code-iterations stays eager (a one-slice 64² scan, the tests)
+COMPILE_MIN_WORK = 20_000_000
+
+
+def compile_pays(codes: int, iterations: int) -> bool:
+    """Whether fusing a solve of ``codes`` complex codes over ``iterations`` steps is worth a compile."""
+    return codes * iterations >= COMPILE_MIN_WORK
+
+
+def _announce_compile(v: torch.Tensor):
+    """Log the one-off compile of the kernel for a new code shape (the call that compiles takes seconds)."""
+    key = (tuple(v.shape), v.dtype, v.device.type)
+    if key in _compiled_shapes:
+        return None
+    _compiled_shapes.add(key)
+    log.info("compiling the FISTA kernel for codes %s on %s (once per shape and process; kernels are cached in %s)",
+             "×".join(map(str, v.shape[:-1])), v.device.type, os.environ.get("TORCHINDUCTOR_CACHE_DIR", "the default"))
+    return time.perf_counter()
 
 
 def shrink_extrapolate_kernel(compiled: bool) -> Callable:
@@ -82,7 +156,13 @@ def shrink_extrapolate_kernel(compiled: bool) -> Callable:
     def guarded(v, s, threshold, neg_threshold, alpha):
         nonlocal kernel
         try:
-            return kernel(v, s, threshold, alpha)
+            if kernel is _shrink_extrapolate_one_threshold:
+                return kernel(v, s, threshold, alpha)
+            start = _announce_compile(v)
+            result = kernel(v, s, threshold, alpha)
+            if start is not None:
+                log.info("FISTA kernel ready in %.1f s", time.perf_counter() - start)
+            return result
         except Exception as error:  # no working compiler, unsupported backend, ...
             if kernel is _shrink_extrapolate_one_threshold:
                 raise
@@ -108,7 +188,8 @@ def fista(forward_step: Step, threshold: torch.Tensor, initial: torch.Tensor, it
     forward_step: z ↦ z − τ∇f(z) with τ ≤ 1/L; threshold: τΛ ≥ 0, broadcastable to the codes.
     grad_iterations: how many final steps are differentiated (None: all of them).
     callback(n, s): called after each step (for monitoring; not differentiated).
-    compiled: fuse the element-wise work with ``torch.compile`` in the steps that build no autograd graph.
+    compiled: fuse the element-wise work with ``torch.compile`` in the steps that build no autograd graph, when the
+    solve is large enough for the compile to pay (:func:`compile_pays`).
     """
     if inertia <= 2:
         raise ValueError(f"convergent inertia needs a > 2, got {inertia}")
@@ -117,20 +198,30 @@ def fista(forward_step: Step, threshold: torch.Tensor, initial: torch.Tensor, it
     grad_iterations = max(0, min(grad_iterations, iterations))
     first_tracked = iterations - grad_iterations
     t_pos = _real_threshold(threshold.expand(initial.shape), initial)
+    compiled = compiled and compile_pays(initial.numel(), iterations)
     eager_steps = not compiled or (grad_iterations > 0 and torch.is_grad_enabled())
     t_neg = -t_pos if eager_steps else None  # the compiled kernel forms −t itself
     # α_n as 0-d tensors, so a compiled kernel sees one input type for every n
     alphas = [torch.tensor((n - 1) / (n + inertia), dtype=t_pos.dtype, device=t_pos.device)
               for n in range(1, iterations + 1)]
-    fused = shrink_extrapolate_kernel(compiled)
+    fused = shrink_extrapolate_kernel(compiled) if compiled else None
     s = z = torch.view_as_real(initial)
+    untracked_steps = first_tracked if torch.is_grad_enabled() else iterations
+    buffers = _CodeBuffers(s) if fused is None and untracked_steps > 0 else None
     for n in range(1, iterations + 1):
         tracked = n > first_tracked and torch.is_grad_enabled()
         if n == first_tracked + 1:
             s, z = s.detach(), z.detach()
+            if buffers is not None:  # the tracked steps must not see buffers that later steps overwrite
+                s, z, buffers = s.clone(), z.clone(), None
         with torch.set_grad_enabled(tracked):
             v = torch.view_as_real(forward_step(torch.view_as_complex(z)))
-            s, z = (_shrink_extrapolate if tracked else fused)(v, s, t_pos, t_neg, alphas[n - 1])
-        if callback is not None:
-            callback(n, torch.view_as_complex(s.detach()))
+            if tracked:
+                s, z = _shrink_extrapolate(v, s, t_pos, t_neg, alphas[n - 1])
+            elif buffers is not None:
+                s, z = buffers.step(v, s, t_pos, alphas[n - 1])
+            else:
+                s, z = (fused or _shrink_extrapolate)(v, s, t_pos, t_neg, alphas[n - 1])
+        if callback is not None:  # a copy: the buffers are overwritten by the next step
+            callback(n, torch.view_as_complex(s.detach().clone() if buffers is not None else s.detach()))
     return torch.view_as_complex(s)

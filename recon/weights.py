@@ -32,12 +32,23 @@ class WeightsError(ValueError):
     """A weights file or the manifest is missing, corrupt, tampered with, or names something unknown."""
 
 
+def shipped_data_dir(name: str) -> Path:
+    """Where the shipped ``name`` folder (``weights``, ``chains``) is: ``<checkout>/name`` next to the packages in a
+    source checkout or an editable install, else ``cdl_lambda_data/name`` in the installed package (setup.cfg maps
+    the repository's folder there). The checkout's path when neither exists, for the error to name."""
+    packages = Path(__file__).resolve().parent.parent
+    checkout, installed = packages / name, packages / "cdl_lambda_data" / name
+    if checkout.is_dir() or not installed.is_dir():
+        return checkout
+    return installed
+
+
 def default_weights_dir() -> Path:
-    """``$CDL_LAMBDA_WEIGHTS`` if set, else the ``weights/`` folder shipped next to the package."""
+    """``$CDL_LAMBDA_WEIGHTS`` if set, else the shipped ``weights`` folder (:func:`shipped_data_dir`)."""
     env = os.environ.get("CDL_LAMBDA_WEIGHTS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "weights"
+    return shipped_data_dir("weights")
 
 
 def safe_join(root: Path, relative: str) -> Path:
@@ -61,7 +72,8 @@ class LoadedNetwork:
 
 
 class WeightsRegistry:
-    """Reads ``manifest.yaml`` in ``root`` and loads entries by name, verifying checksums."""
+    """Reads ``manifest.yaml`` in ``root`` and loads entries by name, verifying checksums. A folder without a
+    manifest is refused (WeightsError): the product never falls back silently to its built-in defaults."""
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else default_weights_dir()
@@ -74,7 +86,8 @@ class WeightsRegistry:
             if not isinstance(manifest, dict):
                 raise WeightsError(f"weights manifest {manifest_path} must be a mapping")
         else:
-            manifest = {}
+            raise WeightsError(f"no weights manifest at {manifest_path}: the weights folder is missing or incomplete "
+                               "(reinstall the package, or set CDL_LAMBDA_WEIGHTS to a folder with manifest.yaml)")
         self.manifest = manifest
         self.dictionaries = self._entries(manifest, "dictionaries", manifest_path)
         self.networks = self._entries(manifest, "networks", manifest_path)

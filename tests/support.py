@@ -28,6 +28,15 @@ FAST_REGISTRY = {
     },
     "rules": [{"when": {"config": "cdl_lambda_research*"}, "chain": "cdl-lambda-research"}],
 }
+PLAIN_REGISTRY = {"default": "cdl-lambda", "chains": {"cdl-lambda": {"parameters": {}}}}  # shipped defaults, no rules
+
+
+def write_registry(folder: Path, data: dict = PLAIN_REGISTRY) -> Path:
+    """A chains folder with ``registry.yaml`` holding ``data``; returns the folder."""
+    import yaml
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "registry.yaml").write_text(yaml.safe_dump(data))
+    return folder
 
 
 def make_shepp_logan(path: Path, matrix=64, coils=4, oversampling=2, repetitions=1, acceleration=1,

@@ -14,7 +14,7 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from support import SCAN_CONFIG as CONFIG, read_file, run_scan
+from support import SCAN_CONFIG as CONFIG, read_file, run_scan, write_registry
 from gadgets.wire import MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, encode_text
 from gadgets.client import Peer
 from gadgets.errors import ProtocolError
@@ -33,7 +33,7 @@ def test_active_target_under_real_gadgetron_main(accelerated_file, tmp_path):
     header, acquisitions = read_file(accelerated_file)
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), CDL_LAMBDA_CHAINS=str(tmp_path), OMP_NUM_THREADS="1",
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CDL_LAMBDA_CHAINS=str(write_registry(tmp_path / "chains")), OMP_NUM_THREADS="1",
                GADGETRON_EXTERNAL_LOG_LEVEL="INFO")
     process = subprocess.Popen([sys.executable, "-m", "gadgetron", str(port), "gadgets.handler", "CDLLambdaGadget"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

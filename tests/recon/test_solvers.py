@@ -71,3 +71,44 @@ def test_fista_rejects_non_convergent_inertia(problem):
     with pytest.raises(ValueError, match="a > 2"):
         fista(gradient_step(gradient, 1 / lipschitz), lam / lipschitz, torch.zeros(4, *SHAPE, dtype=torch.complex128),
               5, inertia=2.0)
+
+
+def test_untracked_steps_reuse_buffers_and_give_the_same_codes():
+    """The no-graph steps write into buffers allocated once per solve; the iterates are bit-identical to steps
+    that allocate their results."""
+    from recon.solvers import _real_threshold, _shrink_extrapolate, fista
+    torch.manual_seed(3)
+    target = torch.randn(2, 4, 16, 16, dtype=torch.complex64)
+    threshold = 0.05 * torch.rand(2, 4, 16, 16)
+    step = lambda z: z - 0.5 * (z - target)  # noqa: E731 - gradient step of ½‖z − target‖²
+    seen = []
+    with torch.no_grad():
+        buffered = fista(step, threshold, torch.zeros_like(target), 9, callback=lambda n, s: seen.append(s))
+    t = _real_threshold(threshold, target)
+    s = z = torch.view_as_real(torch.zeros_like(target))
+    for n in range(1, 10):
+        v = torch.view_as_real(step(torch.view_as_complex(z)))
+        s, z = _shrink_extrapolate(v, s, t, -t, torch.tensor((n - 1) / (n + 3.0)))
+        assert torch.equal(seen[n - 1], torch.view_as_complex(s))  # callbacks get copies, not the live buffers
+    assert torch.equal(buffered, torch.view_as_complex(s))
+
+
+def test_a_new_process_compiles_with_a_log_line_and_no_deprecation_warning(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from recon.solvers import compile_available
+    if not compile_available(torch.device("cpu")):
+        pytest.skip("no C++ compiler for torch.compile")
+    code = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
+            "from recon import solvers; solvers.COMPILE_MIN_WORK = 0\n"
+            "x = torch.randn(1, 2, 8, 8, dtype=torch.complex64)\n"
+            "with torch.no_grad(): solvers.fista(lambda z: z - 0.5 * (z - x), torch.full((1, 2, 8, 8), 0.1), "
+            "torch.zeros_like(x), 3, compiled=True)\n")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("TORCHDYNAMO_DISABLE", None)
+    result = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "compiling the FISTA kernel for codes 1×2×8×8" in result.stderr and "FISTA kernel ready" in result.stderr
+    assert "DeprecationWarning" not in result.stderr and any((tmp_path / "cache").iterdir())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ismrmrd
 import numpy as np
 
-from support import ground_truth, relative_error
+from support import ground_truth, relative_error, write_registry
 from gadgets import cli
 from gadgets.replay import png_bytes, replay, write_images
 
@@ -35,7 +35,7 @@ def test_replay_accelerated_file_counters_geometry_quality(accelerated_file, ser
 
 
 def test_cli_replay_writes_groups_and_previews(simple_file, tmp_path, monkeypatch):
-    monkeypatch.setenv("CDL_LAMBDA_CHAINS", str(tmp_path / "nochains"))  # built-in registry
+    monkeypatch.setenv("CDL_LAMBDA_CHAINS", str(write_registry(tmp_path / "chains")))  # one chain, no rules
     out = tmp_path / "out.h5"
     code = cli.main(["replay", str(simple_file), "--out", str(out), "--param", "iterations=8", "--no-progress"])
     assert code == 0

@@ -56,7 +56,10 @@ def test_registry_selection_by_name_rule_and_default():
     registry = ChainRegistry(data=data)
     assert registry.select("cdl-lambda-research").name == "cdl-lambda-research"
     assert registry.select("cdl_lambda_research.xml").name == "cdl-lambda-research"
-    assert registry.select("anything.xml").name == "cdl-lambda"
+    assert registry.select("cdl_lambda.xml").name == "cdl-lambda"  # a shipped chain file: rules, then the default
+    for unknown in ("anything.xml", "cdl-lamda-fats"):
+        with pytest.raises(ChainError, match="unknown chain .*known chains: cdl-lambda, cdl-lambda-research"):
+            registry.select(unknown)
     header = parse_ismrmrd_header(
         '<ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><measurementInformation><protocolName>T1 Brain'
         '</protocolName><patientPosition>HFS</patientPosition></measurementInformation><acquisitionSystemInformation><systemFieldStrength_T>0.064'
