@@ -216,7 +216,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--multicoil-slices", type=int, nargs=3, default=list(d.multicoil_slices),
                         metavar=("VAL", "TEST", "OOD"), help="multi-coil slices per source of each split")
     parser.add_argument("--weights-dir", default=d.weights_dir, help="weights folder (default: the shipped weights/)")
-    parser.add_argument("--output-dir", default=d.output_dir, help="folder of the report and its figures/")
+    parser.add_argument("--output-dir", default=d.output_dir, help="folder of the report and its figures/ (the shipped report is docs/evaluation.md)")
     parser.add_argument("--name", default=d.name, help="report name: NAME.md and figures/NAME.png")
     parser.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
 
@@ -229,7 +229,13 @@ def evaluate(args: argparse.Namespace) -> int:
         lambdas=tuple(args.lambdas), betas=tuple(args.betas), figure_ood=args.figure_ood, bart=not args.no_bart,
         weights_dir=args.weights_dir, output_dir=args.output_dir, name=args.name, threads=args.threads,
         multicoil=not args.no_multicoil, multicoil_slices=tuple(args.multicoil_slices), command_line=command)
-    print(evaluation.run_evaluation(settings))
+    try:
+        text = evaluation.run_evaluation(settings)
+    except images.SourceUnavailable as error:
+        log.error("%s", error)
+        return 2
+    log.info("report written to %s", Path(settings.output_dir) / f"{settings.name}.md")
+    print(text)
     return 0
 
 

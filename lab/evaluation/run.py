@@ -67,7 +67,7 @@ class Settings:
     figure_ood: str = "knee"
     bart: bool = True
     weights_dir: str | None = None
-    output_dir: str = "docs"
+    output_dir: str = "evaluation"
     name: str = "evaluation"
     threads: int = 1
     command_line: str = "cdl-lambda evaluate"
@@ -154,6 +154,14 @@ def run_evaluation(settings: Settings) -> str:
 
     log.info("grid search of the scalar λ on the validation split")
     validation = load_volumes(size, 6, splits=("val",), noise_levels=(0.2,))
+    missing = [name for split in ("val", "test") for name in lab_images.SPLITS[split]
+               if not lab_images.available(name)]
+    if not validation or missing:
+        raise lab_images.SourceUnavailable(
+            "the evaluation needs every validation and test image source; missing: " + ", ".join(
+                f"{name} ({lab_images.SOURCES[name].package})" for name in missing)
+            + ' — install them (pip install ".[lab,lab-images]", apt-get install mricron-data '
+              "insighttoolkit5-examples)")
     lam, beta, grid = grid_search_scalar(dicts.default, validation, T, settings.lambdas, settings.betas)
     volumes = load_volumes(size, settings.slices)
     log.info("%d volumes, %d slices", len(volumes), sum(v.batch.target.shape[0] for v in volumes))

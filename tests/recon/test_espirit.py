@@ -3,7 +3,6 @@ against BART's ecalib."""
 
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
