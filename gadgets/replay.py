@@ -51,7 +51,12 @@ class ReplayResult:
 
 def read_recording(path: str | Path, dataset: str = "dataset"):
     """(header XML bytes, acquisition count, iterator of acquisitions) of an ISMRMRD file; ValueError on a file that
-    is missing, truncated or not ISMRMRD."""
+    is missing, truncated or not ISMRMRD.
+
+    Read with h5py in blocks of ``CHUNK`` records rather than ``ismrmrd.Dataset.read_acquisition`` one record at a
+    time: a long scan streams without a Python call per HDF5 read, and a truncated file or a record whose sample
+    count disagrees with its header is named (which record, what it holds) instead of failing inside the reader.
+    The records are still decoded by ``ismrmrd.Acquisition`` (and files are written with ``ismrmrd.Dataset``)."""
     try:
         handle = h5py.File(path, "r")
     except OSError as error:
