@@ -34,8 +34,8 @@ def lab_command(name: str):
     try:
         from lab import cli as lab_cli
     except ModuleNotFoundError as error:
-        print(f"cdl-lambda {name}: the Python package `{error.name}` is missing; the research commands need the "
-              f'lab extra: pip install ".[lab]"', file=sys.stderr)
+        sys.stderr.write(f"cdl-lambda {name}: the Python package `{error.name}` is missing; the research commands "
+                         f'need the lab extra: pip install ".[lab]"\n')
         raise LabMissing(2) from None
     return lab_cli.COMMANDS[name]
 

@@ -322,7 +322,7 @@ def main(args) -> int:
     except KeyboardInterrupt:
         # Threads of the in-process server may be inside torch; ending the interpreter normally would wait for
         # them (or abort in C++), so leave at once. The peer connection was reset, so a server drops the scan.
-        print("\ninterrupted", file=sys.stderr)
+        sys.stderr.write("\ninterrupted\n")
         sys.stderr.flush()
         os._exit(130)
 
