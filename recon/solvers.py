@@ -199,8 +199,8 @@ def fista(forward_step: Step, threshold: torch.Tensor, initial: torch.Tensor, it
     first_tracked = iterations - grad_iterations
     t_pos = _real_threshold(threshold.expand(initial.shape), initial)
     compiled = compiled and compile_pays(initial.numel(), iterations)
-    eager_steps = not compiled or (grad_iterations > 0 and torch.is_grad_enabled())
-    t_neg = -t_pos if eager_steps else None  # the compiled kernel forms −t itself
+    # −t only for the differentiated steps: the compiled kernel and the buffered steps form it themselves
+    t_neg = -t_pos if grad_iterations > 0 and torch.is_grad_enabled() else None
     # α_n as 0-d tensors, so a compiled kernel sees one input type for every n
     alphas = [torch.tensor((n - 1) / (n + inertia), dtype=t_pos.dtype, device=t_pos.device)
               for n in range(1, iterations + 1)]
@@ -210,9 +210,9 @@ def fista(forward_step: Step, threshold: torch.Tensor, initial: torch.Tensor, it
     buffers = _CodeBuffers(s) if fused is None and untracked_steps > 0 else None
     for n in range(1, iterations + 1):
         tracked = n > first_tracked and torch.is_grad_enabled()
-        if n == first_tracked + 1:
+        if n == first_tracked + 1 and torch.is_grad_enabled():  # the differentiated steps begin
             s, z = s.detach(), z.detach()
-            if buffers is not None:  # the tracked steps must not see buffers that later steps overwrite
+            if buffers is not None:  # they must not see buffers that later steps would overwrite
                 s, z, buffers = s.clone(), z.clone(), None
         with torch.set_grad_enabled(tracked):
             v = torch.view_as_real(forward_step(torch.view_as_complex(z)))
@@ -221,7 +221,7 @@ def fista(forward_step: Step, threshold: torch.Tensor, initial: torch.Tensor, it
             elif buffers is not None:
                 s, z = buffers.step(v, s, t_pos, alphas[n - 1])
             else:
-                s, z = (fused or _shrink_extrapolate)(v, s, t_pos, t_neg, alphas[n - 1])
+                s, z = fused(v, s, t_pos, t_neg, alphas[n - 1])
         if callback is not None:  # a copy: the buffers are overwritten by the next step
             callback(n, torch.view_as_complex(s.detach().clone() if buffers is not None else s.detach()))
     return torch.view_as_complex(s)
