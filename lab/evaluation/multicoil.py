@@ -66,7 +66,7 @@ class Scan:
         return self.acceleration, self.snr
 
 
-def simulate_scan(magnitude: np.ndarray, acceleration: int, snr: float, seed: int, split: str = "",
+def simulate_scan(magnitude: np.ndarray, acceleration: int, snr: float, seed, split: str = "",
                   source: str = "") -> Scan:
     """The scan of one magnitude slice (module docstring), deterministic in ``seed``."""
     rng = np.random.default_rng(seed)
@@ -88,6 +88,9 @@ def simulate_scan(magnitude: np.ndarray, acceleration: int, snr: float, seed: in
     return Scan(kspace, mask.float(), reference.astype(np.float32), split, source, acceleration, snr)
 
 
+SPLIT_SEEDS = {"val": 0, "test": 1, "ood": 2}  # deterministic across processes (unlike hash() of a str)
+
+
 def scans_of(images: dict[str, np.ndarray], split: str, per_source: int, seed: int = 0) -> list[Scan]:
     """Every setting for ``per_source`` evenly spread slices of each source of a split."""
     out = []
@@ -95,8 +98,8 @@ def scans_of(images: dict[str, np.ndarray], split: str, per_source: int, seed: i
         picks = np.linspace(0, len(stack) - 1, min(per_source, len(stack))).round().astype(int)
         for i, pick in enumerate(picks):
             for a_index, (acceleration, snr) in enumerate(product(ACCELERATIONS, SNRS)):
-                out.append(simulate_scan(stack[pick], acceleration, snr, seed=hash((seed, split, s_index, i,
-                                                                                    a_index)) % 2 ** 32,
+                out.append(simulate_scan(stack[pick], acceleration, snr, seed=[seed, SPLIT_SEEDS[split], s_index,
+                                                                               i, a_index],
                                          split=split, source=source))
     return out
 
