@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from recon import fft as _fft
+from lab.datasets import removed_lines_range
 from lab.physics import complex_image
+from recon.sampling import central_window_mask
 from recon.espirit import espirit_maps
 
 COIL_CHOICES = (1, 2, 4, 6, 8, 8, 12, 16)
@@ -83,11 +85,9 @@ def line_mask(n: int, acceleration: int, calib: int, rng: np.random.Generator) -
 
 def window_mask(n: int, rng: np.random.Generator) -> np.ndarray:
     """The paper's low-resolution window: 40–119 of 320 lines removed per side (scaled), both axes."""
-    lo, hi = int(round(40 * n / 320)), min(int(round(119 * n / 320)), (n - 2) // 2)
-    wy, wx = (n - 2 * int(rng.integers(lo, hi + 1)) for _ in range(2))
-    mask = np.zeros((n, n), np.float32)
-    mask[n // 2 - wy // 2:n // 2 - wy // 2 + wy, n // 2 - wx // 2:n // 2 - wx // 2 + wx] = 1
-    return mask
+    lo, hi = removed_lines_range(n)
+    window = tuple(n - 2 * int(rng.integers(lo, hi + 1)) for _ in range(2))
+    return central_window_mask((n, n), window).numpy()
 
 
 def augment(mag: np.ndarray, rng: np.random.Generator) -> np.ndarray:
