@@ -58,22 +58,9 @@ def test_3d_scan_transforms_along_k2_and_returns_partitions(reconstructor):
     assert [im.image_index for im in sent] == [1, 2, 3, 4]
 
 
-def test_one_bad_slice_does_not_stop_the_others(reconstructor):
+def _three_slices_the_middle_one_bad(params, reconstructor):
+    """A 3-slice scan whose slice 1 holds an Inf sample: (the session, the items it sent)."""
     sent = []
-    scan = ScanSession(header(slices=3), Parameters(iterations=4), reconstructor, "test", sent.append)
-    for s in range(3):
-        for e1 in range(16):
-            acq = acquisition(e1, slice_=s, flags=(ismrmrd.ACQ_LAST_IN_SLICE,) if e1 == 15 else (),
-                              value=np.inf if (s, e1) == (1, 3) else 1.0)
-            scan.on_item(acq)
-    scan.finish()
-    assert [im.slice for im in sent] == [0, 2]
-    assert len(scan.failures) == 1 and "slice 1" in scan.failures[0]
-
-
-def test_bad_slice_reported_in_its_place_with_slice_errors_report(reconstructor):
-    sent = []
-    params = Parameters(iterations=4, slice_errors="report")
     scan = ScanSession(header(slices=3), params, reconstructor, "test", sent.append)
     for s in range(3):
         for e1 in range(16):
@@ -81,6 +68,17 @@ def test_bad_slice_reported_in_its_place_with_slice_errors_report(reconstructor)
                               value=np.inf if (s, e1) == (1, 3) else 1.0)
             scan.on_item(acq)
     scan.finish()
+    return scan, sent
+
+
+def test_one_bad_slice_does_not_stop_the_others(reconstructor):
+    scan, sent = _three_slices_the_middle_one_bad(Parameters(iterations=4), reconstructor)
+    assert [im.slice for im in sent] == [0, 2]
+    assert len(scan.failures) == 1 and "slice 1" in scan.failures[0]
+
+
+def test_bad_slice_reported_in_its_place_with_slice_errors_report(reconstructor):
+    scan, sent = _three_slices_the_middle_one_bad(Parameters(iterations=4, slice_errors="report"), reconstructor)
     assert [im.slice for im in sent] == [0, 1, 2] and [im.image_index for im in sent] == [1, 2, 3]
     assert len(scan.failures) == 1 and scan.reconstructed == 2
     comment = sent[1].meta["GADGETRON_ImageComment"]
