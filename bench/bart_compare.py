@@ -26,12 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.report import publish  # noqa: E402
-from lab import bart  # noqa: E402
-from lab.evaluation import multicoil as MC  # noqa: E402
-from lab.images import load_split  # noqa: E402
-from recon import coils  # noqa: E402
-from recon.pipeline import Reconstructor, default_calibration_mask  # noqa: E402
+from bench.report import publish
+from lab import bart
+from lab.evaluation import multicoil as MC
+from lab.images import load_split
+from recon import coils
+from recon.pipeline import Reconstructor, default_calibration_mask
 
 
 def best_of(fn, repeats: int) -> float:
@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     text = "\n".join([
         "# CDL-Λ and BART on one prewhitened multi-coil slice",
         "",
-        f"`python bench/bart_compare.py --threads {args.threads} --repeats {args.repeats}` on {platform.processor() or platform.machine()},"
+        f"`python bench/bart_compare.py --threads {args.threads} --repeats {args.repeats}` on "
+        f"{platform.processor() or platform.machine()},"
         f" {args.threads} torch threads, best of {args.repeats}; {args.size}², 8 coils, R = 2, network "
         f"{reconstructor.identity['network']}, dictionary {reconstructor.identity['dictionary']}.",
         "",

@@ -29,14 +29,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.report import publish  # noqa: E402
+from bench.report import publish
 
-from gadgets.client import Peer  # noqa: E402
-from gadgets.replay import read_recording, stream  # noqa: E402
-from lab.acquisition import Scan, Setting  # noqa: E402
-from lab.images import load_source, SourceUnavailable  # noqa: E402
-from lab.mrd_writer import write_ismrmrd  # noqa: E402
-from recon.solvers import compile_cache_dir  # noqa: E402
+from gadgets.client import Peer
+from gadgets.replay import read_recording, stream
+from lab.acquisition import Scan, Setting
+from lab.images import load_source, SourceUnavailable
+from lab.mrd_writer import write_ismrmrd
+from recon.solvers import compile_cache_dir
 
 
 def magnitudes(slices: int, size: int) -> np.ndarray:

@@ -20,14 +20,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.report import publish  # noqa: E402
+from bench.report import publish
 
-from recon.device import choose_device, keep_freed_memory_for_reuse  # noqa: E402
-from recon.dictionary import Dictionary  # noqa: E402
-from recon.fft import fft2c  # noqa: E402
-from recon.lambda_nets import LambdaNetV3  # noqa: E402
-from recon.model import CDLLambda  # noqa: E402
-from recon.sampling import central_window_mask, equispaced_line_mask  # noqa: E402
+from recon.device import choose_device, keep_freed_memory_for_reuse
+from recon.dictionary import Dictionary
+from recon.fft import fft2c
+from recon.lambda_nets import LambdaNetV3
+from recon.model import CDLLambda
+from recon.sampling import central_window_mask, equispaced_line_mask
 
 CASES = [  # name, image size, coils, K, k_f
     ("160² single coil, K=32, 9×9", 160, 1, 32, 9),
@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     keep_freed_memory_for_reuse()  # as recon.pipeline.Reconstructor does on the CPU
     device = choose_device(args.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {args.threads} threads"
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{platform.processor() or 'CPU'}, {args.threads} threads")
     rows = ["| case | batch | ms / slice | ms / FISTA iteration | FFT floor ms / iteration | ratio |",
             "|---|---|---|---|---|---|"]
     for name, size, coils, k, kf in CASES:
@@ -119,7 +120,8 @@ def main(argv=None) -> int:
         print(rows[-1], file=sys.stderr)
     text = (f"# CDL-Λ latency (V3, T = 64)\n\nDevice: {where}; torch {torch.__version__}.\n"
             f"Command: `python bench/latency.py --device {args.device} --threads {args.threads} "
-            f"--batch {args.batch}{' --no-compile' if args.no_compile else ''}`\n\n" + "\n".join(rows) + "\n\nThe FFT floor is the time of the 2K + 2C + 2 "
+            f"--batch {args.batch}{' --no-compile' if args.no_compile else ''}`\n\n" + "\n".join(rows)
+            + "\n\nThe FFT floor is the time of the 2K + 2C + 2 "
             "FFTs one iteration must do (C = 1 for one coil), measured in the same run.\n")
     publish(text, args.out)
     return 0

@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.report import publish  # noqa: E402
+from bench.report import publish
 
-from bench.latency import run_case  # noqa: E402
-from recon.device import choose_device, keep_freed_memory_for_reuse  # noqa: E402
+from bench.latency import run_case
+from recon.device import choose_device, keep_freed_memory_for_reuse
 
 SWEEPS = {  # name: list of (size, coils, K, T)
     "K": [(128, 1, k, 32) for k in (8, 16, 32, 64)],

@@ -34,10 +34,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import ismrmrd  # noqa: E402
+import ismrmrd
 
-from gadgets.wire import MSG_ERROR, MSG_IMAGE, encode_item  # noqa: E402
-from gadgets.client import Peer  # noqa: E402
+from gadgets.wire import MSG_ERROR, MSG_IMAGE, encode_item
+from gadgets.client import Peer
 
 SCANNER_RATE = 200  # readouts per second: a fast gradient echo (TR 5 ms); low-field sequences are slower
 
@@ -49,8 +49,9 @@ def header_xml(matrix: int, slices: int) -> str:
 <fieldOfView_mm><x>220</x><y>220</y><z>5</z></fieldOfView_mm></encodedSpace>
 <reconSpace><matrixSize><x>{matrix}</x><y>{matrix}</y><z>1</z></matrixSize>
 <fieldOfView_mm><x>220</x><y>220</y><z>5</z></fieldOfView_mm></reconSpace>
-<encodingLimits><kspace_encoding_step_1><minimum>0</minimum><maximum>{matrix - 1}</maximum><center>{matrix // 2}</center>
-</kspace_encoding_step_1><slice><minimum>0</minimum><maximum>{slices - 1}</maximum><center>0</center></slice>
+<encodingLimits><kspace_encoding_step_1><minimum>0</minimum><maximum>{matrix - 1}</maximum>
+<center>{matrix // 2}</center></kspace_encoding_step_1>
+<slice><minimum>0</minimum><maximum>{slices - 1}</maximum><center>0</center></slice>
 </encodingLimits><trajectory>cartesian</trajectory></encoding></ismrmrdHeader>"""
 
 
@@ -205,7 +206,8 @@ def main(argv=None) -> int:
     table = ["| check | result |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     context = (f"Matrix {args.matrix}², {args.coils} coils, {args.iterations} FISTA iterations, weights: "
                f"{args.weights} ({warm['identity']}); server: `cdl-lambda serve --no-supervisor` on 127.0.0.1, "
-               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}; {platform.processor() or platform.machine()}, "
+               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}; "
+               f"{platform.processor() or platform.machine()}, "
                f"{os.cpu_count()} CPUs, shared with other work.")
     text = "\n".join(["# Soak: a warm server under load", "", f"`{command.strip()}`", "", context, "", *table, ""])
     print(text)

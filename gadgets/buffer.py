@@ -156,7 +156,8 @@ def read_encoding(header) -> Encoding:
     mode = str(getattr(mode, "value", mode) or "")
     channels = _value(header, "acquisitionSystemInformation", "receiverChannels")
     return Encoding(nx_raw=nx_raw, ny=ny, nz=nz, recon_matrix=(int(rsize.x), int(rsize.y), max(int(rsize.z or 1), 1)),
-                    oversampling=oversampling, image_matrix=image_matrix, image_fov=image_fov, e1_center=e1_center, e2_center=e2_center, encoded_fov=encoded_fov,
+                    oversampling=oversampling, image_matrix=image_matrix, image_fov=image_fov, e1_center=e1_center,
+                    e2_center=e2_center, encoded_fov=encoded_fov,
                     recon_fov=recon_fov, limits=limits, calibration_mode=mode,
                     receiver_channels=int(channels) if channels else None)
 
@@ -233,7 +234,8 @@ class AcquisitionBuffer:
                 self.errors.append(f"{where}: noise readout contains NaN/Inf samples; ignored")
                 return []
             if self.coils is not None and data.shape[0] != self.coils:
-                self.errors.append(f"{where}: noise readout has {data.shape[0]} channels, expected {self.coils}; ignored")
+                self.errors.append(f"{where}: noise readout has {data.shape[0]} channels, "
+                                   f"expected {self.coils}; ignored")
                 return []
             self.coils = data.shape[0]
             self.noise_chunks.append(np.array(data, dtype=np.complex64))

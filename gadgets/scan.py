@@ -99,7 +99,8 @@ class ScanSession:
             self.whitening = whitening_matrix(self.buffer.noise, self.buffer.noise_sample_time_us,
                                               group.sample_time_us)
             self.whitening_ready = True
-            log.info("prewhitening: %s", "from the noise scan" if self.whitening is not None else "none (no noise scan)")
+            log.info("prewhitening: %s",
+                     "from the noise scan" if self.whitening is not None else "none (no noise scan)")
         try:
             inputs = from_group(group, self.whitening, self.enc.oversampling, self.enc.image_matrix)
         except Exception as error:  # noqa: BLE001 - one group's failure must not end the scan

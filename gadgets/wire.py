@@ -34,7 +34,8 @@ from gadgets.errors import PeerError, ProtocolError
 log = logging.getLogger(__name__)
 
 MSG_CONFIG_FILE, MSG_CONFIG_TEXT, MSG_HEADER, MSG_CLOSE, MSG_TEXT, MSG_ERROR = 1, 2, 3, 4, 5, 8
-MSG_ACQUISITION, MSG_IMAGE, MSG_RECON_DATA, MSG_IMAGE_ARRAY, MSG_WAVEFORM, MSG_BUCKET = 1008, 1022, 1023, 1024, 1026, 1050
+MSG_ACQUISITION, MSG_IMAGE, MSG_RECON_DATA, MSG_IMAGE_ARRAY = 1008, 1022, 1023, 1024
+MSG_WAVEFORM, MSG_BUCKET = 1026, 1050
 CONFIG_FILE_BYTES = 1024
 MAX_TEXT_BYTES = 16 * 2**20          # config, header, text, error, meta
 MAX_MESSAGE_BYTES = 2 * 2**30        # any single read (one acquisition's samples, one array's data)
@@ -87,7 +88,7 @@ def parse_ismrmrd_header(text: bytes | str):
         try:
             header = XmlParser(config=ParserConfig(fail_on_unknown_properties=False)).from_bytes(
                 raw, ismrmrd.xsd.ismrmrdHeader)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:  # noqa: BLE001 - the lenient parser fails in several ways too
             raise ProtocolError(f"ISMRMRD header does not parse: {error}") from None
         log.warning("ISMRMRD header has elements outside the schema (ignored): %s", strict_error)
         return header

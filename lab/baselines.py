@@ -53,7 +53,8 @@ class _NoiseUnits(nn.Module):
         kspace = kspace.to(torch.complex64)
         mask = mask.to(device=kspace.device, dtype=torch.float32)
         if noise_std is None:
-            noise_std = estimate_noise_std(kspace if multi else kspace.unsqueeze(1), mask if mask.ndim == 2 else mask[0])
+            noise_std = estimate_noise_std(kspace if multi else kspace.unsqueeze(1),
+                                           mask if mask.ndim == 2 else mask[0])
         sigma = torch.as_tensor(noise_std, dtype=torch.float32, device=kspace.device).reshape(-1).expand(len(kspace))
         op = make_operator(mask, coil_maps.to(torch.complex64) if multi else None, centred=True)
         y = kspace / sigma.view(-1, *(1,) * (kspace.ndim - 1))

@@ -205,7 +205,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--network", default=d.network, help="the V3 network (manifest name)")
     parser.add_argument("--dictionary", default=d.dictionary, help="dictionary of the scalar baseline and the figure")
     parser.add_argument("--v1-dictionary", default=d.v1_dictionary,
-                        help="dictionary of the V1 network and the permutation test (default: the one V1 was trained on)")
+                        help="dictionary of the V1 network and the permutation test "
+                             "(default: the one V1 was trained on)")
     parser.add_argument("--train-dictionaries", type=int, default=d.train_dictionaries,
                         help="how many training dictionaries to average (0: all)")
     parser.add_argument("--lambdas", type=float, nargs="+", default=list(d.lambdas), help="scalar λ grid")
@@ -216,7 +217,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--multicoil-slices", type=int, nargs=3, default=list(d.multicoil_slices),
                         metavar=("VAL", "TEST", "OOD"), help="multi-coil slices per source of each split")
     parser.add_argument("--weights-dir", default=d.weights_dir, help="weights folder (default: the shipped weights/)")
-    parser.add_argument("--output-dir", default=d.output_dir, help="folder of the report and its figures/ (the shipped report is docs/evaluation.md)")
+    parser.add_argument("--output-dir", default=d.output_dir,
+                        help="folder of the report and its figures/ (the shipped report is docs/evaluation.md)")
     parser.add_argument("--name", default=d.name, help="report name: NAME.md and figures/NAME.png")
     parser.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
 

@@ -93,7 +93,8 @@ def sparse_code(filters: torch.Tensor, images: torch.Tensor, lam: float, iterati
     codes0 = torch.zeros(images.shape[0], dictionary.num_filters, *shape, dtype=torch.complex64,
                          device=images.device)
     with torch.no_grad():
-        return fista(gradient_step(gradient, step), torch.full((), step * lam, device=images.device), codes0, iterations)
+        return fista(gradient_step(gradient, step), torch.full((), step * lam, device=images.device), codes0,
+                     iterations)
 
 
 def normalise(filters: torch.Tensor) -> torch.Tensor:
@@ -114,7 +115,8 @@ def filter_step(filters: torch.Tensor, codes: torch.Tensor, images: torch.Tensor
     shape = images.shape[-2:]
     s_hat = torch.fft.fft2(codes.real.to(torch.complex64))
     d = filters.detach().clone().requires_grad_(True)
-    synth = torch.fft.ifft2(torch.einsum("bkyx,kyx->byx", s_hat, Dictionary(d, name="learning").spectra(tuple(shape), d.device))).real
+    synth = torch.fft.ifft2(torch.einsum("bkyx,kyx->byx", s_hat, Dictionary(d, name="learning").spectra(tuple(shape),
+                                                                                                        d.device))).real
     loss = 0.5 * (synth - images).pow(2).sum() / images.shape[0]
     (grad,) = torch.autograd.grad(loss, d)
     lipschitz = float(s_hat.abs().pow(2).sum(dim=(0, 1)).max()) / images.shape[0]

@@ -48,8 +48,8 @@ def build_header(scan: Scan, protocol: Protocol):
     wy, wx = setting.encoded
     fy, fx = protocol.fov_mm
     os_ = setting.oversampling
-    limit = lambda maximum, center=0: x.limitType(minimum=0, maximum=maximum, center=center)  # noqa: E731
-    space = lambda mx, my, fov_x, fov_y: x.encodingSpaceType(  # noqa: E731
+    limit = lambda maximum, center=0: x.limitType(minimum=0, maximum=maximum, center=center)  # noqa: E731 - a one-line helper reads best as a lambda here
+    space = lambda mx, my, fov_x, fov_y: x.encodingSpaceType(  # noqa: E731 - a one-line helper reads best as a lambda here
         matrixSize=x.matrixSizeType(x=mx, y=my, z=1),
         fieldOfView_mm=x.fieldOfViewMm(x=fov_x, y=fov_y, z=protocol.slice_thickness_mm))
     encoding = x.encodingType(

@@ -258,7 +258,8 @@ class Trainer:
 
 # ---- export ----------------------------------------------------------------------------------------------------
 def load_trained(path, device="cpu") -> tuple[nn.Module, dict]:
-    """A trained model from a checkpoint or an exported file (a path or a file object; either kind): (module in eval mode, payload)."""
+    """A trained model from a checkpoint or an exported file (a path or a file object; either kind):
+    (module in eval mode, payload)."""
     payload = torch.load(path, map_location=device, weights_only=True)
     if "model" in payload:  # a training checkpoint
         config = TrainConfig(**payload["config"])

@@ -142,7 +142,7 @@ class Dictionary:
             raise DictionaryError(f"dictionary file {path} does not match its checksum (corrupt or tampered)")
         try:
             payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as error:  # truncated zip, not a torch file, disallowed pickle content
+        except Exception as error:  # noqa: BLE001 - truncated zip, not a torch file, disallowed pickle content
             raise DictionaryError(f"dictionary file {path} is not a readable dictionary: {error}") from None
         if not isinstance(payload, dict) or "filters" not in payload:
             raise DictionaryError(f"dictionary file {path} has no 'filters' entry")

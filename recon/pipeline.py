@@ -66,13 +66,14 @@ class Reconstructor:
 
     dictionary / network: names from ``weights/manifest.yaml`` ("default" = the manifest's default; network
     "none" = the scalar-λ baseline). device: None/"auto" → CUDA when present, else CPU. batch_size: slices per
-    forward pass (0 = 8 on a GPU, 1 on the CPU). compiled: fuse FISTA's element-wise work with ``torch.compile`` ("auto": when a compiler is
-    available; the first slice of each size then pays a one-off compile).
+    forward pass (0 = 8 on a GPU, 1 on the CPU). compiled: fuse FISTA's element-wise work with ``torch.compile``
+    ("auto": when a compiler is available; the first slice of each size then pays a one-off compile).
     """
 
     def __init__(self, dictionary: str | Dictionary = "default", network: str | None = "default",
                  iterations: int = 64, device: str | None = None, batch_size: int = 8,
-                 scalar_lambda: float = DEFAULT_SCALAR_LAMBDA, weights_dir: str | None = None, compiled: bool | str = "auto"):
+                 scalar_lambda: float = DEFAULT_SCALAR_LAMBDA, weights_dir: str | None = None,
+                 compiled: bool | str = "auto"):
         self.device = choose_device(device)
         if self.device.type == "cpu":
             keep_freed_memory_for_reuse()
@@ -278,7 +279,7 @@ def _redo_on_cpu(reconstructor, one: SliceKSpace, error: Exception, cpu_fallback
     release_gpu_memory()
     try:
         result = _reconstruct_batch(cpu_fallback(), [one])
-    except Exception as cpu_error:  # noqa: BLE001
+    except Exception as cpu_error:  # noqa: BLE001 - the slice fails alone, with both reasons
         return SliceOutcome(error=RuntimeError(f"{error}; on the CPU as well: {cpu_error}"))
     return _outcomes(result, 1, "cpu", f"reconstructed on the CPU after {reason}")[0]
 
@@ -297,7 +298,7 @@ def _reconstruct_isolated(reconstructor, batch: list, cpu_fallback) -> list[Slic
     for one in batch:
         try:
             outcomes += _outcomes(_reconstruct_batch(reconstructor, [one]), 1, _device_name(reconstructor))
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:  # noqa: BLE001 - one slice's failure must not take the others
             outcomes.append(_redo_on_cpu(reconstructor, one, error, cpu_fallback))
     return outcomes
 

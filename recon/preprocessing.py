@@ -26,7 +26,8 @@ def whitening_matrix(noise: np.ndarray | None, noise_dwell_us: float = 0.0, data
     or None when there is no usable noise scan."""
     if noise is None or noise.shape[1] < 2 * noise.shape[0]:
         if noise is not None:
-            log.warning("noise scan too short (%d samples for %d coils): no prewhitening", noise.shape[1], noise.shape[0])
+            log.warning("noise scan too short (%d samples for %d coils): no prewhitening", noise.shape[1],
+                        noise.shape[0])
         return None
     whitening = _coils.prewhitening_matrix(_coils.noise_covariance(torch.from_numpy(noise)))
     if noise_dwell_us > 0 and data_dwell_us > 0:

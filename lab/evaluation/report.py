@@ -138,8 +138,9 @@ def render_report(methods: list[Method], info: dict, figure: str | None, noise_l
         lines += [f"| {display_name(m)} | {noise} | {a['ssim_mask']:.3f} | {b['ssim_mask']:.3f} | "
                   f"{a['ssim_mask'] - b['ssim_mask']:+.3f} |" for m, noise, a, b in robust]
         lines += ["", "The out-of-distribution images score higher than the in-distribution head for every method, "
-                  "zero-filled included (smoother anatomy, more background), so a drop is negative; what matters is how "
-                  "the methods' drops compare: a smaller (more negative) drop means the method kept more of its quality "
+                  "zero-filled included (smoother anatomy, more background), so a drop is negative; what matters is "
+                  "how the methods' drops compare: a smaller (more negative) drop means the method kept more of its "
+                  "quality "
                   "on the new data.", ""]
     if info.get("targets"):
         lines += ["## Targets", ""] + [f"- {t}" for t in info["targets"]] + [""]

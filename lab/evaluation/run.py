@@ -166,7 +166,8 @@ def run_evaluation(settings: Settings) -> str:
     volumes = load_volumes(size, settings.slices)
     log.info("%d volumes, %d slices", len(volumes), sum(v.batch.target.shape[0] for v in volumes))
 
-    methods = [E.Method("zero_filled", E.zero_filled), E.Method("cdl_scalar", E.scalar_cdl(dicts.default, lam, beta, T))]
+    methods = [E.Method("zero_filled", E.zero_filled), E.Method("cdl_scalar", E.scalar_cdl(dicts.default, lam, beta,
+                                                                                           T))]
     v3 = registry.network(settings.network)
     v3_model = CDLLambda(v3.network, beta=v3.beta, iterations=T).eval()
     parts = E.v3_parts(v3_model, registry, dicts.train + dicts.held_out)
@@ -215,7 +216,8 @@ def multicoil_section(settings: Settings, registry: WeightsRegistry, network, be
                                    [registry.dictionary(n) for n in dicts.held_out], dicts.default, baselines,
                                    per_source, with_bart=settings.bart)
     figure_methods = {"sense1": MC.sense1, "bart_l1": MC.bart_l1, "bart_tv": MC.bart_tv,
-                      "cdl_scalar": MC.cdl_scalar(dicts.default), "cdl_lambda_v3": MC.cdl_model(v3_model, dicts.default)}
+                      "cdl_scalar": MC.cdl_scalar(dicts.default), "cdl_lambda_v3": MC.cdl_model(v3_model,
+                                                                                                dicts.default)}
     if not (settings.bart and lab_bart.available()):
         figure_methods = {k: v for k, v in figure_methods.items() if not k.startswith("bart")}
     rows = MC.figure_rows(scans, figure_methods, tuned)

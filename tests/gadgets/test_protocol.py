@@ -33,7 +33,8 @@ def test_active_target_under_real_gadgetron_main(accelerated_file, tmp_path):
     header, acquisitions = read_file(accelerated_file)
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), CDL_LAMBDA_CHAINS=str(write_registry(tmp_path / "chains")), OMP_NUM_THREADS="1",
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CDL_LAMBDA_CHAINS=str(write_registry(tmp_path / "chains")),
+               OMP_NUM_THREADS="1",
                GADGETRON_EXTERNAL_LOG_LEVEL="INFO")
     process = subprocess.Popen([sys.executable, "-m", "gadgetron", str(port), "gadgets.handler", "CDLLambdaGadget"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -163,7 +164,8 @@ def test_recon_data_path_returns_complex64_image_array(accelerated_file, server)
     assert np.abs(array.data).max() > 0
 
 
-REPORT_CONFIG = CONFIG.replace('</configuration>', '\t<property name="slice_errors" value="report" />\n</configuration>')
+REPORT_CONFIG = CONFIG.replace('</configuration>',
+                               '\t<property name="slice_errors" value="report" />\n</configuration>')
 
 
 def test_slice_errors_report_closes_normally_unless_nothing_was_reconstructed(accelerated_file, server):

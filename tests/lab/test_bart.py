@@ -10,7 +10,8 @@ import torch
 from lab import bart
 from recon import fft
 
-needs_bart = pytest.mark.skipif(not bart.available(), reason="the `bart` command (Debian package bart) is not installed")
+needs_bart = pytest.mark.skipif(not bart.available(),
+                                reason="the `bart` command (Debian package bart) is not installed")
 
 
 def test_cfl_files_are_column_major_complex64(tmp_path):

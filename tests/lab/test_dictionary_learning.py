@@ -37,7 +37,8 @@ def test_csc_objective_uses_true_circular_convolution():
     images = torch.randn(2, 12, 16, generator=generator)
     residual = circular_synthesis(filters, codes) - images.double()
     expected = (0.5 * residual.pow(2).sum(dim=(-2, -1)) + 0.3 * codes.abs().sum(dim=(-3, -2, -1))).mean()
-    assert cdl.csc_objective(filters, codes.to(torch.complex64), images, 0.3) == pytest.approx(float(expected), rel=1e-5)
+    assert cdl.csc_objective(filters, codes.to(torch.complex64), images, 0.3) == pytest.approx(float(expected),
+                                                                                               rel=1e-5)
 
 
 def test_learning_reduces_the_csc_objective_and_keeps_constraints():

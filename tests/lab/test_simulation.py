@@ -87,7 +87,8 @@ def test_smooth_phase_is_smooth_and_seeded():
 
 
 def test_fully_sampled_multicoil_file_reconstructs_to_ground_truth(tmp_path, magnitudes):
-    setting = acquisition.Setting(kind="lines", matrix=(N, N), coils=4, noise_level=0.0, acceleration=1.0, calib_lines=12)
+    setting = acquisition.Setting(kind="lines", matrix=(N, N), coils=4, noise_level=0.0, acceleration=1.0,
+                                  calib_lines=12)
     scan = acquisition.Scan(magnitudes, setting, seed=5)
     protocol = mrd_writer.Protocol(repetitions=2, noise_readouts=4, field_strength_t=0.064)
     path = mrd_writer.write_ismrmrd(tmp_path / "full.h5", scan, protocol, attrs={"source": "fixture"})
@@ -115,7 +116,7 @@ def test_fully_sampled_multicoil_file_reconstructs_to_ground_truth(tmp_path, mag
         assert np.dot(a.read_dir, a.phase_dir) == 0 and np.allclose(np.cross(a.read_dir, a.phase_dir), a.slice_dir)
     assert [a.scan_counter for a in acqs] == list(range(1, len(acqs) + 1))
     assert len({a.position[2] for a in image}) == 2  # two slice positions
-    flagged = lambda flag: [(a.idx.repetition, a.idx.slice, a.idx.kspace_encode_step_1)  # noqa: E731
+    flagged = lambda flag: [(a.idx.repetition, a.idx.slice, a.idx.kspace_encode_step_1)  # noqa: E731 - a one-line helper reads best as a lambda here
                             for a in image if a.is_flag_set(flag)]
     assert flagged(ismrmrd.ACQ_FIRST_IN_SLICE) == [(r, s, 0) for r in range(2) for s in range(2)]
     assert flagged(ismrmrd.ACQ_LAST_IN_SLICE) == [(r, s, N - 1) for r in range(2) for s in range(2)]
@@ -166,7 +167,8 @@ def test_noise_prescan_covariance_and_noise_level(tmp_path, magnitudes):
 def test_lowres_file_is_the_central_window_with_heavy_noise(tmp_path, magnitudes):
     setting = acquisition.Setting(kind="lowres", matrix=(N, N), noise_level=0.2)
     scan = acquisition.Scan(magnitudes, setting, seed=4)
-    header, acqs = read_all(mrd_writer.write_ismrmrd(tmp_path / "lowres.h5", scan, mrd_writer.Protocol(noise_readouts=2)))
+    header, acqs = read_all(mrd_writer.write_ismrmrd(tmp_path / "lowres.h5", scan,
+                                                     mrd_writer.Protocol(noise_readouts=2)))
     ref = mrd_writer.read_reference(tmp_path / "lowres.h5")
     enc = header.encoding[0]
     assert (enc.encodedSpace.matrixSize.x, enc.encodedSpace.matrixSize.y) == (N, N // 2)  # 2× oversampled N/2
@@ -185,8 +187,10 @@ def test_lowres_file_is_the_central_window_with_heavy_noise(tmp_path, magnitudes
 
 
 def test_simulation_is_deterministic_given_a_seed(tmp_path, magnitudes):
-    setting = acquisition.Setting(kind="lines", matrix=(N, N), coils=2, noise_level=0.1, acceleration=3.0, calib_lines=8)
-    paths = [mrd_writer.write_ismrmrd(tmp_path / f"{i}.h5", acquisition.Scan(magnitudes, setting, seed=s), mrd_writer.Protocol())
+    setting = acquisition.Setting(kind="lines", matrix=(N, N), coils=2, noise_level=0.1, acceleration=3.0,
+                                  calib_lines=8)
+    paths = [mrd_writer.write_ismrmrd(tmp_path / f"{i}.h5", acquisition.Scan(magnitudes, setting, seed=s),
+                                      mrd_writer.Protocol())
              for i, s in enumerate((7, 7, 8))]
     (h0, a0), (h1, a1), (_, a2) = (read_all(p) for p in paths)
     assert ismrmrd.xsd.ToXML(h0) == ismrmrd.xsd.ToXML(h1)

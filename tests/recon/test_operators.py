@@ -45,7 +45,6 @@ def test_multi_coil_adjoint_and_norm_bound(centred):
     assert inner(v, op.normal(v)).real <= 1 + 1e-9
     # normal_fourier is F AᴴA Fᴴ
     forward = fft.fft2c if centred else fft.fft2
-    inverse = fft.ifft2c if centred else fft.ifft2
     assert torch.allclose(op.normal_fourier(forward(x)), forward(op.normal(x)), atol=1e-10)
 
 

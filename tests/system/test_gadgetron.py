@@ -146,8 +146,8 @@ def test_buffered_and_raw_chains_agree(runs, scan_name):
     √(2 · 0.793) for the receiver's noise bandwidth (Gadgetron's default ``receiver_noise_bandwidth``), the gadget
     does not, so buffered images are 1.26× brighter. The raw path knows its noise level (σ = 1 after its own
     prewhitening); the buffered path estimates it from the data (``recon.noise``), a few per cent off, which moves the
-    balance of data and regularisation a little: the images agree to a few per cent (3-D partitions, each with its own estimate, to 15 %), not to float
-    precision."""
+    balance of data and regularisation a little: the images agree to a few per cent (3-D partitions, each with its
+    own estimate, to 15 %), not to float precision."""
     raw = {(im.slice, im.contrast, im.repetition): im for im in runs[("cdl_lambda", scan_name)].images}
     buffered = runs[("cdl_lambda_buffered", scan_name)].images
     if scan_name == "3d":
