@@ -9,8 +9,9 @@ the gadgets.
   dictionaries and networks, the learned baselines, recording them in the weights manifest;
 * :mod:`lab.metrics`, :mod:`lab.bart`, :mod:`lab.evaluation` — metrics (over scikit-image), the BART reference,
   and the comparison (methods, run, report, targets);
-* :mod:`lab.cli` — the ``simulate``, ``learn-dictionary``, ``train`` and ``evaluate`` subcommands.
+* :mod:`lab.cli` — the ``cdl-lambda-lab`` command: ``simulate``, ``learn-dictionary``, ``train``, ``evaluate``.
 
-It imports :mod:`recon`; nothing in :mod:`recon` or :mod:`gadgets` imports it (except the ``cdl-lambda`` command
-line, when a lab subcommand runs). Install with ``pip install ".[lab]"``.
+It imports :mod:`recon`; nothing in :mod:`recon` or :mod:`gadgets` imports it. It is a distribution of its own,
+``cdl-lambda-lab`` (``lab/pyproject.toml``), installed as ``cdl_lambda.lab`` with the command ``cdl-lambda-lab``:
+``pip install -e . -e ./lab`` from the repository root.
 """

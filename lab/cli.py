@@ -1,7 +1,8 @@
-"""The lab's subcommands of ``cdl-lambda``: ``simulate``, ``learn-dictionary``, ``train`` and ``evaluate``.
+"""The ``cdl-lambda-lab`` command: ``simulate``, ``learn-dictionary``, ``train`` and ``evaluate``.
 
-Each has ``add_<name>_arguments(parser)`` and ``<name>(args) -> exit status``; :data:`COMMANDS` lists them for
-:mod:`gadgets.cli`. Only argument handling lives here; the work is done by the lab modules.
+Each has ``add_<name>_arguments(parser)`` and ``<name>(args) -> exit status``; :data:`COMMANDS` lists them. Only
+argument handling lives here; the work is done by the lab modules. The product's own command, ``cdl-lambda``
+(replay, serve), knows nothing of these.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab import dictionary_learning, images, train as training
-from lab.acquisition import SETTINGS, Scan, Setting
-from lab.evaluation import run as evaluation
-from lab.mrd_writer import Protocol, count_acquisitions, write_ismrmrd
-from recon.weights import default_weights_dir
+from cdl_lambda.lab import dictionary_learning, images, train as training
+from cdl_lambda.lab.acquisition import SETTINGS, Scan, Setting
+from cdl_lambda.lab.evaluation import run as evaluation
+from cdl_lambda.lab.mrd_writer import Protocol, count_acquisitions, write_ismrmrd
+from cdl_lambda.recon.weights import default_weights_dir
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    command = "cdl-lambda " + " ".join(sys.argv[1:]) if sys.argv[1:] else "cdl-lambda evaluate"
+    command = "cdl-lambda-lab " + " ".join(sys.argv[1:]) if sys.argv[1:] else "cdl-lambda-lab evaluate"
     settings = evaluation.Settings(
         size=args.size, slices=args.slices, iterations=args.iterations, network=args.network,
         dictionary=args.dictionary, v1_dictionary=args.v1_dictionary, train_dictionaries=args.train_dictionaries,
@@ -241,10 +242,45 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-# name: (add_arguments, main); the one-line help of each lives in gadgets.cli, which lists them without the lab
+# name: (add_arguments, main, one-line help)
 COMMANDS = {
-    "simulate": (add_simulate_arguments, simulate),
-    "learn-dictionary": (add_learn_dictionary_arguments, learn_dictionary),
-    "train": (add_train_arguments, train),
-    "evaluate": (add_evaluate_arguments, evaluate),
+    "simulate": (add_simulate_arguments, simulate,
+                 "simulate low-field ISMRMRD acquisitions from MR images shipped in packages"),
+    "learn-dictionary": (add_learn_dictionary_arguments, learn_dictionary, "online convolutional dictionary learning"),
+    "train": (add_train_arguments, train, "train NET_Θ (V1/V2/V3) and the baselines"),
+    "evaluate": (add_evaluate_arguments, evaluate, "evaluate methods and write a Markdown report with figures"),
 }
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default once: not again where its help text already says "(default …)"."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cdl-lambda-lab", description="CDL-Λ research: simulation, dictionary "
+                                     "learning, training and evaluation", formatter_class=_HelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (to stderr)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (add_arguments, _, help_text) in COMMANDS.items():
+        add_arguments(subparsers.add_parser(name, help=help_text, description=help_text,
+                                            formatter_class=_HelpFormatter))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return int(COMMANDS[args.command][1](args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from recon.checksum import sha256_of, sha256_of_bytes  # noqa: F401 - re-exported
-from recon.dictionary import Dictionary, dct_dictionary
-from recon.lambda_nets import LambdaNet, build_lambda_net
+from cdl_lambda.recon.checksum import sha256_of, sha256_of_bytes  # noqa: F401 - re-exported
+from cdl_lambda.recon.dictionary import Dictionary, dct_dictionary
+from cdl_lambda.recon.lambda_nets import LambdaNet, build_lambda_net
 
 
 class WeightsError(ValueError):
@@ -33,14 +33,10 @@ class WeightsError(ValueError):
 
 
 def shipped_data_dir(name: str) -> Path:
-    """Where the shipped ``name`` folder (``weights``, ``chains``) is: ``<checkout>/name`` next to the packages in a
-    source checkout or an editable install, else ``cdl_lambda_data/name`` in the installed package (setup.cfg maps
-    the repository's folder there). The checkout's path when neither exists, for the error to name."""
-    packages = Path(__file__).resolve().parent.parent
-    checkout, installed = packages / name, packages / "cdl_lambda_data" / name
-    if checkout.is_dir() or not installed.is_dir():
-        return checkout
-    return installed
+    """Where the shipped ``name`` folder (``weights``, ``chains``) is: beside this package's folder, both in a
+    checkout (``<checkout>/recon`` and ``<checkout>/name``) and installed (``cdl_lambda/recon`` and
+    ``cdl_lambda/name``, as setup.cfg maps them)."""
+    return Path(__file__).resolve().parent.parent / name
 
 
 def default_weights_dir() -> Path:

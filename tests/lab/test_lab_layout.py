@@ -1,9 +1,11 @@
-"""The lab stays beside the product: recon/ and gadgets/ never import it (only the command line does, lazily), and
-``cdl-lambda`` runs the product's subcommands without the lab's dependencies, naming what is missing otherwise."""
+"""The lab stays beside the product: recon/ and gadgets/ never import it, the product's wheel does not carry it,
+``cdl-lambda`` lists only the product's subcommands and runs without the lab installed, and ``cdl-lambda-lab``
+carries the research commands."""
 
 from __future__ import annotations
 
 import ast
+import configparser
 import os
 import subprocess
 import sys
@@ -21,48 +23,71 @@ def imported_modules(path: Path) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             names.add(node.module or "")
+            if node.module == "cdl_lambda":
+                names.update(f"cdl_lambda.{alias.name}" for alias in node.names)
     return names
 
 
 @pytest.mark.parametrize("package", ["recon", "gadgets"])
 def test_product_does_not_import_the_lab(package):
-    offenders = {str(path.relative_to(ROOT)): sorted(n for n in imported_modules(path) if n.split(".")[0] == "lab")
-                 for path in (ROOT / package).rglob("*.py") if path.name != "cli.py" or package != "gadgets"}
+    offenders = {str(path.relative_to(ROOT)): sorted(n for n in imported_modules(path)
+                                                     if n == "cdl_lambda.lab" or n.startswith("cdl_lambda.lab."))
+                 for path in (ROOT / package).rglob("*.py")}
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
-def run_cli(blocked: str, *args: str) -> subprocess.CompletedProcess:
-    """``cdl-lambda ARGS`` in a fresh interpreter in which module ``blocked`` cannot be imported."""
-    code = (f"import sys; sys.modules[{blocked!r}] = None; from gadgets import cli; "
+def test_recon_imports_neither_the_gadgets_nor_the_lab():
+    offenders = {str(path.relative_to(ROOT)): sorted(n for n in imported_modules(path)
+                                                     if n.split(".")[:2] in (["cdl_lambda", "gadgets"],
+                                                                             ["cdl_lambda", "lab"]))
+                 for path in (ROOT / "recon").rglob("*.py")}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_product_distribution_lists_no_lab_package():
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    packages = config["options"]["packages"].split()
+    assert packages and all(p.startswith("cdl_lambda.") for p in packages)
+    assert not any(".lab" in p or p.startswith("lab") for p in packages)
+
+
+def run_product_cli(*args: str) -> subprocess.CompletedProcess:
+    """``cdl-lambda ARGS`` in a fresh interpreter in which the lab cannot be imported at all."""
+    code = ("import sys; sys.modules['cdl_lambda.lab'] = None; from cdl_lambda.gadgets import cli; "
             f"sys.exit(cli.main({list(args)!r}))")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ),
+                          cwd=ROOT, timeout=120)
 
 
-def test_lab_subcommand_without_its_dependency_says_what_to_install():
-    result = run_cli("nibabel", "simulate", "--help")
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "`nibabel`" in lines[0] and 'pip install ".[lab]"' in lines[0]
-
-
-def test_product_subcommands_run_without_the_lab():
-    result = run_cli("lab", "replay", "--help")
+def test_product_command_runs_without_the_lab_and_lists_only_its_own_subcommands():
+    result = run_product_cli("replay", "--help")
     assert result.returncode == 0, result.stderr
-    assert "--out" in result.stdout and "simulate" not in result.stdout
-    listing = run_cli("lab", "--help")
-    assert listing.returncode == 0 and all(name in listing.stdout for name in ("replay", "serve", "evaluate"))
+    assert "--out" in result.stdout
+    listing = run_product_cli("--help")
+    assert listing.returncode == 0, listing.stderr
+    assert "replay" in listing.stdout and "serve" in listing.stdout
+    assert not any(name in listing.stdout for name in ("simulate", "evaluate", "learn-dictionary"))
+    refused = run_product_cli("train")
+    assert refused.returncode == 2 and "invalid choice" in refused.stderr
 
 
-def test_every_lab_option_has_help_and_shows_its_default():
-    from gadgets import cli
+def test_every_lab_option_has_help_and_shows_its_default_once():
+    from cdl_lambda.lab import cli
 
-    for name in cli.LAB:
-        parser = cli.build_parser([name])
-        sub = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(name))
+    parser = cli.build_parser()
+    subcommands = parser._subparsers._group_actions[0].choices
+    assert sorted(subcommands) == sorted(cli.COMMANDS)
+    for name, sub in subcommands.items():
+        formatter = sub.formatter_class(sub.prog)
         for action in sub._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, (name, action.dest)
-        text = sub.format_help()
-        assert "(default:" in text, name
+                assert formatter._get_help_string(action).lower().count("(default") <= 1, (name, action.dest)
+        assert "(default:" in sub.format_help(), name
+
+
+def test_lab_command_without_a_subcommand_shows_its_commands_and_exits_2():
+    from cdl_lambda.lab import cli
+
+    assert cli.main([]) == 2
