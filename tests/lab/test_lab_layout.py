@@ -83,7 +83,7 @@ def test_every_lab_option_has_help_and_shows_its_default_once():
         for action in sub._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, (name, action.dest)
-                assert formatter._get_help_string(action).lower().count("(default") <= 1, (name, action.dest)
+                assert formatter._expand_help(action).lower().count("(default") <= 1, (name, action.dest)
         assert "(default:" in sub.format_help(), name
 
 
