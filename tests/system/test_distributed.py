@@ -265,6 +265,6 @@ def test_a_worker_killed_mid_scan_loses_only_its_slice(build, folder, scan, warm
 def test_serve_refuses_a_bad_worker_setting():
     """The workers' settings live on their warm servers (``serve --param``): a bad one stops the start, exit 2."""
     done = subprocess.run([sys.executable, "-m", "gadgets.cli", "serve", "--port", "0", "--no-supervisor",
-                           "--param", "slice_errors=report", "--param", "colour=red"], capture_output=True, text=True, timeout=120, cwd=gs.ROOT,
-                          env=gs.environment())
+                           "--param", "slice_errors=report", "--param", "colour=red"], capture_output=True,
+                          text=True, timeout=120, cwd=gs.ROOT, env=gs.environment())
     assert done.returncode == 2 and "unknown gadget property 'colour'" in done.stderr, done.stderr
