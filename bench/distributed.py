@@ -35,11 +35,30 @@ import gadgetron_support as gs
 CHAIN = ROOT / "chains" / "cdl_lambda_distributed.xml"
 
 
-def chain_text(serve_port: int, inline: bool) -> str:
+CPP_RECON = """<stream>
+  <gadget><name>RemoveROOversampling</name><dll>gadgetron_mricore</dll><classname>RemoveROOversamplingGadget</classname></gadget>
+  <gadget><name>AccTrig</name><dll>gadgetron_mricore</dll><classname>AcquisitionAccumulateTriggerGadget</classname>
+    <property name="trigger_dimension" value="repetition"/><property name="sorting_dimension" value="slice"/></gadget>
+  <gadget><name>Buff</name><dll>gadgetron_mricore</dll><classname>BucketToBufferGadget</classname>
+    <property name="N_dimension" value=""/><property name="S_dimension" value=""/>
+    <property name="split_slices" value="true"/></gadget>
+  <gadget><name>SimpleRecon</name><dll>gadgetron_mricore</dll><classname>SimpleReconGadget</classname></gadget>
+  <gadget><name>ImageArraySplit</name><dll>gadgetron_mricore</dll><classname>ImageArraySplitGadget</classname></gadget>
+</stream>"""
+
+
+def chain_text(serve_port: int | None, inline: bool) -> str:
+    """The shipped chain (``serve_port``: the warm server's), or with ``serve_port`` None the same chain with
+    Gadgetron's C++ FFT reconstruction (``SimpleReconGadget``) inside the ``<distributed>`` node in place of the
+    product's gadget: the hop alone, with next to no compute."""
     root = ET.fromstring(CHAIN.read_bytes())
     stream = root.find("stream")
     distributed = stream.find("distributed")
-    distributed.find("stream/external/connect").set("port", str(serve_port))
+    if serve_port is None:
+        distributed.remove(distributed.find("stream"))
+        distributed.append(ET.fromstring(CPP_RECON))
+    else:
+        distributed.find("stream/external/connect").set("port", str(serve_port))
     if inline:
         position = list(stream).index(distributed)
         stream.remove(distributed)
@@ -76,11 +95,13 @@ def timed_run(text: str, scan: gs.Scan, folder: Path, expected: int, **env) -> f
     return seconds
 
 
-def measure(args, folder: Path, scans: dict, serve_port: int, worker_ports: list, counts: list) -> list:
+def measure(args, folder: Path, scans: dict, serve_port: int | None, worker_ports: list, counts: list,
+            slices: tuple | None = None) -> list:
     """Rows (configuration, T(slices), slices/s, per slice, per scan): the inline chain, then 1…N workers."""
+    small, large = slices or (args.small, args.slices)
     inline = chain_text(serve_port, inline=True)
     distributed = chain_text(serve_port, inline=False)
-    timed_run(inline, scans[args.slices], folder, args.slices)  # warm-up: weights, kernels
+    timed_run(inline, scans[large], folder, large)  # warm-up: weights, kernels
     configurations = [("single machine (inline chain)", inline, {})]
     for w in counts:
         script = folder / f"workers{w}.sh"
@@ -90,10 +111,11 @@ def measure(args, folder: Path, scans: dict, serve_port: int, worker_ports: list
                                {"GADGETRON_REMOTE_WORKER_COMMAND": str(script)}))
     rows = []
     for name, text, env in configurations:
-        times = {s: min(timed_run(text, scans[s], folder, s, **env) for _ in range(args.repeats)) for s in scans}
-        per_slice = (times[args.slices] - times[args.small]) / (args.slices - args.small)
-        per_scan = times[args.small] - args.small * per_slice
-        rows.append((name, times[args.slices], args.slices / times[args.slices], per_slice, per_scan))
+        times = {s: min(timed_run(text, scans[s], folder, s, **env) for _ in range(args.repeats))
+                 for s in (small, large)}
+        per_slice = (times[large] - times[small]) / (large - small)
+        per_scan = times[small] - small * per_slice
+        rows.append((name, times[large], large / times[large], per_slice, per_scan))
         print(rows[-1], flush=True)
     return rows
 
@@ -111,20 +133,24 @@ def throughput(workers: int, compute: float, overhead: float, data: float, bandw
     return min(workers / (compute + overhead + data / bandwidth), bandwidth / data)
 
 
-def model(rows: list, measured_bytes: float, args) -> list:
+def model(rows: list, hop_rows: list, hop_bytes: float, args) -> list:
     """The Markdown section modelling N machines with one GPU each from the measured overheads."""
-    inline, one_worker = rows[0], rows[1]
-    overhead = max(one_worker[3] - inline[3], 0.0)
-    per_scan = max(one_worker[4] - inline[4], 0.0)
+    deltas = [r[3] - hop_rows[0][3] for r in hop_rows[1:]]
+    overhead = max(sum(deltas) / len(deltas), 0.0)  # the mean measured hop cost per slice
+    per_scan = max(max(r[4] - hop_rows[0][4] for r in hop_rows[1:]), 0.0)
     clinical = (CLINICAL["readout"] * CLINICAL["coils"] * 8 + 188) * CLINICAL["lines"] + CLINICAL["image"]
+    overhead *= clinical / hop_bytes  # scaled to a clinical slice's bytes
     lines = [
         "## Model: N machines with one GPU each", "",
-        f"Measured here (server one scan at a time): a slice costs {inline[3]:.3f} s on the single-machine chain and "
-        f"{overhead:.3f} s more through the distributed node (t_o: the main node's serialisation, the worker "
-        f"Gadgetron, its connection to the warm server; {measured_bytes / 1e3:.0f} kB per slice on loopback); a "
-        f"scan costs {per_scan:.2f} s more (connections to the workers and the warm server per slice, merge). A "
-        f"clinical slice (256², 8 coils, 2× readout oversampling, R = 2 with 16 calibration lines) moves "
-        f"d = {clinical / 1e6:.1f} MB (acquisitions out, image back), all of it through the main node's link.", "",
+        f"Measured here: the product's slice costs {rows[0][3]:.3f} s at {args.matrix}² on the single-machine chain "
+        f"(server one scan at a time), and the distributed node adds "
+        + ", ".join(f"{d:+.3f}" for d in deltas)
+        + f" s per slice with 1…{len(deltas)} workers for the hop alone ({hop_bytes / 1e6:.2f} MB per slice on "
+        f"loopback: the main node's serialisation, the worker Gadgetron, the copies), and up to {per_scan:.2f} s per "
+        f"scan (a connection per slice). The model takes their mean (at least 0), scaled to a clinical slice's "
+        f"bytes, as t_o = {overhead:.3f} s. A clinical slice (256², 8 coils, 2× readout oversampling, R = 2 with 16 "
+        f"calibration lines) moves d = {clinical / 1e6:.1f} MB (acquisitions out, image back), all of it through "
+        "the main node's link.", "",
         "Throughput of N workers, each slice costing its worker t_g + t_o + d/B and every byte crossing the main "
         "node's link of B bytes/s:", "",
         "    X(N) = min( N / (t_g + t_o + d/B),  B / d ),   at most S workers busy on an S-slice scan", "",
@@ -159,6 +185,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", default="1,2,3")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--concurrency", default="1,2", help="the warm server's --max-concurrent values to run")
+    parser.add_argument("--hop", default="256,8,4,16", metavar="MATRIX,COILS,SMALL,SLICES",
+                        help="the hop alone (C++ FFT inside the distributed node) on scans of this size")
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench_distributed.md"))
     args = parser.parse_args(argv)
     try:
@@ -171,6 +199,13 @@ def main(argv=None) -> int:
              for s in (args.small, args.slices)}
     sizes = {s: scans[s].stream.stat().st_size for s in scans}
     bytes_in = (sizes[args.slices] - sizes[args.small]) / (args.slices - args.small)
+    hop_matrix, hop_coils, hop_small, hop_slices = (int(v) for v in args.hop.split(","))
+    hop_folder = folder / "hop"
+    hop_folder.mkdir()
+    hop_scans = {s: gs.synthetic_scan(hop_folder, slices=s, matrix=hop_matrix, coils=hop_coils)
+                 for s in (hop_small, hop_slices)}
+    hop_sizes = {s: hop_scans[s].stream.stat().st_size for s in hop_scans}
+    hop_bytes = (hop_sizes[hop_slices] - hop_sizes[hop_small]) / (hop_slices - hop_small) + hop_matrix ** 2 * 8
 
     processes, worker_ports = [], []
     counts = [int(w) for w in args.workers.split(",")]
@@ -181,6 +216,7 @@ def main(argv=None) -> int:
             processes.append(start([str(home / "bin" / "gadgetron"), "-p", str(port), "--disable_storage", "true"],
                                    folder / f"worker{i}.log", port))
             worker_ports.append(port)
+        hop_rows = measure(args, hop_folder, hop_scans, None, worker_ports, counts, (hop_small, hop_slices))
         for concurrency in [int(c) for c in args.concurrency.split(",")]:
             serve_port = gs.free_port()
             server = start([sys.executable, "-m", "gadgets.cli", "serve", "--port", str(serve_port), "--no-supervisor",
@@ -221,8 +257,17 @@ def main(argv=None) -> int:
     lines += ["", f"Bytes per slice: {bytes_in / 1e3:.0f} kB of acquisitions to a worker, "
               f"{image_bytes / 1e3:.0f} kB of image back (T(S) = a + b·S fitted on {args.small} and {args.slices} "
               "slices: b = per slice, a = per scan).", ""]
+    lines += [f"The hop alone: the same chain with Gadgetron's C++ FFT reconstruction (`SimpleReconGadget`) in place "
+              f"of the product's gadget, {hop_matrix}², {hop_coils} coils, {hop_small} and {hop_slices} slices "
+              f"({hop_bytes / 1e6:.2f} MB per slice: acquisitions out, complex image back).", "",
+              "| configuration | " + f"{hop_slices}-slice scan (s) | slices/s | per slice (s) | per scan (s) | "
+              "Δ per slice vs one machine (s) | Δ per scan (s) |", "|---|---|---|---|---|---|---|"]
+    for name, total, rate, per_slice, per_scan in hop_rows:
+        lines.append(f"| {name} | {total:.2f} | {rate:.2f} | {per_slice:.3f} | {per_scan:.2f} | "
+                     f"{per_slice - hop_rows[0][3]:+.3f} | {per_scan - hop_rows[0][4]:+.2f} |")
+    lines += [""]
     serial = tables.get(1) or next(iter(tables.values()))
-    lines += model(serial, bytes_in + image_bytes, args)
+    lines += model(serial, hop_rows, hop_bytes, args)
     publish("\n".join(lines), args.out)
     return 0
 

@@ -10,6 +10,11 @@ initialisation with the configured seed. Only rank 0 validates, logs and writes 
 decision to stop (step count or time limit) is taken jointly (:meth:`Rank.agree`) so that no process waits forever
 in a collective that the others left.
 
+A resumed run (``--resume``) loads rank 0's checkpoint in every process; the other ranks then reseed their
+dictionary sampler from their own seed and the step, and the multi-coil data stream (seeded by (seed, batch number))
+stays their own. The single-coil ``lowres`` stream restores rank 0's generator on every process: after a resume its
+ranks draw the same slices (with their own noise).
+
 Outside ``torchrun`` (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) nothing changes: rank 0 of 1, the model unwrapped.
 """
 

@@ -265,6 +265,8 @@ class Trainer:
         self.stream.set_state(state["stream"])
         self.sampler.set_state(state["sampler"].cpu())
         torch.set_rng_state(state["torch"].cpu())
+        if self.rank.rank:  # the checkpoint holds rank 0's draws: this process goes on with its own
+            self.sampler.manual_seed(self.rank.data_seed(self.config.seed) + 2 + self.step)
 
 
 # ---- export ----------------------------------------------------------------------------------------------------
