@@ -204,7 +204,7 @@ def main(args) -> int:
                     idle_timeout=args.idle_timeout or None, listener=listener, overrides=overrides)
     if args.preload:
         chain = registry.select(args.preload)
-        server.cache.get(Parameters.from_sources(chain.parameters))
+        server.cache.get(Parameters.from_sources(chain.parameters, overrides))  # what its scans will ask for
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     try:
         server.serve_forever()
