@@ -219,7 +219,8 @@ def main(argv=None) -> int:
         hop_rows = measure(args, hop_folder, hop_scans, None, worker_ports, counts, (hop_small, hop_slices))
         for concurrency in [int(c) for c in args.concurrency.split(",")]:
             serve_port = gs.free_port()
-            server = start([sys.executable, "-m", "gadgets.cli", "serve", "--port", str(serve_port), "--no-supervisor",
+            server = start([sys.executable, "-m", "cdl_lambda.gadgets.cli", "serve", "--port", str(serve_port),
+                            "--no-supervisor",
                             "--max-concurrent", str(concurrency), "--param", "slice_errors=report",
                             "--param", f"iterations={args.iterations}"], folder / f"serve{concurrency}.log", serve_port)
             try:

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from gadgets import replay as single
+from cdl_lambda.gadgets import replay as single
 
 log = logging.getLogger(__name__)
 SUFFIXES = (".h5",)
@@ -107,7 +107,7 @@ def main(args, inputs: list[str]) -> int:
         return 2
     local_server = None
     if not args.server:
-        from gadgets.server import Server
+        from cdl_lambda.gadgets.server import Server
         local_server = Server("127.0.0.1", 0)  # one server, one reconstructor cache: the model is loaded once
         local_server.start()
     failed = []

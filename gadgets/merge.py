@@ -1,7 +1,7 @@
 """The merge after Gadgetron's ``<distributed>`` node (``chains/cdl_lambda_distributed.xml``): images from several
 workers in, one ordered and complete series out.
 
-Gadgetron target ``<execute name="gadgets.merge" target="MergeGadget" type="python"/>`` on the main node (a light
+Gadgetron target ``<execute name="cdl_lambda.gadgets.merge" target="MergeGadget" type="python"/>`` on the main node (a light
 process: no torch). It holds the images until the scan ends, then sends them sorted by series, slice, contrast,
 phase, repetition, set and average, numbered 1, 2, … per series (each worker numbers its own from 1). A value of the
 split dimension (property ``dimension``: ``slice`` as the distributor splits, or ``repetition``) that the header's
@@ -21,9 +21,9 @@ import logging
 import ismrmrd
 import numpy as np
 
-from gadgets.connection import RobustConnection
-from gadgets.image_output import mark_not_reconstructed
-from gadgets.settings import properties_of
+from cdl_lambda.gadgets.connection import RobustConnection
+from cdl_lambda.gadgets.image_output import mark_not_reconstructed
+from cdl_lambda.gadgets.settings import properties_of
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from gadgets import merge
+from cdl_lambda.gadgets import merge
 
 
 def image(slice_, contrast=0, index=1, series=1, z=None):

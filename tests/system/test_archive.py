@@ -11,8 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from gadgets import cli
-from gadgets import replay as single
+from cdl_lambda.gadgets import cli
+from cdl_lambda.gadgets import replay as single
 from support import make_shepp_logan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,7 +33,7 @@ def archive(tmp_path_factory):
 def test_archive_replays_every_file_with_one_model_load(archive):
     out = archive / "out"
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", PYTHONPATH=ROOT)
-    done = subprocess.run([sys.executable, "-m", "gadgets.cli", "replay", str(archive / "site"),
+    done = subprocess.run([sys.executable, "-m", "cdl_lambda.gadgets.cli", "replay", str(archive / "site"),
                            str(archive / "three.h5"), "--out", str(out), "--param", f"iterations={ITERATIONS}",
                            "--no-previews", "--no-progress"], capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env=env)

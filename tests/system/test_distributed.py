@@ -138,7 +138,7 @@ def scan(folder):
 @pytest.fixture(scope="module")
 def warm_server(folder):
     port = gs.free_port()
-    process = _start([sys.executable, "-m", "gadgets.cli", "serve", "--port", str(port), "--no-supervisor",
+    process = _start([sys.executable, "-m", "cdl_lambda.gadgets.cli", "serve", "--port", str(port), "--no-supervisor",
                       "--param", "slice_errors=report", "--param", "iterations=8"], folder / "serve.log", port,
                      **EAGER)
     yield port
@@ -272,7 +272,7 @@ def test_a_worker_killed_mid_scan_loses_only_its_slice(build, folder, scan, warm
 
 def test_serve_refuses_a_bad_worker_setting():
     """The workers' settings live on their warm servers (``serve --param``): a bad one stops the start, exit 2."""
-    done = subprocess.run([sys.executable, "-m", "gadgets.cli", "serve", "--port", "0", "--no-supervisor",
+    done = subprocess.run([sys.executable, "-m", "cdl_lambda.gadgets.cli", "serve", "--port", "0", "--no-supervisor",
                            "--param", "slice_errors=report", "--param", "colour=red"], capture_output=True,
                           text=True, timeout=120, cwd=gs.ROOT, env=gs.environment())
     assert done.returncode == 2 and "unknown gadget property 'colour'" in done.stderr, done.stderr
