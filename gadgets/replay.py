@@ -294,10 +294,12 @@ def save(result: ReplayResult, out: Path, group: str, previews: Path | None) -> 
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("input", nargs="?", default=None,
-                        help="ISMRMRD .h5 file (default: the bundled 128² 4-coil Shepp-Logan example)")
+    parser.add_argument("input", nargs="*", default=None,
+                        help="ISMRMRD .h5 file (default: the bundled 128² 4-coil Shepp-Logan example); several files "
+                             "or folders: an archive, one process, the model loaded once (gadgets.archive)")
     parser.add_argument("--out", default="out.h5",
-                        help="output ISMRMRD file, replaced only once the reconstruction succeeded")
+                        help="output ISMRMRD file, replaced only once the reconstruction succeeded (for several "
+                             "inputs: a folder, the outputs named after the inputs)")
     parser.add_argument("--out-group", default="dataset", help="group for image_<series> in the output")
     parser.add_argument("--dataset", default="dataset", help="dataset group in the input file")
     parser.add_argument("--chain", default=None,
@@ -328,7 +330,11 @@ def main(args) -> int:
 
 
 def _main(args) -> int:
-    path = Path(args.input) if args.input else EXAMPLE
+    inputs = [args.input] if isinstance(args.input, str) else list(args.input or [])
+    if len(inputs) > 1 or any(Path(p).is_dir() for p in inputs):
+        from cdl_lambda.gadgets import archive
+        return archive.main(args, inputs)
+    path = Path(inputs[0]) if inputs else EXAMPLE
     parameters = {}
     try:
         if not path.exists():

@@ -131,9 +131,25 @@ def add_arguments(parser) -> None:
                         help="drop a peer that sends nothing for this many seconds (default 600; 0 = never)")
     parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
                         help="reconstruct on this device whatever the chain says (default: each chain's setting)")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="a gadget property for every scan, over the chain's (e.g. slice_errors=report on the "
+                             "workers of chains/cdl_lambda_distributed.xml, whose properties Gadgetron 4.7.2 drops)")
     parser.add_argument("--no-supervisor", action="store_true",
                         help="serve in this process (no restart after a native crash)")
     parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)  # set by the supervisor
+
+
+def server_parameters(items: list[str]) -> dict:
+    """``{name: value}`` of ``--param NAME=VALUE`` items, checked as gadget properties (ValueError naming the bad
+    one)."""
+    parameters = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--param {item!r} is not NAME=VALUE")
+        parameters[name.strip()] = value.strip()
+    Parameters.from_sources(parameters)
+    return parameters
 
 
 def check_startup(chains_dir=None) -> ChainRegistry:
@@ -168,6 +184,7 @@ def main(args) -> int:
             return 2
     overrides = {"device": args.device} if getattr(args, "device", None) else {}
     try:
+        overrides = {**server_parameters(getattr(args, "param", [])), **overrides}
         if overrides:
             from cdl_lambda.gadgets.replay import UsageError, check_device
             try:
@@ -187,7 +204,7 @@ def main(args) -> int:
                     idle_timeout=args.idle_timeout or None, listener=listener, overrides=overrides)
     if args.preload:
         chain = registry.select(args.preload)
-        server.cache.get(Parameters.from_sources(chain.parameters))
+        server.cache.get(Parameters.from_sources(chain.parameters, overrides))  # what its scans will ask for
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     try:
         server.serve_forever()
@@ -215,6 +232,7 @@ def supervise(args, listener: socket.socket | None = None) -> int:
     command += ["--chains", str(args.chains)] if args.chains else []
     command += ["--preload", args.preload] if args.preload else []
     command += ["--device", args.device] if getattr(args, "device", None) else []
+    command += [f"--param={item}" for item in getattr(args, "param", [])]
     deaths: list[float] = []
     worker = None
     stopping = threading.Event()

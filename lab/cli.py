@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cdl_lambda.lab import dictionary_learning, images, train as training
+from cdl_lambda.lab import dictionary_learning, distributed, images, train as training
 from cdl_lambda.lab.acquisition import SETTINGS, Scan, Setting
 from cdl_lambda.lab.evaluation import run as evaluation
 from cdl_lambda.lab.mrd_writer import Protocol, count_acquisitions, write_ismrmrd
@@ -183,13 +183,15 @@ def train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = training.TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(training.TrainConfig)})
+    rank = distributed.setup()  # under torchrun: join the group (lab.distributed); else rank 0 of 1
     trainer = training.Trainer(config, device=args.device)
     checkpoint = Path(args.checkpoint)
     if args.resume and checkpoint.exists():
         trainer.load(checkpoint)
         log.info("resumed %s at step %d", checkpoint, trainer.step)
     trainer.run(checkpoint)
-    if args.export:
+    distributed.teardown()
+    if args.export and rank.is_main:
         weights_dir = Path(config.weights_dir) if config.weights_dir else default_weights_dir()
         entry = training.export(checkpoint, args.export, weights_dir, args.set_default, args.note,
                                 args.default_dictionary)

@@ -40,6 +40,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from cdl_lambda.lab import datasets as data
+from cdl_lambda.lab import distributed
 from cdl_lambda.lab import multicoil
 from cdl_lambda.lab.baselines import BASELINES, build_baseline
 from cdl_lambda.lab.manifest import update_manifest
@@ -156,7 +157,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, device=None, images: torch.Tensor | None = None,
                  validation: data.Batch | None = None, registry: WeightsRegistry | None = None):
         self.config = config
-        self.device = choose_device(device)
+        self.rank = distributed.current()  # torchrun: this process's rank (lab.distributed); else rank 0 of 1
+        self.device = self.rank.device(choose_device(device))
         torch.manual_seed(config.seed)
         registry = registry or WeightsRegistry(config.weights_dir)
         self.train_dicts, self.val_dicts = training_dictionaries(registry, config)
@@ -167,10 +169,11 @@ class Trainer:
             raise ValueError(f"unknown training data {config.data!r}: multicoil or lowres")
         if images is None:
             images = torch.cat(list(data.load_images("train", config.size).values()))
+        data_seed = self.rank.data_seed(config.seed)  # each process draws its own examples
         if config.data == "multicoil":
-            self.stream = multicoil.TrainingStream(images.numpy(), config.batch_size, seed=config.seed)
+            self.stream = multicoil.TrainingStream(images.numpy(), config.batch_size, seed=data_seed)
         else:
-            self.stream = data.TrainingStream(images, config.batch_size, seed=config.seed)
+            self.stream = data.TrainingStream(images, config.batch_size, seed=data_seed)
         if validation is None:
             val_sets = data.load_images("val", config.size)
             if config.data == "multicoil":
@@ -182,7 +185,8 @@ class Trainer:
                 validation = data.fixed_examples(val_images, 0.2, seed=config.seed + 1)
         self.validation = ([b.to(self.device) for b in validation] if isinstance(validation, list)
                            else validation.to(self.device))
-        self.sampler = torch.Generator().manual_seed(config.seed + 2)
+        self.sampler = torch.Generator().manual_seed(data_seed + 2)
+        self.forward_model = self.rank.wrap(self.model)  # DistributedDataParallel under torchrun
         self.step = 0
         self.seconds = 0.0
         self.history: list[dict] = []
@@ -196,7 +200,7 @@ class Trainer:
         batch = next(self.stream).to(self.device)
         dictionary = self.next_dictionary()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = image_loss(reconstruct(self.model, batch, dictionary).image, batch.target)
+        loss = image_loss(reconstruct(self.forward_model, batch, dictionary).image, batch.target)
         loss.backward()
         self.optimizer.step()
         self.step += 1
@@ -209,16 +213,23 @@ class Trainer:
     def run(self, checkpoint: Path | None = None, progress: bool = True) -> list[dict]:
         config = self.config
         start, running = time.time() - self.seconds, []
-        bar = tqdm(total=config.steps, initial=self.step, disable=not progress, desc=config.method)
+        bar = tqdm(total=config.steps, initial=self.step, disable=not (progress and self.rank.is_main),
+                   desc=config.method)
         while self.step < config.steps:
             running.append(self.train_step())
             self.seconds = time.time() - start
             bar.update(1)
             bar.set_postfix(loss=f"{running[-1]:.4f}")
             last = self.step == config.steps or (config.time_limit_min and self.seconds > 60 * config.time_limit_min)
+            last = self.rank.agree(bool(last))  # every process stops at the same step
             if self.step % config.validate_every == 0 or last:
-                record = {"step": self.step, "seconds": round(self.seconds, 1),
-                          "train_loss": round(sum(running) / len(running), 6),
+                train_loss = self.rank.mean(sum(running) / len(running))
+                running = []
+                if not self.rank.is_main:  # rank 0 validates, logs and writes the checkpoint
+                    if last:
+                        break
+                    continue
+                record = {"step": self.step, "seconds": round(self.seconds, 1), "train_loss": round(train_loss, 6),
                           "val_loss": round(validate(self.model, self.validation, self.val_dicts), 6)}
                 if self.beta() is not None:
                     record["beta"] = round(self.beta(), 4)
@@ -254,6 +265,8 @@ class Trainer:
         self.stream.set_state(state["stream"])
         self.sampler.set_state(state["sampler"].cpu())
         torch.set_rng_state(state["torch"].cpu())
+        if self.rank.rank:  # the checkpoint holds rank 0's draws: this process goes on with its own
+            self.sampler.manual_seed(self.rank.data_seed(self.config.seed) + 2 + self.step)
 
 
 # ---- export ----------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """lab.physics, lab.acquisition and lab.mrd_writer: the simulator's physics, the ISMRMRD files it writes, and the
-`cdl-lambda simulate` command."""
+`cdl-lambda-lab simulate` command."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def test_dockerfile_sources_exist():
 def test_chain_parses_and_names_existing_targets(path):
     root = ET.fromstring(path.read_bytes())
     assert root.tag == "configuration" and root.findtext("version") == "2"
-    externals = root.findall("./stream/external")
+    externals = root.findall(".//stream/external")  # also inside a <distributed> node
     assert externals
     for external in externals:
         execute = external.find("execute")

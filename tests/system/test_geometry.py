@@ -1,5 +1,5 @@
 """Image geometry: whatever the raw readout length, the images come back on the header's recon space (matrix and
-field of view), for every setting ``cdl-lambda simulate`` writes and for Shepp-Logan files with 2× readout
+field of view), for every setting ``cdl-lambda-lab simulate`` writes and for Shepp-Logan files with 2× readout
 oversampling from Debian's ``ismrmrd_generate_cartesian_shepp_logan``."""
 
 from __future__ import annotations
