@@ -9,12 +9,13 @@ import argparse
 import logging
 import sys
 
-from gadgets import replay, server
+from gadgets import dicom_export, replay, server
 
 PRODUCT = {
     # name: (module, one-line help)
     "replay": (replay, "stream a recorded ISMRMRD file through the gadget and write the images"),
     "serve": (server, "warm server: keep torch and the weights loaded, serve scan after scan"),
+    "export-dicom": (dicom_export, "write an ISMRMRD images file as DICOM, one series per image series"),
 }
 LAB = {
     "simulate": "simulate low-field ISMRMRD acquisitions from MR images shipped in packages",

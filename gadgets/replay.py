@@ -41,6 +41,7 @@ class ReplayResult:
     texts: list = field(default_factory=list)
     seconds: float = 0.0                              # connection to close
     first_image_seconds: float | None = None          # connection to the first image
+    header: bytes = b""                               # the ISMRMRD header sent (DICOM export reads it)
 
     def series(self) -> dict[int, list]:
         groups: dict[int, list] = {}
@@ -97,7 +98,7 @@ def stream(peer: Peer, header: bytes, acquisitions, config: str, parameters: dic
            progress=None) -> ReplayResult:
     """Send config, header, acquisitions and close on ``peer`` (in a thread) while collecting the replies.
     ``config``: a chain name (id 1) or, starting with ``<``, the configuration XML itself (id 2)."""
-    result = ReplayResult()
+    result = ReplayResult(header=header)
     failure: list[BaseException] = []
 
     def send():
@@ -312,6 +313,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--previews", default=None, help="folder for PNG previews (default: OUT stem + _previews)")
     parser.add_argument("--no-previews", action="store_true", help="do not write PNG previews")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dicom", default=None, metavar="DIR",
+                        help="also write the images as DICOM, one series per image series (gadgets.dicom_export)")
 
 
 def main(args) -> int:
@@ -343,6 +346,9 @@ def _main(args) -> int:
         check_request(args, parameters)
         out = Path(args.out)
         check_output(out)
+        if args.dicom:
+            from gadgets.dicom_export import check_folder
+            check_folder(args.dicom)
     except UsageError as error:
         log.error("%s", error)
         return 2
@@ -362,4 +368,7 @@ def _main(args) -> int:
     counts = save(result, out, args.out_group, previews)
     log.info("%s: %d image(s) in %.1f s → %s %s", path.name, len(result.images), result.seconds, out,
              {f"image_{k}": v for k, v in counts.items()})
+    if args.dicom:
+        from gadgets.dicom_export import export_result
+        export_result(result, args.dicom)
     return 1 if result.errors else 0
