@@ -9,12 +9,13 @@ import argparse
 import logging
 import sys
 
-from gadgets import dicom_export, replay, server
+from gadgets import dicom_export, mrd2_stream, replay, server
 
 PRODUCT = {
     # name: (module, one-line help)
     "replay": (replay, "stream a recorded ISMRMRD file through the gadget and write the images"),
     "serve": (server, "warm server: keep torch and the weights loaded, serve scan after scan"),
+    "stream": (mrd2_stream, "MRD 2 stream on stdin → images as an MRD 2 stream on stdout (a Unix pipe node)"),
     "export-dicom": (dicom_export, "write an ISMRMRD images file as DICOM, one series per image series"),
 }
 LAB = {

@@ -152,7 +152,8 @@ def replay(path: str | Path, server: str | None = None, config: str | None = Non
            progress: bool = False, dataset: str = "dataset", local_server=None) -> ReplayResult:
     """Stream ``path`` through the gadget: in-process over loopback (``local_server``: a
     :class:`gadgets.server.Server` to reuse, else a fresh one) or to ``server`` ``"HOST:PORT"``."""
-    header, count, acquisitions = read_recording(path, dataset)
+    from gadgets.mrd2 import read_input
+    header, count, acquisitions = read_input(path, dataset)  # ISMRMRD 1 HDF5, or MRD 2 (.mrd, - for stdin)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -296,7 +297,8 @@ def save(result: ReplayResult, out: Path, group: str, previews: Path | None) -> 
 
 def add_arguments(parser) -> None:
     parser.add_argument("input", nargs="?", default=None,
-                        help="ISMRMRD .h5 file (default: the bundled 128² 4-coil Shepp-Logan example)")
+                        help="ISMRMRD .h5 file, or an MRD 2 stream (.mrd, - for stdin) (default: the bundled 128² "
+                             "4-coil Shepp-Logan example)")
     parser.add_argument("--out", default="out.h5",
                         help="output ISMRMRD file, replaced only once the reconstruction succeeded")
     parser.add_argument("--out-group", default="dataset", help="group for image_<series> in the output")
@@ -313,6 +315,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--previews", default=None, help="folder for PNG previews (default: OUT stem + _previews)")
     parser.add_argument("--no-previews", action="store_true", help="do not write PNG previews")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--mrd2", action="store_true",
+                        help="write OUT as an MRD 2 stream (the default for an OUT ending in .mrd)")
     parser.add_argument("--dicom", default=None, metavar="DIR",
                         help="also write the images as DICOM, one series per image series (gadgets.dicom_export)")
 
@@ -334,7 +338,7 @@ def _main(args) -> int:
     path = Path(args.input) if args.input else EXAMPLE
     parameters = {}
     try:
-        if not path.exists():
+        if not path.exists() and str(path) != "-":
             raise UsageError(f"input file {path} does not exist")
         for item in args.param:
             name, sep, value = item.partition("=")
@@ -365,7 +369,11 @@ def _main(args) -> int:
         return 1
     previews = None if args.no_previews else (
         Path(args.previews) if args.previews else out.with_name(out.stem + "_previews"))
-    counts = save(result, out, args.out_group, previews)
+    from gadgets.mrd2 import is_mrd2_path, save_mrd2
+    if args.mrd2 or (is_mrd2_path(out) and str(out) != "-"):
+        counts = save_mrd2(result, out, previews)
+    else:
+        counts = save(result, out, args.out_group, previews)
     log.info("%s: %d image(s) in %.1f s → %s %s", path.name, len(result.images), result.seconds, out,
              {f"image_{k}": v for k, v in counts.items()})
     if args.dicom:
