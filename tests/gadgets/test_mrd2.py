@@ -10,10 +10,10 @@ import ismrmrd
 import numpy as np
 import pytest
 
-mrd = pytest.importorskip("mrd")
+from gadgets import mrd2
+from gadgets.wire import parse_ismrmrd_header
 
-from gadgets import mrd2  # noqa: E402 - after the skip: the module needs mrd-python
-from gadgets.wire import parse_ismrmrd_header  # noqa: E402
+mrd = pytest.importorskip("mrd")
 
 FULL_HEADER = """<?xml version="1.0"?>
 <ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD">
