@@ -34,7 +34,10 @@ NO_DOCKER = 3
 
 def validate(label: dict) -> None:
     """ValueError listing every schema violation of ``label``."""
-    import jsonschema
+    try:
+        import jsonschema
+    except ModuleNotFoundError:
+        raise ValueError("validating the label needs jsonschema: pip install jsonschema") from None
     validator = jsonschema.Draft7Validator(json.loads(SCHEMA.read_text()))
     errors = sorted(validator.iter_errors(label), key=lambda e: list(e.path))
     if errors:
@@ -97,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     label = build_label(gpu=args.gpu, manufacture_date=args.date)
-    validate(label)
+    try:
+        validate(label)
+    except ValueError as error:
+        print(f"refusing to package: {error}", file=sys.stderr)
+        return 2
     (out / "OpenReconLabel.json").write_text(json.dumps(label, indent=2, ensure_ascii=False) + "\n")
     base = base_name(label)
     pdf = out / f"{base}.pdf"
