@@ -121,19 +121,22 @@ def orientation(image) -> tuple[np.ndarray, np.ndarray, bool]:
     return read / np.linalg.norm(read), phase / np.linalg.norm(phase), True
 
 
-def geometry(image) -> dict:
-    """ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness of an ISMRMRD image."""
-    ny, nx = image.data.shape[-2:]
+def geometry(image, partition: int = 0) -> dict:
+    """ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness, SliceLocation of an ISMRMRD
+    image (``partition`` of a 3-D image of nz partitions: FOVz / nz thick, centred at ``position`` +
+    (partition − nz // 2)·FOVz / nz along the slice normal)."""
+    nz, ny, nx = image.data.shape[-3:]
     read, phase, _ = orientation(image)
+    normal = np.cross(read, phase)
     fov = [float(v) for v in image.field_of_view]
-    dx, dy = fov[0] / nx, fov[1] / ny
-    corner = np.array(image.position, dtype=np.float64) - (nx // 2) * dx * read - (ny // 2) * dy * phase
+    dx, dy, dz = fov[0] / nx, fov[1] / ny, fov[2] / nz
+    centre = np.array(image.position, dtype=np.float64) + (partition - nz // 2) * dz * normal
+    corner = centre - (nx // 2) * dx * read - (ny // 2) * dy * phase
     return {"ImagePositionPatient": [_ds_number(v) for v in corner],
             "ImageOrientationPatient": [_ds_number(v) for v in (*read, *phase)],
             "PixelSpacing": [_ds_number(dy), _ds_number(dx)],
-            "SliceThickness": _ds_number(fov[2]),
-            "SliceLocation": _ds_number(float(np.dot(np.array(image.position, dtype=np.float64),
-                                                     np.cross(read, phase))))}
+            "SliceThickness": _ds_number(dz),
+            "SliceLocation": _ds_number(float(np.dot(centre, normal)))}
 
 
 def _header_value(header, *path, default=""):
@@ -160,9 +163,9 @@ def software_versions(meta: dict) -> list[str]:
     return [v[:64] for v in versions]
 
 
-def dataset_for(image, channel: int, *, header, kind: SeriesKind, series_number: int, instance_number: int,
-                study_uid: str, series_uid: str, frame_uid: str, scale: float):
-    """The pydicom data set of one channel of one ISMRMRD image."""
+def dataset_for(image, channel: int, partition: int = 0, *, header, kind: SeriesKind, series_number: int,
+                instance_number: int, study_uid: str, series_uid: str, frame_uid: str, scale: float):
+    """The pydicom data set of one channel of one partition of one ISMRMRD image."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
@@ -221,11 +224,11 @@ def dataset_for(image, channel: int, *, header, kind: SeriesKind, series_number:
     # image
     ds.InstanceNumber = instance_number
     ds.AcquisitionNumber = int(image.repetition) + 1
-    for name, value in geometry(image).items():
+    for name, value in geometry(image, partition).items():
         setattr(ds, name, value)
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    pixels = np.abs(np.asarray(image.data[channel, 0] if image.data.ndim == 4 else image.data[channel]))
+    pixels = np.abs(np.asarray(image.data[channel, partition]))
     ds.Rows, ds.Columns = (int(v) for v in pixels.shape)
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, BITS_STORED, BITS_STORED - 1, 0
     stored = np.clip(np.rint(np.nan_to_num(pixels) * scale), 0, MAX_PIXEL).astype(np.uint16)
@@ -238,6 +241,8 @@ def dataset_for(image, channel: int, *, header, kind: SeriesKind, series_number:
         comment += " [the raw data carried no orientation: axial axes assumed]"
     if image.data.shape[0] > 1:
         comment += f" [filter {channel}]"
+    if image.data.shape[1] > 1:
+        comment += f" [partition {partition + 1} of {image.data.shape[1]}]"
     ds.ImageComments = f"{comment} [pixel = value x {scale:.6g}]"[:10240]
     if kind.image_type[0] == "DERIVED":
         ds.DerivationDescription = kind.description[:1024]
@@ -245,7 +250,7 @@ def dataset_for(image, channel: int, *, header, kind: SeriesKind, series_number:
     ds.ScanningSequence = "RM"  # research mode
     ds.SequenceVariant = "NONE"
     ds.ScanOptions = ""
-    ds.MRAcquisitionType = "3D" if _header_value(header, "encoding") and _encoded_z(header) > 1 else "2D"
+    ds.MRAcquisitionType = "3D" if image.data.shape[1] > 1 or (header is not None and _encoded_z(header) > 1) else "2D"
     ds.RepetitionTime = _sequence_value(header, "TR")
     ds.EchoTime = _sequence_value(header, "TE")
     ds.EchoTrainLength = ""
@@ -295,9 +300,9 @@ def export(images: list, folder: str | Path, header=None) -> list[Path]:
         target.mkdir(parents=True, exist_ok=True)
         number = 0
         for image in members:
-            for channel in range(image.data.shape[0]):
+            for channel, partition in np.ndindex(*image.data.shape[:2]):
                 number += 1
-                ds = dataset_for(image, channel, header=header, kind=kind, series_number=series_index,
+                ds = dataset_for(image, channel, partition, header=header, kind=kind, series_number=series_index,
                                  instance_number=number, study_uid=study_uid, series_uid=series_uid,
                                  frame_uid=frame_uid, scale=scale)
                 path = target / f"{number:05d}.dcm"

@@ -199,3 +199,26 @@ def test_cli_exports_a_replayed_file_and_refuses_bad_input(tmp_path, caplog):
     (tmp_path / "file").write_text("")
     assert main(["export-dicom", str(images_file), str(tmp_path / "file")]) == 2
     assert "is a file, not a folder" in caplog.text
+
+
+def test_a_3d_image_becomes_one_instance_per_partition(tmp_path):
+    """An image of nz partitions (as Gadgetron's ImageArray path returns a 3-D scan): nz instances, FOVz / nz thick,
+    centred along the slice normal around the image's position."""
+    reference = ismrmrd.AcquisitionHeader()
+    reference.position[:] = CENTRE
+    reference.read_dir[:], reference.phase_dir[:], reference.slice_dir[:] = READ, PHASE, SLICE
+    volume = np.stack([slice_pixels(z) for z in range(4)])  # (nz, ny, nx)
+    image = ismrmrd.Image.from_array(volume[None], acquisition=reference, transpose=False,
+                                     field_of_view=(FOV[0], FOV[1], 12.0))
+    image.image_series_index = 1
+    files = export([image], tmp_path / "dicom")
+    assert len(files) == 4
+    for z, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        assert float(ds.SliceThickness) == pytest.approx(3.0) and ds.MRAcquisitionType == "3D"
+        centre = CENTRE + (z - 2) * 3.0 * SLICE
+        corner = centre - (NX // 2) * 5.0 * READ - (NY // 2) * 4.0 * PHASE
+        assert np.allclose([float(v) for v in ds.ImagePositionPatient], corner, atol=1e-6)
+        assert np.array_equal(ds.pixel_array, np.rint(slice_pixels(z) * MAX_PIXEL / volume.max()))
+        if shutil.which("dciodvfy"):
+            assert dciodvfy_errors(path) == []

@@ -146,7 +146,10 @@ def client_py(tmp_path_factory) -> Path:
         pytest.skip(f"python-ismrmrd-server snapshot not found at {SERVER_TARBALL}")
     folder = tmp_path_factory.mktemp("pis")
     with tarfile.open(SERVER_TARBALL) as tar:
-        tar.extractall(folder, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python ≥ 3.10.12: refuse links and paths leaving the folder
+            tar.extractall(folder, filter="data")
+        else:
+            tar.extractall(folder)
     return folder / "python-ismrmrd-server" / "client.py"
 
 
