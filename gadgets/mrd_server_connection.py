@@ -10,6 +10,9 @@
   came before. Images that stand in for a slice that could not be reconstructed are announced the same way (a
   ``WARNING`` text) before the CLOSE; the images themselves are marked (comment ``NOT RECONSTRUCTED``, meta
   ``CDL_NotReconstructed``).
+- magnitude images go out as 16-bit integers scaled to 0 … 2^BitsStored − 1 (``BitsStored`` from the header's user
+  parameters, 12 by default), each image by its own maximum, as python-ismrmrd-server's examples send them to the
+  scanner's image injector; the factor is in meta ``CDL_PixelScale`` and the display window is scaled with it.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import logging
 import socket
 
 import ismrmrd
+import numpy as np
 
 from gadgets.connection import RobustConnection
-from gadgets.openrecon_label import settings_from_values
+from gadgets.openrecon_label import known_name, settings_from_values
 from gadgets.transport import DRAIN_SECONDS, drain_and_close
 from gadgets.wire import MSG_TEXT, U16, encode_close, encode_text, read_text
 
@@ -39,6 +43,31 @@ def logging_text(level: str, text: str) -> bytes:
 def failure_reply(message: str) -> bytes:
     """What a client gets when the scan fails: an ERROR logging text, then CLOSE."""
     return logging_text(LOGGING_ERROR, message) + encode_close()
+
+
+def scanner_image(image: ismrmrd.Image, bits_stored: int) -> ismrmrd.Image:
+    """A float32 magnitude image as int16 scaled to 0 … 2^bits − 1 by its maximum (other images unchanged); the
+    factor goes into meta ``CDL_PixelScale``, the window is scaled with it."""
+    if image.data.dtype != np.float32 or image.image_type != ismrmrd.IMTYPE_MAGNITUDE:
+        return image
+    top = 2 ** bits_stored - 1
+    peak = float(np.nanmax(image.data)) if image.data.size else 0.0
+    scale = top / peak if peak > 0 and np.isfinite(peak) else 1.0
+    pixels = np.clip(np.rint(np.nan_to_num(image.data) * scale), 0, top).astype(np.int16)
+    out = ismrmrd.Image.from_array(pixels, transpose=False)
+    head = image.getHead()
+    head.data_type = ismrmrd.DATATYPE_SHORT
+    out.setHead(head)
+    meta = ismrmrd.Meta.deserialize(image.attribute_string)
+    for key in ("WindowCenter", "WindowWidth", "GADGETRON_WindowCenter", "GADGETRON_WindowWidth"):
+        if key in meta:
+            try:
+                meta[key] = f"{float(meta[key]) * scale:.6g}"
+            except (TypeError, ValueError):
+                pass
+    meta["CDL_PixelScale"] = f"{scale:.9g}"
+    out.attribute_string = meta.serialize()
+    return out
 
 
 def header_user_parameters(header) -> dict:
@@ -72,6 +101,10 @@ class MRDServerConnection(RobustConnection):
             log.info("parameters from the header/JSON: %s", properties)
         self.parameters.update(properties)
         self.not_reconstructed: list[str] = []
+        try:
+            self.bits_stored = min(max(int(values.get("BitsStored", 12)), 8), 15)
+        except ValueError:
+            self.bits_stored = 12
 
     def _config_additional(self) -> dict:
         """The ``parameters`` of a JSON text message that directly follows the header, if one does."""
@@ -95,6 +128,9 @@ class MRDServerConnection(RobustConnection):
             return {}
         log.info("additional config (JSON): %s", parameters)
         values = {str(k): str(v) for k, v in parameters.items() if k != "customconfig"}
+        unknown = sorted(k for k in values if not known_name(k))
+        if unknown:
+            log.warning("ignoring JSON parameters that CDL-Lambda does not know: %s", ", ".join(unknown))
         custom = str(parameters.get("customconfig") or "").strip()
         if custom:
             values["config"] = custom
@@ -108,6 +144,7 @@ class MRDServerConnection(RobustConnection):
                 reason = None
             if reason:
                 self.not_reconstructed.append(f"image {item.image_index} (slice {item.slice}): {reason}")
+            item = scanner_image(item, self.bits_stored)
         super().send(item)
 
     def send_logging(self, level: str, text: str) -> None:

@@ -109,6 +109,11 @@ def label_parameters(chains=None, weights=None) -> list[dict]:
     ]
 
 
+def known_name(name: str) -> bool:
+    """Whether ``name`` is one of this label's parameter ids (or the gadget property it sets)."""
+    return name == "config" or name in PROPERTY_OF or name in PROPERTY_OF.values()
+
+
 def settings_from_values(values: dict) -> tuple[str | None, dict]:
     """(chain name or None, ``{gadget property: value}``) from OpenRecon parameter values (strings, as they arrive
     in the header's userParameters). Values equal to the "chain's setting" sentinel are dropped; ids that are not
@@ -116,9 +121,10 @@ def settings_from_values(values: dict) -> tuple[str | None, dict]:
     chain = values.get("config")
     properties = {}
     for pid, prop in PROPERTY_OF.items():
-        if pid not in values:
+        key = pid if pid in values else prop if prop in values else None  # the label's id or the property name
+        if key is None:
             continue
-        value = str(values[pid]).strip()
+        value = str(values[key]).strip()
         if value.lower() == KEEP or (prop in ("iterations", "max_open_images") and value in ("0", "0.0")):
             continue
         properties[prop] = value

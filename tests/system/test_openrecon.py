@@ -89,6 +89,9 @@ def test_label_values_map_to_gadget_properties():
     assert chain == "cdl-lambda-fast" and properties == {"slice_errors": "report", "send_zero_filled": "true"}
     params = Parameters.from_sources({"iterations": 24}, properties)
     assert params.iterations == 24 and params.slice_errors == "report" and params.send_zero_filled
+    # the gadget property names work as well (python-ismrmrd-server JSON written by hand)
+    assert settings_from_values({"slice_errors": "fail", "iterations": "12"}) == (
+        None, {"slice_errors": "fail", "iterations": "12"})
 
 
 def test_packaging_states_the_docker_steps_it_cannot_run(tmp_path):
@@ -249,6 +252,9 @@ def test_client_reconstructs_a_multicoil_scan_with_header_parameters(client_py, 
     for cdl, zero in zip(series[1], series[2]):
         meta = ismrmrd.Meta.deserialize(cdl.attribute_string)
         assert meta["CDL_Iterations"] == str(ITERATIONS) and meta["CDL_Chain"] == "cdl-lambda" and not _marked(cdl)
+        # as the scanner's injector takes them: 16-bit integers, 12 bits used (BitsStored in the header: 12)
+        assert cdl.data.dtype == np.int16 and cdl.data.max() == 4095 and cdl.data.min() >= 0
+        assert float(meta["WindowCenter"]) < 4095 and float(meta["CDL_PixelScale"]) > 0
         assert relative_error(cdl.data[0, 0], truth) < relative_error(zero.data[0, 0], truth)
     assert "ERROR" not in done.stderr
 
