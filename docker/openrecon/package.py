@@ -50,14 +50,34 @@ def base_name(label: dict) -> str:
     return f"OpenRecon_{general['vendor']}_{general['name']['en']}_V{general['version']}"
 
 
+ASCII = {"Λ": "Lambda", "−": "-", "…": "...", "²": "^2", "—": "-", "≥": ">=", "≤": "<="}
+
+
+def text_lines(markdown: str, width: int = 100) -> list[str]:
+    """``markdown`` as plain lines: paragraphs joined and wrapped at ``width``, table rows and code kept."""
+    for old, new in ASCII.items():
+        markdown = markdown.replace(old, new)
+    lines, paragraph = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.strip() and not line.startswith(("|", "#", "    ", "```")):
+            paragraph.append(line.strip())
+            continue
+        if paragraph:
+            lines += textwrap.wrap(" ".join(paragraph), width)
+            paragraph = []
+        lines += textwrap.wrap(line, width, subsequent_indent="    ") or [""]
+    return lines
+
+
 def write_pdf(markdown: str, path: Path) -> None:
     """``markdown`` as plain text on A4 pages (100 dpi), one PDF."""
     from PIL import Image, ImageDraw, ImageFont
-    width, height, margin, line_height = 827, 1169, 60, 16
-    font = ImageFont.load_default()
-    lines = []
-    for paragraph in markdown.splitlines():
-        lines += textwrap.wrap(paragraph, 110) or [""]
+    width, height, margin, line_height = 827, 1169, 60, 17
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    lines = text_lines(markdown)
     per_page = (height - 2 * margin) // line_height
     pages = []
     for start in range(0, max(len(lines), 1), per_page):
