@@ -153,7 +153,7 @@ def _person_name(text: str) -> str:
 
 
 def software_versions(meta: dict) -> list[str]:
-    from gadgets.openrecon_label import package_version
+    from cdl_lambda.gadgets.openrecon_label import package_version
     versions = [f"cdl-lambda {package_version()}"]
     for key, label in (("CDL_Network", "network"), ("CDL_Dictionary", "dictionary")):
         name = _first(meta.get(key))
@@ -317,7 +317,7 @@ def export(images: list, folder: str | Path, header=None) -> list[Path]:
 
 def export_result(result, folder: str | Path) -> list[Path]:
     """:func:`export` of a :class:`gadgets.replay.ReplayResult` (its images and the header it sent)."""
-    from gadgets.wire import parse_ismrmrd_header
+    from cdl_lambda.gadgets.wire import parse_ismrmrd_header
     header = parse_ismrmrd_header(result.header) if result.header else None
     written = export(result.images, folder, header)
     log.info("%d DICOM file(s) in %s", len(written), folder)
@@ -328,7 +328,7 @@ def read_images(path: str | Path, group: str = "dataset") -> tuple[list, object]
     """(images of every ``image_*`` series, ismrmrdHeader or None) of an ISMRMRD images file; ValueError naming the
     problem."""
     import h5py
-    from gadgets.wire import parse_ismrmrd_header
+    from cdl_lambda.gadgets.wire import parse_ismrmrd_header
     try:
         with h5py.File(path, "r") as handle:
             if group not in handle:
@@ -350,7 +350,7 @@ def read_images(path: str | Path, group: str = "dataset") -> tuple[list, object]
 # --------------------------------------------------------------------------------------------------------- CLI
 def check_folder(folder: str | Path) -> None:
     """:class:`gadgets.replay.UsageError` unless ``folder`` is (or can be made) a writable folder."""
-    from gadgets.replay import UsageError
+    from cdl_lambda.gadgets.replay import UsageError
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--dicom {folder} is a file, not a folder")
@@ -377,8 +377,8 @@ def main(args) -> int:
         check_folder(args.folder)
         images, header = read_images(args.images, args.group)
         if args.header:
-            from gadgets.replay import read_recording
-            from gadgets.wire import parse_ismrmrd_header
+            from cdl_lambda.gadgets.replay import read_recording
+            from cdl_lambda.gadgets.wire import parse_ismrmrd_header
             header = parse_ismrmrd_header(read_recording(args.header)[0])
     except ValueError as error:
         log.error("%s", error)

@@ -135,7 +135,7 @@ def header_to_xml(header) -> bytes:
 def header_from_xml(xml: bytes | str):
     """ISMRMRD 1 XML as an MRD 2 ``mrd.Header``."""
     import mrd
-    from gadgets.wire import parse_ismrmrd_header
+    from cdl_lambda.gadgets.wire import parse_ismrmrd_header
     return convert(parse_ismrmrd_header(xml), mrd.Header)
 
 
@@ -297,7 +297,7 @@ def read_input(path, dataset: str = "dataset"):
     """:func:`read_mrd2` for an MRD 2 path (``.mrd``, ``-``), else :func:`gadgets.replay.read_recording`."""
     if is_mrd2_path(path):
         return read_mrd2(path)
-    from gadgets.replay import read_recording
+    from cdl_lambda.gadgets.replay import read_recording
     return read_recording(path, dataset)
 
 
@@ -332,7 +332,7 @@ def save_mrd2(result, out: Path, previews: Path | None) -> dict[int, int]:
     leaves the old output as it was), then the PNG previews; returns the image count per series."""
     import os
     import tempfile
-    from gadgets.replay import write_previews
+    from cdl_lambda.gadgets.replay import write_previews
     handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(handle)
     try:
@@ -363,7 +363,7 @@ def write_mrd2_images(images: list, header_xml: bytes | None, target) -> int:
 def convert_file(source, target) -> int:
     """An ISMRMRD 1 raw file (HDF5) as an MRD 2 stream file (``-``: stdout); returns the acquisitions written."""
     import mrd
-    from gadgets.replay import read_recording
+    from cdl_lambda.gadgets.replay import read_recording
     xml, _, acquisitions = read_recording(source)
     count = 0
 

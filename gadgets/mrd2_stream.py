@@ -43,10 +43,10 @@ def _protected_stdout():
 def main(args) -> int:
     import mrd
 
-    from gadgets import mrd2
-    from gadgets.client import Peer
-    from gadgets.replay import DEFAULT_CONFIG, UsageError, check_request
-    from gadgets.wire import MSG_ERROR, MSG_IMAGE
+    from cdl_lambda.gadgets import mrd2
+    from cdl_lambda.gadgets.client import Peer
+    from cdl_lambda.gadgets.replay import DEFAULT_CONFIG, UsageError, check_request
+    from cdl_lambda.gadgets.wire import MSG_ERROR, MSG_IMAGE
 
     output = _protected_stdout()
     parameters = {}
@@ -65,7 +65,7 @@ def main(args) -> int:
         log.error("%s", error)
         return 2
 
-    from gadgets.server import Server
+    from cdl_lambda.gadgets.server import Server
     server = Server("127.0.0.1", 0)
     server.start(max_connections=1)
     peer = Peer.connect("127.0.0.1", server.port)

@@ -24,10 +24,10 @@ import socket
 import ismrmrd
 import numpy as np
 
-from gadgets.connection import RobustConnection
-from gadgets.openrecon_label import known_name, settings_from_values
-from gadgets.transport import DRAIN_SECONDS, drain_and_close
-from gadgets.wire import MSG_TEXT, U16, encode_close, encode_text, read_text
+from cdl_lambda.gadgets.connection import RobustConnection
+from cdl_lambda.gadgets.openrecon_label import known_name, settings_from_values
+from cdl_lambda.gadgets.transport import DRAIN_SECONDS, drain_and_close
+from cdl_lambda.gadgets.wire import MSG_TEXT, U16, encode_close, encode_text, read_text
 
 log = logging.getLogger(__name__)
 

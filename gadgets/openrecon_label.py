@@ -78,10 +78,10 @@ def label_parameters(chains=None, weights=None) -> list[dict]:
     networks as choices (``chains``: a :class:`gadgets.chains.ChainRegistry`, ``weights``: a
     :class:`recon.weights.WeightsRegistry`; default: the shipped ones)."""
     if chains is None:
-        from gadgets.chains import ChainRegistry
+        from cdl_lambda.gadgets.chains import ChainRegistry
         chains = ChainRegistry()
     if weights is None:
-        from recon.weights import WeightsRegistry
+        from cdl_lambda.recon.weights import WeightsRegistry
         weights = WeightsRegistry()
     return [
         _choice("config", "Chain", [(name, f"{name}: {chain.description}" if chain.description else name)

@@ -23,9 +23,9 @@ import h5py
 import ismrmrd
 import numpy as np
 
-from gadgets.image_output import png_bytes
-from gadgets.wire import MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, MSG_TEXT
-from gadgets.client import Peer
+from cdl_lambda.gadgets.image_output import png_bytes
+from cdl_lambda.gadgets.wire import MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, MSG_TEXT
+from cdl_lambda.gadgets.client import Peer
 
 log = logging.getLogger(__name__)
 EXAMPLE = Path(__file__).resolve().parent / "examples" / "shepp_logan_128_4coils.h5"
@@ -152,7 +152,7 @@ def replay(path: str | Path, server: str | None = None, config: str | None = Non
            progress: bool = False, dataset: str = "dataset", local_server=None) -> ReplayResult:
     """Stream ``path`` through the gadget: in-process over loopback (``local_server``: a
     :class:`gadgets.server.Server` to reuse, else a fresh one) or to ``server`` ``"HOST:PORT"``."""
-    from gadgets.mrd2 import read_input
+    from cdl_lambda.gadgets.mrd2 import read_input
     header, count, acquisitions = read_input(path, dataset)  # ISMRMRD 1 HDF5, or MRD 2 (.mrd, - for stdin)
     bar = None
     if progress:
@@ -165,7 +165,7 @@ def replay(path: str | Path, server: str | None = None, config: str | None = Non
             peer = Peer.connect(*parse_address(server))
         else:
             if local_server is None:
-                from gadgets.server import Server
+                from cdl_lambda.gadgets.server import Server
                 own = local_server = Server("127.0.0.1", 0)
                 own.start(max_connections=1)
             peer = Peer.connect("127.0.0.1", local_server.port)
@@ -226,7 +226,7 @@ def check_device(name: str | None) -> None:
     """UsageError when ``name`` is not auto/cpu/cuda[:N] or asks for CUDA where there is none."""
     if name in (None, "auto", "cpu"):
         return
-    from recon.device import choose_device
+    from cdl_lambda.recon.device import choose_device
     try:
         choose_device(name)
     except (ValueError, RuntimeError) as error:
@@ -253,7 +253,7 @@ def check_request(args, parameters: dict) -> None:
     """Everything that can be checked before the reconstruction starts: the gadget properties (names and values),
     the server address; when reconstructing here (a remote server has its own registry, weights and devices) the
     weights folder, the chain name and the device."""
-    from gadgets.settings import Parameters
+    from cdl_lambda.gadgets.settings import Parameters
     try:
         Parameters.from_sources(parameters)
     except ValueError as error:
@@ -261,8 +261,8 @@ def check_request(args, parameters: dict) -> None:
     if args.server:
         parse_address(args.server)
     else:
-        from gadgets.chains import ChainRegistry
-        from recon.weights import WeightsRegistry
+        from cdl_lambda.gadgets.chains import ChainRegistry
+        from cdl_lambda.recon.weights import WeightsRegistry
         try:
             WeightsRegistry()
             ChainRegistry().check_name(args.chain)
@@ -351,7 +351,7 @@ def _main(args) -> int:
         out = Path(args.out)
         check_output(out)
         if args.dicom:
-            from gadgets.dicom_export import check_folder
+            from cdl_lambda.gadgets.dicom_export import check_folder
             check_folder(args.dicom)
     except UsageError as error:
         log.error("%s", error)
@@ -369,7 +369,7 @@ def _main(args) -> int:
         return 1
     previews = None if args.no_previews else (
         Path(args.previews) if args.previews else out.with_name(out.stem + "_previews"))
-    from gadgets.mrd2 import is_mrd2_path, save_mrd2
+    from cdl_lambda.gadgets.mrd2 import is_mrd2_path, save_mrd2
     if args.mrd2 or (is_mrd2_path(out) and str(out) != "-"):
         counts = save_mrd2(result, out, previews)
     else:
@@ -377,6 +377,6 @@ def _main(args) -> int:
     log.info("%s: %d image(s) in %.1f s → %s %s", path.name, len(result.images), result.seconds, out,
              {f"image_{k}": v for k, v in counts.items()})
     if args.dicom:
-        from gadgets.dicom_export import export_result
+        from cdl_lambda.gadgets.dicom_export import export_result
         export_result(result, args.dicom)
     return 1 if result.errors else 0

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docker", default="docker", help="the docker command")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from gadgets.openrecon_label import build_label, encode_label
+    from cdl_lambda.gadgets.openrecon_label import build_label, encode_label
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,8 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from gadgets.dicom_export import MAX_PIXEL, export, read_images
-from gadgets.image_output import build_image, mark_not_reconstructed
+from cdl_lambda.gadgets.dicom_export import MAX_PIXEL, export, read_images
+from cdl_lambda.gadgets.image_output import build_image, mark_not_reconstructed
 
 pydicom = pytest.importorskip("pydicom")
 
@@ -61,7 +61,7 @@ def stack_images(kind: str = "image", series: int = 1, bad_slice: int | None = N
 
 
 def header():
-    from gadgets.wire import parse_ismrmrd_header
+    from cdl_lambda.gadgets.wire import parse_ismrmrd_header
     return parse_ismrmrd_header(
         '<ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><subjectInformation><patientName>Test^Phantom'
         '</patientName><patientID>P-042</patientID></subjectInformation><studyInformation><studyDate>2026-12-06'
@@ -185,7 +185,7 @@ def test_dcm2niix_makes_one_volume_with_slices_in_order(exported, tmp_path):
 
 
 def test_cli_exports_a_replayed_file_and_refuses_bad_input(tmp_path, caplog):
-    from gadgets.cli import main
+    from cdl_lambda.gadgets.cli import main
     images_file = tmp_path / "images.h5"
     with ismrmrd.Dataset(str(images_file), "dataset", create_if_needed=True) as dataset:
         for image in stack_images():

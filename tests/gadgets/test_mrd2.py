@@ -10,8 +10,8 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from gadgets import mrd2
-from gadgets.wire import parse_ismrmrd_header
+from cdl_lambda.gadgets import mrd2
+from cdl_lambda.gadgets.wire import parse_ismrmrd_header
 
 mrd = pytest.importorskip("mrd")
 
@@ -98,7 +98,7 @@ def test_acquisitions_map_both_ways_with_flags_counters_and_trajectory(accelerat
 
 
 def test_images_map_both_ways():
-    from gadgets.image_output import build_image
+    from cdl_lambda.gadgets.image_output import build_image
     reference = ismrmrd.AcquisitionHeader()
     reference.position[:] = (1, 2, 3)
     reference.read_dir[:], reference.phase_dir[:], reference.slice_dir[:] = (0, 1, 0), (1, 0, 0), (0, 0, 1)

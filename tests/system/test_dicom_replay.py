@@ -20,7 +20,7 @@ def _dciodvfy_errors(path) -> list[str]:
 
 
 def test_replay_writes_valid_dicom_series(accelerated_file, tmp_path):
-    from gadgets.cli import main
+    from cdl_lambda.gadgets.cli import main
     out, dicom = tmp_path / "images.h5", tmp_path / "dicom"
     status = main(["replay", str(accelerated_file), "--out", str(out), "--no-previews", "--no-progress",
                    "--param", "iterations=4", "--param", "send_zero_filled=true", "--dicom", str(dicom)])
@@ -44,7 +44,7 @@ def test_replay_writes_valid_dicom_series(accelerated_file, tmp_path):
 
 
 def test_replay_with_a_bad_readout_gives_an_incomplete_derived_series(accelerated_file, tmp_path):
-    from gadgets.cli import main
+    from cdl_lambda.gadgets.cli import main
     scan = tmp_path / "bad.h5"
     shutil.copy(accelerated_file, scan)
     with h5py.File(scan, "r+") as f:

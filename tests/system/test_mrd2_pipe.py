@@ -62,7 +62,8 @@ def test_stream_is_a_node_between_mrd_python_tools(tmp_path):
 
 def test_stream_refuses_input_that_is_not_mrd2(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-m", "gadgets.cli", "stream"], input=b"\x00garbage", cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-m", "cdl_lambda.gadgets.cli", "stream"], input=b"\x00garbage",
+                          cwd=tmp_path,
                           env=env, capture_output=True, timeout=300)
     assert done.returncode == 2 and b"not an MRD 2 stream" in done.stderr and done.stdout == b""
 
@@ -76,9 +77,9 @@ def test_ismrmrd1_through_mrd2_gives_the_same_images(accelerated_file, tmp_path,
     """The ISMRMRD 1 file and its MRD 2 conversion read from stdin, through one warm server: the same images.
     Same inputs, same process, same loaded reconstructor: they agree to float32 rounding (1e-6 of the image's
     peak); the MRD 2 output file holds the same images as the ISMRMRD 1 output."""
-    from gadgets import mrd2
-    from gadgets.replay import replay, save
-    from gadgets.server import Server
+    from cdl_lambda.gadgets import mrd2
+    from cdl_lambda.gadgets.replay import replay, save
+    from cdl_lambda.gadgets.server import Server
     converted = tmp_path / "scan.mrd"
     assert mrd2.convert_file(accelerated_file, converted) == 161
     server = Server("127.0.0.1", 0)
@@ -110,8 +111,8 @@ def test_ismrmrd1_through_mrd2_gives_the_same_images(accelerated_file, tmp_path,
 
 
 def test_replay_cli_reads_and_writes_mrd2_by_extension_and_flag(simple_file, tmp_path):
-    from gadgets import mrd2
-    from gadgets.cli import main
+    from cdl_lambda.gadgets import mrd2
+    from cdl_lambda.gadgets.cli import main
     converted = tmp_path / "scan.mrd"
     mrd2.convert_file(simple_file, converted)
     assert main(["replay", str(converted), "--out", str(tmp_path / "out.mrd"), "--no-previews", "--no-progress",

@@ -61,8 +61,8 @@ def test_dockerfiles_start_the_server_on_9002_as_root_within_cuda_11_8():
 
 def test_label_validates_against_the_openrecon_schema():
     jsonschema = pytest.importorskip("jsonschema")
-    from gadgets.chains import ChainRegistry
-    from gadgets.openrecon_label import LABEL_KEY, build_label, encode_label, package_version
+    from cdl_lambda.gadgets.chains import ChainRegistry
+    from cdl_lambda.gadgets.openrecon_label import LABEL_KEY, build_label, encode_label, package_version
     schema = json.loads((OPENRECON / "OpenReconSchema_1.1.0.json").read_text())
     validator = jsonschema.Draft7Validator(schema)
     for gpu in (False, True):
@@ -82,8 +82,8 @@ def test_label_validates_against_the_openrecon_schema():
 
 
 def test_label_values_map_to_gadget_properties():
-    from gadgets.openrecon_label import settings_from_values
-    from gadgets.settings import Parameters
+    from cdl_lambda.gadgets.openrecon_label import settings_from_values
+    from cdl_lambda.gadgets.settings import Parameters
     chain, properties = settings_from_values({"config": "cdl-lambda-fast", "iterations": "0", "dictionary": "chain",
                                               "sliceerrors": "report", "zerofilled": "true", "BitsStored": "12"})
     assert chain == "cdl-lambda-fast" and properties == {"slice_errors": "report", "send_zero_filled": "true"}
@@ -130,7 +130,7 @@ elif args[0] == "save":
         assert bundle.read(f"{base}.tar") == b"image tar"
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     build = next(c for c in calls if c[0] == "build")
-    from gadgets.openrecon_label import encode_label
+    from cdl_lambda.gadgets.openrecon_label import encode_label
     label_arg = build[build.index("--build-arg") + 1]
     assert label_arg.startswith("OPENRECON_LABEL=") and json.loads(
         __import__("base64").b64decode(label_arg.split("=", 1)[1]))["general"]["id"] == "cdllambda"
@@ -169,7 +169,7 @@ def image_server(tmp_path_factory):
     command = image_command()
     port = _free_port()
     command[command.index("--port") + 1] = str(port)
-    argv = [sys.executable, "-m", "gadgets.cli"] + command[1:]
+    argv = [sys.executable, "-m", "cdl_lambda.gadgets.cli"] + command[1:]
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     with open(log, "w") as handle:
