@@ -41,6 +41,7 @@ class ReplayResult:
     texts: list = field(default_factory=list)
     seconds: float = 0.0                              # connection to close
     first_image_seconds: float | None = None          # connection to the first image
+    header: bytes = b""                               # the ISMRMRD header sent (DICOM export reads it)
 
     def series(self) -> dict[int, list]:
         groups: dict[int, list] = {}
@@ -97,7 +98,7 @@ def stream(peer: Peer, header: bytes, acquisitions, config: str, parameters: dic
            progress=None) -> ReplayResult:
     """Send config, header, acquisitions and close on ``peer`` (in a thread) while collecting the replies.
     ``config``: a chain name (id 1) or, starting with ``<``, the configuration XML itself (id 2)."""
-    result = ReplayResult()
+    result = ReplayResult(header=header)
     failure: list[BaseException] = []
 
     def send():
@@ -151,7 +152,8 @@ def replay(path: str | Path, server: str | None = None, config: str | None = Non
            progress: bool = False, dataset: str = "dataset", local_server=None) -> ReplayResult:
     """Stream ``path`` through the gadget: in-process over loopback (``local_server``: a
     :class:`gadgets.server.Server` to reuse, else a fresh one) or to ``server`` ``"HOST:PORT"``."""
-    header, count, acquisitions = read_recording(path, dataset)
+    from cdl_lambda.gadgets.mrd2 import read_input
+    header, count, acquisitions = read_input(path, dataset)  # ISMRMRD 1 HDF5, or MRD 2 (.mrd, - for stdin)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -295,8 +297,9 @@ def save(result: ReplayResult, out: Path, group: str, previews: Path | None) -> 
 
 def add_arguments(parser) -> None:
     parser.add_argument("input", nargs="*", default=None,
-                        help="ISMRMRD .h5 file (default: the bundled 128² 4-coil Shepp-Logan example); several files "
-                             "or folders: an archive, one process, the model loaded once (gadgets.archive)")
+                        help="ISMRMRD .h5 file, or an MRD 2 stream (.mrd, - for stdin) (default: the bundled 128² "
+                             "4-coil Shepp-Logan example); several files or folders: an archive, one process, the "
+                             "model loaded once (gadgets.archive)")
     parser.add_argument("--out", default="out.h5",
                         help="output ISMRMRD file, replaced only once the reconstruction succeeded (for several "
                              "inputs: a folder, the outputs named after the inputs)")
@@ -314,6 +317,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--previews", default=None, help="folder for PNG previews (default: OUT stem + _previews)")
     parser.add_argument("--no-previews", action="store_true", help="do not write PNG previews")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--mrd2", action="store_true",
+                        help="write OUT as an MRD 2 stream (the default for an OUT ending in .mrd)")
+    parser.add_argument("--dicom", default=None, metavar="DIR",
+                        help="also write the images as DICOM, one series per image series (gadgets.dicom_export)")
 
 
 def main(args) -> int:
@@ -337,7 +344,7 @@ def _main(args) -> int:
     path = Path(inputs[0]) if inputs else EXAMPLE
     parameters = {}
     try:
-        if not path.exists():
+        if not path.exists() and str(path) != "-":
             raise UsageError(f"input file {path} does not exist")
         for item in args.param:
             name, sep, value = item.partition("=")
@@ -349,6 +356,9 @@ def _main(args) -> int:
         check_request(args, parameters)
         out = Path(args.out)
         check_output(out)
+        if args.dicom:
+            from cdl_lambda.gadgets.dicom_export import check_folder
+            check_folder(args.dicom)
     except UsageError as error:
         log.error("%s", error)
         return 2
@@ -365,7 +375,14 @@ def _main(args) -> int:
         return 1
     previews = None if args.no_previews else (
         Path(args.previews) if args.previews else out.with_name(out.stem + "_previews"))
-    counts = save(result, out, args.out_group, previews)
+    from cdl_lambda.gadgets.mrd2 import is_mrd2_path, save_mrd2
+    if args.mrd2 or (is_mrd2_path(out) and str(out) != "-"):
+        counts = save_mrd2(result, out, previews)
+    else:
+        counts = save(result, out, args.out_group, previews)
     log.info("%s: %d image(s) in %.1f s → %s %s", path.name, len(result.images), result.seconds, out,
              {f"image_{k}": v for k, v in counts.items()})
+    if args.dicom:
+        from cdl_lambda.gadgets.dicom_export import export_result
+        export_result(result, args.dicom)
     return 1 if result.errors else 0

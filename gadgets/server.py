@@ -39,7 +39,9 @@ class Server:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 18000, cache: ReconstructorCache | None = None,
                  registry: ChainRegistry | None = None, max_concurrent: int = 2, idle_timeout: float | None = 600.0,
-                 listener: socket.socket | None = None, overrides: dict | None = None):
+                 listener: socket.socket | None = None, overrides: dict | None = None,
+                 connection_class=RobustConnection):
+        self.connection_class = connection_class  # MRDServerConnection: OpenRecon/FIRE conventions (--openrecon)
         self.gadget = CDLLambdaGadget(cache or ReconstructorCache(), registry, overrides)
         self.listener = listener or socket.create_server((host, port), reuse_port=False, backlog=16)
         self.listener.settimeout(0.5)
@@ -59,11 +61,13 @@ class Server:
         with self.slots:
             try:
                 try:
-                    connection = RobustConnection(sock, idle_timeout=self.idle_timeout)
+                    connection = self.connection_class(sock, idle_timeout=self.idle_timeout)
                 except Exception as error:  # noqa: BLE001 - handshake failed: tell the peer
                     log.error("connection from %s: handshake failed: %s", address, error)
                     try:
-                        sock.sendall(encode_error(f"handshake failed: {error}") + encode_close())
+                        reply = getattr(self.connection_class, "failure_reply", None)
+                        sock.sendall(reply(f"handshake failed: {error}") if reply else
+                                     encode_error(f"handshake failed: {error}") + encode_close())
                     except OSError:
                         pass
                     drain_and_close(sock, min(self.idle_timeout or DRAIN_SECONDS, DRAIN_SECONDS))
@@ -136,6 +140,9 @@ def add_arguments(parser) -> None:
                              "workers of chains/cdl_lambda_distributed.xml, whose properties Gadgetron 4.7.2 drops)")
     parser.add_argument("--no-supervisor", action="store_true",
                         help="serve in this process (no restart after a native crash)")
+    parser.add_argument("--openrecon", action="store_true",
+                        help="OpenRecon/FIRE and python-ismrmrd-server clients: parameters from the header's "
+                             "userParameters, failures as a logging text then a clean close")
     parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)  # set by the supervisor
 
 
@@ -164,6 +171,14 @@ def check_startup(chains_dir=None) -> ChainRegistry:
     for chain in registry.chains.values():
         Parameters.from_sources(chain.parameters)
     return registry
+
+
+def connection_class(args):
+    """The connection type ``serve`` speaks: python-ismrmrd-server's conventions with ``--openrecon``."""
+    if getattr(args, "openrecon", False):
+        from cdl_lambda.gadgets.mrd_server_connection import MRDServerConnection
+        return MRDServerConnection
+    return RobustConnection
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -201,7 +216,8 @@ def main(args) -> int:
     if not args.no_supervisor and args.listen_fd is None:
         return supervise(args, listener)
     server = Server(args.host, args.port, registry=registry, max_concurrent=args.max_concurrent,
-                    idle_timeout=args.idle_timeout or None, listener=listener, overrides=overrides)
+                    idle_timeout=args.idle_timeout or None, listener=listener, overrides=overrides,
+                    connection_class=connection_class(args))
     if args.preload:
         chain = registry.select(args.preload)
         server.cache.get(Parameters.from_sources(chain.parameters, overrides))  # what its scans will ask for
@@ -233,6 +249,7 @@ def supervise(args, listener: socket.socket | None = None) -> int:
     command += ["--preload", args.preload] if args.preload else []
     command += ["--device", args.device] if getattr(args, "device", None) else []
     command += [f"--param={item}" for item in getattr(args, "param", [])]
+    command += ["--openrecon"] if getattr(args, "openrecon", False) else []
     deaths: list[float] = []
     worker = None
     stopping = threading.Event()
