@@ -16,10 +16,10 @@ from recon.sampling import equispaced_line_mask
 from recon.slice_data import STATUS_INCOMPLETE, STATUS_NOT_RECONSTRUCTED, NoiseScan, SliceData
 from support import phantom, synthetic_maps
 
-N, COILS, NOISE = 48, 4, 0.02
+N, COILS, NOISE = 32, 4, 0.02
 # Batched and single passes run the same float32 operations on differently shaped tensors, so FFT and reduction
-# orders may differ: images agree to float32 rounding accumulated over the FISTA iterations, far below 1e-4 of the
-# maximum (a one-iteration change moves the image by ~1e-2 of it).
+# orders may differ with the CPU: images agree to float32 rounding accumulated over the FISTA iterations (measured: bit
+# for bit on a 2-core x86 CPU), far below 1e-4 of the maximum, while one iteration fewer moves them by 1.1e-2 of it.
 BATCH_TOLERANCE = 1e-4
 
 
@@ -46,7 +46,7 @@ def _noise_scan(seed=99) -> NoiseScan:
 
 @pytest.fixture(scope="module")
 def reconstructor():
-    return Reconstructor(network="none", iterations=12, device="cpu", batch_size=3, compiled=False)
+    return Reconstructor(network="none", iterations=8, device="cpu", batch_size=3, compiled=False)
 
 
 class Counting:
@@ -170,9 +170,9 @@ def test_noise_level_from_the_noise_scan_from_upstream_or_estimated(reconstructo
     with_scan, estimated = (next(reconstruct_slices(reconstructor, [SliceData(**{**vars(data), "noise": noise})]))
                             for noise in (_noise_scan(), None))
     assert with_scan.noise_std == 1.0 and with_scan.noise_source == NOISE_FROM_SCAN
-    assert 0.85 < with_scan.residual_to_noise < 1.15  # the fit stops at the noise the scan measured
+    assert 0.8 < with_scan.residual_to_noise < 1.3  # the fit stops near the noise the scan measured (8 iterations)
     assert estimated.noise_source == NOISE_ESTIMATED
-    assert NOISE < estimated.noise_std < 2 * NOISE  # reads high on a sharp 48² phantom at SNR 50 (1.7×, recon.noise)
+    assert NOISE < estimated.noise_std < 2 * NOISE  # reads high on a sharp phantom at SNR 50 (recon.noise)
     # the same data prewhitened upstream with a scale (as Gadgetron's NoiseAdjustGadget does), σ stated there: the
     # same image as prewhitening here, in the upstream's units
     whitening = 1.26 * _noise_scan().whitening(0.0, torch.device("cpu"))
