@@ -16,13 +16,13 @@ import logging
 import ismrmrd
 import numpy as np
 
-from gadgets import image_output
-from gadgets.buffer import AcquisitionBuffer, read_encoding
-from gadgets.errors import InputError
-from gadgets.settings import Parameters
-from gadgets.slices import ScanSlice, from_group, from_recon_bit, noise_of
-from gadgets.wire import ImageArray, ReconData
-from recon.pipeline import reconstruct_slices
+from cdl_lambda.gadgets import image_output
+from cdl_lambda.gadgets.buffer import AcquisitionBuffer, read_encoding
+from cdl_lambda.gadgets.errors import InputError
+from cdl_lambda.gadgets.settings import Parameters
+from cdl_lambda.gadgets.slices import ScanSlice, from_group, from_recon_bit, noise_of
+from cdl_lambda.gadgets.wire import ImageArray, ReconData
+from cdl_lambda.recon.pipeline import reconstruct_slices
 
 log = logging.getLogger(__name__)
 

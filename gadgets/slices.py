@@ -20,9 +20,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gadgets.buffer import COUNTERS, Encoding, GroupKey, SliceGroup
-from gadgets.errors import InputError
-from recon.slice_data import NoiseScan, SliceData
+from cdl_lambda.gadgets.buffer import COUNTERS, Encoding, GroupKey, SliceGroup
+from cdl_lambda.gadgets.errors import InputError
+from cdl_lambda.recon.slice_data import NoiseScan, SliceData
 
 NOISE_ADJUST = "Gadgetron's NoiseAdjustGadget"
 NOISE_ADJUST_DEFAULT_BANDWIDTH = 0.793  # NoiseAdjustGadget's relativeReceiverNoiseBandwidth when the header has none

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from recon import fft as _fft
+from cdl_lambda.recon import fft as _fft
 
 MAD_TO_STD = 0.6744897501960817  # median |N(0, 1)|
 UPSTREAM_TOLERANCE = 3.0  # a stated σ within this factor of the data's estimate is trusted: the estimate reads high

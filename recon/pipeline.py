@@ -28,15 +28,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from recon import coils as _coils
-from recon.device import choose_device, keep_freed_memory_for_reuse
-from recon.dictionary import Dictionary
-from recon.model import DEFAULT_SCALAR_BETA, DEFAULT_SCALAR_LAMBDA, CDLLambda, ReconOutput
-from recon.noise import NOISE_ESTIMATED, NOISE_FROM_SCAN, noise_level
-from recon.preprocessing import prepare_kspace
-from recon.slice_data import STATUS_NOT_RECONSTRUCTED, SliceData, as_tensor
-from recon.solvers import compile_available
-from recon.weights import WeightsRegistry
+from cdl_lambda.recon import coils as _coils
+from cdl_lambda.recon.device import choose_device, keep_freed_memory_for_reuse
+from cdl_lambda.recon.dictionary import Dictionary
+from cdl_lambda.recon.model import DEFAULT_SCALAR_BETA, DEFAULT_SCALAR_LAMBDA, CDLLambda, ReconOutput
+from cdl_lambda.recon.noise import NOISE_ESTIMATED, NOISE_FROM_SCAN, noise_level
+from cdl_lambda.recon.preprocessing import prepare_kspace
+from cdl_lambda.recon.slice_data import STATUS_NOT_RECONSTRUCTED, SliceData, as_tensor
+from cdl_lambda.recon.solvers import compile_available
+from cdl_lambda.recon.weights import WeightsRegistry
 
 log = logging.getLogger(__name__)
 

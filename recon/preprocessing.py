@@ -13,8 +13,8 @@ import logging
 
 import torch
 
-from recon import coils as _coils
-from recon import fft as _fft
+from cdl_lambda.recon import coils as _coils
+from cdl_lambda.recon import fft as _fft
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from recon import coils as _coils
+from cdl_lambda.recon import coils as _coils
 
 log = logging.getLogger(__name__)
 

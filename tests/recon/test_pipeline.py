@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from recon import fft, pipeline
-from recon.coils import prewhiten
-from recon.noise import NOISE_ESTIMATED, NOISE_FROM_SCAN
-from recon.pipeline import Reconstructor, reconstruct_slices
-from recon.sampling import equispaced_line_mask
-from recon.slice_data import STATUS_INCOMPLETE, STATUS_NOT_RECONSTRUCTED, NoiseScan, SliceData
+from cdl_lambda.recon import fft, pipeline
+from cdl_lambda.recon.coils import prewhiten
+from cdl_lambda.recon.noise import NOISE_ESTIMATED, NOISE_FROM_SCAN
+from cdl_lambda.recon.pipeline import Reconstructor, reconstruct_slices
+from cdl_lambda.recon.sampling import equispaced_line_mask
+from cdl_lambda.recon.slice_data import STATUS_INCOMPLETE, STATUS_NOT_RECONSTRUCTED, NoiseScan, SliceData
 from support import phantom, synthetic_maps
 
 N, COILS, NOISE = 32, 4, 0.02
