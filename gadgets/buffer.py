@@ -8,7 +8,7 @@ memory holds only the groups still being acquired.
 Layout of a finished :class:`SliceGroup`: ``kspace`` ``(coils, nz, ny, nx_raw)`` complex64, centred (the k-space centre
 line ``E1 = center`` at row ``ny // 2``, partition ``E2 = center`` at ``nz // 2``, the readout's ``center_sample`` at
 column ``nx_raw // 2``), zeros where nothing was measured; ``mask`` ``(nz, ny, nx_raw)`` bool of measured samples;
-readout still oversampled and not prewhitened (the handler does both with ``recon.coils``). nz = 1 for 2-D scans.
+readout still oversampled and not prewhitened (``recon.pipeline`` does both). nz = 1 for 2-D scans.
 """
 
 from __future__ import annotations

@@ -186,7 +186,7 @@ def noise_meta(outcome) -> dict:
 
 
 def slice_images(one, outcome, params, *, identity: dict, chain: str, encoding, numbers: ImageNumbers) -> list:
-    """The images of one reconstructed slice ``one`` (a :class:`gadgets.slices.SliceInput`) from its
+    """The images of one reconstructed slice ``one`` (a :class:`gadgets.slices.SliceImage`) from its
     ``outcome`` (a :class:`recon.pipeline.SliceOutcome`): the CDL-Λ image, then, as ``params`` asks, the
     zero-filled image and the Λ maps, each in its own series."""
     fov = field_of_view(encoding, one.partitions)
@@ -246,7 +246,7 @@ def mark_not_reconstructed(meta, reason: str) -> None:
 def image_array(shape: tuple, inputs: list, outcomes: dict, params, *, identity: dict, chain: str, encoding,
                 numbers: ImageNumbers, failed: dict | None = None) -> ImageArray:
     """The ImageArray answering a ReconBit whose buffer has ``shape`` ``[RO, E1, E2, CHA, N, S, LOC]``, from its
-    ``inputs`` (SliceInputs with ``array_index``) and ``outcomes`` ``{id(input): SliceOutcome}`` of those that
+    ``inputs`` (SliceImages with ``array_index``) and ``outcomes`` ``{id(input): SliceOutcome}`` of those that
     were reconstructed. An image none of whose partitions was reconstructed is zeros marked
     :data:`NOT_RECONSTRUCTED` with the reason (the first of its inputs' ``errors``, or ``failed[index]``).
 
@@ -254,7 +254,7 @@ def image_array(shape: tuple, inputs: list, outcomes: dict, params, *, identity:
     (:func:`build_image`, :func:`image_meta`); pixels are the raw path's (magnitude unless ``output=complex``)
     stored complex64, the one type an ImageArray carries; Gadgetron's ExtractGadget then takes the magnitude."""
     _, _, E2, _, N, S, LOC = shape
-    ny, nx = inputs[0].kspace.shape[-2:]
+    ny, nx = inputs[0].shape
     data = np.zeros((nx, ny, E2, 1, N, S, LOC), np.complex64)
     headers = np.empty((N, S, LOC), dtype=object)
     metas = np.empty((N, S, LOC), dtype=object)

@@ -1,7 +1,8 @@
-"""One connection's scan, composed: acquisitions → :mod:`gadgets.buffer` → :mod:`gadgets.slices` →
-:func:`recon.pipeline.reconstruct_slices` → :mod:`gadgets.image_output` → the peer.
+"""One connection's scan, composed: acquisitions → :mod:`gadgets.buffer` → :mod:`gadgets.slices` (one typed
+:class:`gadgets.slices.ScanSlice` per group) → :func:`recon.pipeline.reconstruct_slices` (the one door: one call
+down, one outcome per image back) → :mod:`gadgets.image_output` → the peer.
 
-Slices are handed to the reconstruction as soon as the reconstructor's batch is full (and at the end of the
+Slice groups are handed to the reconstruction as soon as they hold a batch of images (and at the end of the
 stream); ReconData from Gadgetron's ``BucketToBufferGadget`` goes down a bit at a time and is answered with one
 ImageArray. A slice that fails is reported in :attr:`ScanSession.failures` and the others still come back; with
 ``slice_errors=report`` a placeholder marked NOT RECONSTRUCTED takes its place in the series (in an ImageArray a
@@ -19,10 +20,9 @@ from cdl_lambda.gadgets import image_output
 from cdl_lambda.gadgets.buffer import AcquisitionBuffer, read_encoding
 from cdl_lambda.gadgets.errors import InputError
 from cdl_lambda.gadgets.settings import Parameters
-from cdl_lambda.gadgets.slices import SliceInput, from_group, from_recon_bit
+from cdl_lambda.gadgets.slices import ScanSlice, from_group, from_recon_bit, noise_of
 from cdl_lambda.gadgets.wire import ImageArray, ReconData
 from cdl_lambda.recon.pipeline import reconstruct_slices
-from cdl_lambda.recon.preprocessing import whitening_matrix
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,9 @@ class ScanSession:
         self.enc = read_encoding(header)
         self.buffer = AcquisitionBuffer(self.enc, max_open_groups=params.max_open_images,
                                         calibration_in_data=params.calibration_in_data_flag)
-        self.pending: list[SliceInput] = []
-        self.whitening = None
-        self.whitening_ready = False
+        self.pending: list[ScanSlice] = []
+        self.noise = None
+        self.noise_ready = False
         self.failures: list[str] = []
         self.numbers = image_output.ImageNumbers()
         self.sent = 0
@@ -95,21 +95,12 @@ class ScanSession:
             self.failures.append(message)
             self._placeholder(group.reference, group.key, "; ".join(group.errors), self.enc.nz)
             return
-        if not self.whitening_ready:
-            self.whitening = whitening_matrix(self.buffer.noise, self.buffer.noise_sample_time_us,
-                                              group.sample_time_us)
-            self.whitening_ready = True
-            log.info("prewhitening: %s",
-                     "from the noise scan" if self.whitening is not None else "none (no noise scan)")
-        try:
-            inputs = from_group(group, self.whitening, self.enc.oversampling, self.enc.image_matrix)
-        except Exception as error:  # noqa: BLE001 - one group's failure must not end the scan
-            self._fail(group.key.describe(), error)
-            self._placeholder(group.reference, group.key, str(error), self.enc.nz)
-            return
-        del group  # the raw k-space is released here
-        self.pending.extend(inputs)
-        if len(self.pending) >= self.rec.batch_size:
+        if not self.noise_ready:  # noise readouts come first: the scan's noise is known with its first group
+            self.noise, self.noise_ready = noise_of(self.buffer), True
+            log.info("prewhitening: %s", "from the noise scan" if self.noise is not None and self.noise.usable
+                     else "none (no noise scan)")
+        self.pending.append(from_group(group, self.noise, self.enc))  # holds the group's k-space until reconstructed
+        if sum(one.partitions for one in self.pending) >= self.rec.batch_size:
             self._run_pending()
 
     def _fail(self, where: str, error: Exception) -> None:
@@ -133,14 +124,16 @@ class ScanSession:
     # -- reconstruction and output
     def _run_pending(self) -> None:
         pending, self.pending = self.pending, []
+        total = sum(one.partitions for one in pending)
         if self.abandoned or (pending and self.peer_gone()):
-            self._abandon(len(pending))
+            self._abandon(total)
             return
         done = 0
-        for one, outcome in reconstruct_slices(self.rec, pending, self.cpu_fallback):
+        for outcome in reconstruct_slices(self.rec, pending, self.cpu_fallback):
             done += 1
+            one = outcome.source.image(outcome.partition)
             if outcome.error is not None:
-                self._fail(one.describe(), outcome.error)
+                self._fail(outcome.describe(), outcome.error)
                 self._placeholder(one.reference, one.key, str(outcome.error), one.partitions, only=one.partition)
                 continue
             for image in image_output.slice_images(one, outcome, self.params, identity=self.rec.identity,
@@ -148,8 +141,8 @@ class ScanSession:
                 self.send(image)
                 self.sent += 1
             self.reconstructed += 1
-            if done < len(pending) and self.peer_gone():
-                self._abandon(len(pending) - done)
+            if done < total and self.peer_gone():
+                self._abandon(total - done)
                 return
 
     def _abandon(self, count: int) -> None:
@@ -165,18 +158,22 @@ class ScanSession:
                 self._fail("ReconData bit", error)
 
     def _recon_bit(self, bit) -> None:
-        inputs = from_recon_bit(bit, calibration_in_data=self.buffer.calibration_in_data)
-        for one in inputs:
+        slices = from_recon_bit(bit, self.header, calibration_in_data=self.buffer.calibration_in_data)
+        images = {}  # (array_index, partition) → SliceImage, every image the ImageArray has a slot for
+        for one in slices:
             for error in one.errors:
-                self._fail(one.key.describe(), InputError(error))
+                self._fail(one.describe(), InputError(error))
+            for z in [0] if one.errors else range(one.partitions):
+                images[(one.array_index, z)] = one.image(z)
         outcomes, failed = {}, {}
-        usable = [one for one in inputs if not one.errors]
-        for one, outcome in reconstruct_slices(self.rec, usable, self.cpu_fallback):
+        for outcome in reconstruct_slices(self.rec, [one for one in slices if not one.errors], self.cpu_fallback):
+            index = outcome.source.array_index
             if outcome.error is not None:
-                self._fail(one.describe(), outcome.error)
-                failed[one.array_index] = str(outcome.error)
+                self._fail(outcome.describe(), outcome.error)
+                failed[index] = str(outcome.error)
             else:
-                outcomes[id(one)] = outcome
+                outcomes[id(images[(index, outcome.partition)])] = outcome
+        inputs = list(images.values())
         if outcomes or self.params.slice_errors == "report":
             self.send(image_output.image_array(np.asarray(bit.data.data).shape, inputs, outcomes, self.params,
                                                identity=self.rec.identity, chain=self.chain_name, encoding=self.enc,

@@ -1,69 +1,95 @@
-"""The one input the reconstruction gets: a :class:`SliceInput` per 2-D image, from buffered acquisitions or from
-Gadgetron's ReconData.
+"""The typed input of the reconstruction, built from the scan: one :class:`ScanSlice` (a
+:class:`recon.slice_data.SliceData`) per slice group, from buffered acquisitions or from Gadgetron's ReconData.
 
-A SliceInput: ``kspace`` ``(coils, ny, nx)`` complex64 centred, prewhitened, readout oversampling removed, zeros
-where not measured; ``mask`` ``(ny, nx)`` float32; ``calibration``/``calibration_mask`` likewise or None;
-``reference`` the acquisition header the image header is built from. A 3-D group gives one SliceInput per partition
-(``recon.preprocessing.prepare_kspace`` transforms along k2).
+A ScanSlice is k-space as measured (``(coils, nz, ny, nx)`` centred, readout oversampling still in, not prewhitened
+unless Gadgetron did it) with what the gadget needs to answer: the group's counters (``key``), the acquisition header
+the image header is built from (``geometry``, also :attr:`ScanSlice.reference`), the readouts it holds, its place in a
+ReconData buffer (``array_index`` (n, s, loc)) and the ``errors`` that keep it from being reconstructed.
+:mod:`recon.pipeline` does the rest; each of its outcomes is one image, :meth:`ScanSlice.image` its description.
 
-ReconData buffer ``data`` ``[RO, E1, E2, CHA, N, S, LOC]`` complex64 (already prewhitened and without readout
-oversampling when Gadgetron's C++ gadgets ran first), ``headers`` ``[E1, E2, N, S, LOC]`` acquisition headers,
-``sampling.sampling_limits`` (min, centre, max) per RO/E1/E2; its SliceInputs carry ``array_index`` (n, s, loc).
+ReconData buffer ``data`` ``[RO, E1, E2, CHA, N, S, LOC]`` complex64 (already prewhitened by ``NoiseAdjustGadget``
+and without readout oversampling when Gadgetron's C++ gadgets ran first), ``headers`` ``[E1, E2, N, S, LOC]``
+acquisition headers, ``sampling.sampling_limits`` (min, centre, max) per RO/E1/E2.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
-from cdl_lambda.gadgets.buffer import COUNTERS, GroupKey, SliceGroup
+from cdl_lambda.gadgets.buffer import COUNTERS, Encoding, GroupKey, SliceGroup
 from cdl_lambda.gadgets.errors import InputError
-from cdl_lambda.recon.preprocessing import prepare_kspace
+from cdl_lambda.recon.slice_data import NoiseScan, SliceData
+
+NOISE_ADJUST = "Gadgetron's NoiseAdjustGadget"
+NOISE_ADJUST_DEFAULT_BANDWIDTH = 0.793  # NoiseAdjustGadget's relativeReceiverNoiseBandwidth when the header has none
 
 
-@dataclass
-class SliceInput:
+class SliceImage(NamedTuple):
+    """One image of a :class:`ScanSlice` as the image writer needs it: counters, header, partition, readouts."""
+
     key: GroupKey
+    reference: object
     partition: int
     partitions: int
-    kspace: np.ndarray
-    mask: np.ndarray
-    reference: object
-    calibration: np.ndarray | None = None
-    calibration_mask: np.ndarray | None = None
-    errors: list = field(default_factory=list)
-    readouts: int = 0      # readouts of the acquisition group this slice comes from
+    readouts: int
+    array_index: tuple | None
+    errors: list
+    shape: tuple  # (ny, nx) of the image
+
+
+@dataclass(eq=False)
+class ScanSlice(SliceData):
+    key: GroupKey | None = None
+    readouts: int = 0                 # readouts of the acquisition group this slice comes from
     array_index: tuple | None = None  # (n, s, loc) in a ReconData buffer
-    noise_std: float | None = None  # σ per complex sample: 1.0 once prewhitened with a noise scan; None: unknown
+    errors: list = field(default_factory=list)
 
-    def describe(self) -> str:
-        where = self.key.describe()
-        return f"{where}, partition {self.partition}" if self.partitions > 1 else where
+    @property
+    def reference(self):
+        """The acquisition header the image headers are built from."""
+        return self.geometry
+
+    def image_shape(self) -> tuple:
+        """(ny, nx) of the images: the reconstruction grid, or the measured one without oversampling."""
+        if self.matrix is not None and all(self.matrix):
+            return tuple(self.matrix)
+        return int(self.kspace.shape[-2]), int(self.kspace.shape[-1]) // max(int(self.oversampling), 1)
+
+    def image(self, partition: int) -> SliceImage:
+        return SliceImage(self.key, self.geometry, partition, self.partitions, self.readouts, self.array_index,
+                          self.errors, self.image_shape())
 
 
-def _prepare(kspace, mask, whitening, oversampling, matrix=None):
-    try:
-        return prepare_kspace(kspace, mask, whitening, oversampling, matrix)
-    except ValueError as error:
-        raise InputError(str(error)) from None
+def noise_of(buffer) -> NoiseScan | None:
+    """The scan's noise readouts (``buffer.noise`` ``(coils, samples)``) as a NoiseScan, None without any."""
+    noise = buffer.noise
+    return None if noise is None else NoiseScan(samples=noise, sample_time_us=buffer.noise_sample_time_us)
 
 
-def from_group(group: SliceGroup, whitening, oversampling: int, matrix=None) -> list[SliceInput]:
-    """One :class:`SliceInput` per partition of a buffered ``group``, prewhitened with ``whitening`` (or None), on
-    the k-space grid ``matrix`` (ny, nx) when given (``gadgets.buffer.Encoding.image_matrix``)."""
-    kspace, mask = _prepare(group.kspace, group.mask, whitening, oversampling, matrix)
-    calibration = calibration_mask = None
-    if group.calibration is not None:
-        calibration, calibration_mask = _prepare(group.calibration, group.calibration_mask, whitening, oversampling,
-                                                 matrix)
-    partitions = kspace.shape[1]
-    return [SliceInput(key=group.key, partition=z, partitions=partitions, kspace=kspace[:, z], mask=mask,
-                       reference=group.reference,
-                       calibration=None if calibration is None else calibration[:, z],
-                       calibration_mask=calibration_mask, errors=list(group.errors),
-                       readouts=group.readouts, noise_std=None if whitening is None else 1.0)
-            for z in range(partitions)]
+def noise_adjusted(header, data_sample_time_us: float) -> NoiseScan:
+    """The noise of data prewhitened by Gadgetron's ``NoiseAdjustGadget``: it multiplies its whitening L⁻¹
+    (Ψ = L Lᴴ of the noise scan) by √(2 · bw · data dwell / noise dwell), bw the header's
+    ``acquisitionSystemInformation/relativeReceiverNoiseBandwidth`` (0.793 when absent); the noise of the data,
+    Ψ · noise dwell / data dwell, then has covariance 2 · bw · I: σ = √(2 · bw) per complex sample (1.26 for the
+    default). Without a data dwell time it does not scale (σ = 1, if noise and data share the dwell time)."""
+    info = getattr(header, "acquisitionSystemInformation", None)
+    bandwidth = getattr(info, "relativeReceiverNoiseBandwidth", None) if info is not None else None
+    bandwidth = float(bandwidth) if bandwidth else NOISE_ADJUST_DEFAULT_BANDWIDTH
+    sigma = math.sqrt(2 * bandwidth) if data_sample_time_us > 0 else 1.0
+    return NoiseScan.prewhitened_upstream(sigma, NOISE_ADJUST)
+
+
+def from_group(group: SliceGroup, noise: NoiseScan | None, encoding: Encoding) -> ScanSlice:
+    """The :class:`ScanSlice` of a buffered ``group``, to be prewhitened with ``noise`` (or None) and reconstructed
+    on the encoding's image grid (``gadgets.buffer.Encoding.image_matrix``)."""
+    return ScanSlice(kspace=group.kspace, mask=group.mask, calibration=group.calibration,
+                     calibration_mask=group.calibration_mask, noise=noise, sample_time_us=group.sample_time_us,
+                     oversampling=encoding.oversampling, matrix=tuple(encoding.image_matrix), geometry=group.reference,
+                     label=group.key.describe(), key=group.key, readouts=group.readouts, errors=list(group.errors))
 
 
 # ------------------------------------------------------------------------------------------------------ ReconData
@@ -147,12 +173,14 @@ def _reference(headers: dict, e1_centre: int, e2_centre: int | None):
     return min(headers.items(), key=distance)[1] if headers else None
 
 
-def from_recon_bit(bit, calibration_in_data: bool = True) -> list[SliceInput]:
-    """One :class:`SliceInput` per (partition, n, s, loc) of a ReconBit, in Fortran order of [N, S, LOC].
+def from_recon_bit(bit, header=None, calibration_in_data: bool = True) -> list[ScanSlice]:
+    """One :class:`ScanSlice` per image (n, s, loc) of a ReconBit (a 3-D volume of E2 partitions for a 3-D scan),
+    in Fortran order of [N, S, LOC], its noise as ``NoiseAdjustGadget`` left it (:func:`noise_adjusted` with the
+    ISMRMRD ``header``).
 
     Only acquired slots count (:func:`acquired_slots`); calibration lines from ``bit.ref`` are coil-map data and,
     when ``calibration_in_data``, also filled into the data slots they measured (as the raw path does). An image
-    that cannot be used (NaN/Inf samples, no line) gives one SliceInput with ``errors`` set and zero k-space."""
+    that cannot be used (NaN/Inf samples, no line) gives a ScanSlice with ``errors`` set and zero k-space."""
     buffer = bit.data
     shape = np.asarray(buffer.data).shape
     if len(shape) != 7:
@@ -160,15 +188,11 @@ def from_recon_bit(bit, calibration_in_data: bool = True) -> list[SliceInput]:
     if buffer.trajectory is not None and np.asarray(buffer.trajectory).size:
         raise InputError("ReconData with a trajectory (non-Cartesian) is not supported")
     _, _, _, _, N, S, LOC = shape
-    inputs = []
-    for loc in range(LOC):
-        for s in range(S):
-            for n in range(N):
-                inputs.extend(_image_inputs(bit, n, s, loc, calibration_in_data))
-    return inputs
+    return [_image_slice(bit, header, n, s, loc, calibration_in_data)
+            for loc in range(LOC) for s in range(S) for n in range(N)]
 
 
-def _image_inputs(bit, n: int, s: int, loc: int, calibration_in_data: bool) -> list[SliceInput]:
+def _image_slice(bit, header, n: int, s: int, loc: int, calibration_in_data: bool) -> ScanSlice:
     buffer = bit.data
     RO, E1, E2, CHA = np.asarray(buffer.data).shape[:4]
     centres = _limits_centres(buffer)
@@ -186,22 +210,22 @@ def _image_inputs(bit, n: int, s: int, loc: int, calibration_in_data: bool) -> l
             ref_k = _slot_kspace(bit.ref, *ref_index)
             if ref_k.shape == kspace.shape:
                 ref_mask = _line_mask(bit.ref, acquired_slots(bit.ref, *ref_index), RO)
-                calibration, calibration_mask = _prepare(_centred(ref_k, centres), _centred(ref_mask, centres), None, 1)
+                calibration, calibration_mask = _centred(ref_k, centres), _centred(ref_mask, centres)
             if calibration_in_data:
                 slots, headers = _merge_calibration(kspace, slots, headers, bit, n, s, loc)
         if not slots.any():
             raise InputError(f"ReconData image (n={n}, s={s}, loc={loc}) holds no acquired line")
         mask = _line_mask(buffer, slots, RO)
-        hybrid, mask2d = _prepare(_centred(kspace * mask[None], centres), _centred(mask, centres), None, 1)
     except InputError as error:
         reference = _reference(headers, e1_centre, e2_centre)
         key = GroupKey(*(int(getattr(reference.idx, f)) if reference is not None else 0 for f in COUNTERS))
-        return [SliceInput(key=key, partition=0, partitions=E2, kspace=np.zeros((CHA, E1, RO), np.complex64),
-                           mask=np.zeros((E1, RO), np.float32), reference=reference, errors=[str(error)],
-                           array_index=(n, s, loc))]
+        return ScanSlice(kspace=np.zeros((CHA, E2, E1, RO), np.complex64), mask=np.zeros((E2, E1, RO), bool),
+                         geometry=reference, label=key.describe(), key=key, array_index=(n, s, loc),
+                         errors=[str(error)])
     reference = _reference(headers, e1_centre, e2_centre)
     key = GroupKey(*(int(getattr(reference.idx, f)) for f in COUNTERS))
-    return [SliceInput(key=key, partition=z, partitions=hybrid.shape[1], kspace=hybrid[:, z], mask=mask2d,
-                       reference=reference, calibration=None if calibration is None else calibration[:, z],
-                       calibration_mask=calibration_mask, array_index=(n, s, loc), readouts=int(slots.sum()))
-            for z in range(hybrid.shape[1])]
+    return ScanSlice(kspace=_centred(kspace * mask[None], centres), mask=_centred(mask, centres),
+                     calibration=calibration, calibration_mask=calibration_mask,
+                     noise=noise_adjusted(header, float(reference.sample_time_us)),
+                     sample_time_us=float(reference.sample_time_us), geometry=reference, label=key.describe(), key=key,
+                     array_index=(n, s, loc), readouts=int(slots.sum()))

@@ -12,7 +12,7 @@
   gradients (:func:`recon.lowpass.conjugate_gradient`).
 
 Units as in :class:`recon.model.CDLLambda`: the data are divided by the noise level σ (given, or estimated by
-:func:`recon.noise.estimate_noise_std`), the U-Nets see x / (4σ), and the output is scaled back. With coil maps the
+:func:`recon.noise.noise_level`), the U-Nets see x / (4σ), and the output is scaled back. With coil maps the
 image is zero outside their support. Both take ``(kspace, mask, dictionary=None, coil_maps=None, noise_std=None)``
 like CDL-Λ (the dictionary is ignored) and return a :class:`recon.model.ReconOutput` whose ``lambda_maps`` is an
 empty ``(B, 0, ny, nx)`` tensor.
@@ -30,7 +30,7 @@ from cdl_lambda.recon import fft as _fft
 from cdl_lambda.recon.lambda_nets import UNet, _complex_to_channels
 from cdl_lambda.recon.lowpass import conjugate_gradient
 from cdl_lambda.recon.model import NETWORK_INPUT_SCALE, ReconOutput
-from cdl_lambda.recon.noise import estimate_noise_std
+from cdl_lambda.recon.noise import noise_level
 from cdl_lambda.recon.operators import make_operator
 
 
@@ -53,8 +53,7 @@ class _NoiseUnits(nn.Module):
         kspace = kspace.to(torch.complex64)
         mask = mask.to(device=kspace.device, dtype=torch.float32)
         if noise_std is None:
-            noise_std = estimate_noise_std(kspace if multi else kspace.unsqueeze(1),
-                                           mask if mask.ndim == 2 else mask[0])
+            noise_std = noise_level(kspace if multi else kspace.unsqueeze(1), mask if mask.ndim == 2 else mask[0])[0]
         sigma = torch.as_tensor(noise_std, dtype=torch.float32, device=kspace.device).reshape(-1).expand(len(kspace))
         op = make_operator(mask, coil_maps.to(torch.complex64) if multi else None, centred=True)
         y = kspace / sigma.view(-1, *(1,) * (kspace.ndim - 1))

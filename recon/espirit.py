@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from cdl_lambda.recon import fft as _fft
-from cdl_lambda.recon.noise import estimate_noise_std
+from cdl_lambda.recon.noise import noise_level
 
 
 def calibration_block(kspace: torch.Tensor, calibration_mask: torch.Tensor, width: int | None = None) -> torch.Tensor:
@@ -100,7 +100,7 @@ def espirit(kspace: torch.Tensor, calibration_mask: torch.Tensor, noise_std: flo
     c, ny, nx = kspace.shape
     kspace = kspace.to(torch.complex64)
     if noise_std is None:
-        noise_std = float(estimate_noise_std(kspace, calibration_mask))
+        noise_std = float(noise_level(kspace, calibration_mask)[0])
     block = calibration_block(kspace, calibration_mask)
     if min(block.shape[-2:]) < kernel + 2:
         raise ValueError(f"calibration block of {block.shape[-2]}×{block.shape[-1]} samples is too small for "

@@ -33,7 +33,7 @@ from cdl_lambda.recon import fft as _fft
 from cdl_lambda.recon.dictionary import Dictionary
 from cdl_lambda.recon.lambda_nets import LambdaNet
 from cdl_lambda.recon.lowpass import LowPassSplit
-from cdl_lambda.recon.noise import estimate_noise_std
+from cdl_lambda.recon.noise import noise_level
 from cdl_lambda.recon.operators import make_operator
 from cdl_lambda.recon.solvers import fista
 
@@ -103,7 +103,7 @@ class CDLLambda(nn.Module):
         mask = mask.to(device=kspace.device, dtype=kspace.real.dtype)
         if noise_std is None:
             sample_mask = mask if mask.ndim == 2 else mask[0]
-            noise_std = estimate_noise_std(kspace if multi else kspace.unsqueeze(1), sample_mask)
+            noise_std = noise_level(kspace if multi else kspace.unsqueeze(1), sample_mask)[0]
         sigma = torch.as_tensor(noise_std, dtype=kspace.real.dtype, device=kspace.device).reshape(-1)
         sigma = sigma.expand(batch).clamp_min(torch.finfo(sigma.dtype).tiny)
 

@@ -336,13 +336,6 @@ def zero_filled_rss(path: Path) -> dict:
     return images
 
 
-def relative_error(image: np.ndarray, reference: np.ndarray) -> float:
-    """‖s·|x| − ref‖ / ‖ref‖ with the best real scale s."""
-    x = np.abs(image)
-    scale = (x * reference).sum() / max((x * x).sum(), 1e-30)
-    return float(np.linalg.norm(scale * x - reference) / np.linalg.norm(reference))
-
-
 def free_port() -> int:
     import socket
     with socket.socket() as s:

@@ -5,7 +5,7 @@ smooth phase, seen by an 8-channel birdcage array whose channel noise is correla
 gain spread), with a noise pre-scan; image SNR (mean object magnitude over the noise std of the fully sampled
 SENSE-1 image) 10 or 20; Cartesian phase-encoding lines at R = 1, 2, 3 (equispaced outside 16 fully sampled
 calibration lines). Every method gets the same data, prewhitened with the noise scan as the gadget does
-(:func:`recon.preprocessing.whitening_matrix`), so the noise is white with σ = 1.
+(:meth:`recon.slice_data.NoiseScan.whitening`), so the noise is white with σ = 1.
 
 Reference: the true image combined with the true (whitened, normalised) maps, |x|·‖W c‖. Metrics on magnitudes
 without any rescaling (every method returns the units of the data): SSIM, NRMSE = ‖|x̂| − ref‖ / ‖ref‖, PSNR, and
@@ -37,7 +37,7 @@ from cdl_lambda.recon.lowpass import conjugate_gradient
 from cdl_lambda.recon.model import CDLLambda
 from cdl_lambda.recon.operators import MultiCoilOperator
 from cdl_lambda.recon.pipeline import default_calibration_mask
-from cdl_lambda.recon.preprocessing import whitening_matrix
+from cdl_lambda.recon.slice_data import NoiseScan
 from cdl_lambda.recon.sampling import equispaced_line_mask
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def simulate_scan(magnitude: np.ndarray, acceleration: int, snr: float, seed, sp
     noise_scan = correlated_noise(rng, covariance, (1024,))
     mask = (equispaced_line_mask((ny, nx), acceleration, CALIBRATION_LINES) if acceleration > 1
             else torch.ones(ny, nx))
-    whitening = torch.from_numpy(whitening_matrix(noise_scan))
+    whitening = NoiseScan(samples=noise_scan).whitening(0.0, torch.device("cpu"))
     kspace = _coils.prewhiten(torch.from_numpy((noisy * mask.numpy()).astype(np.complex64)), whitening, coil_dim=0)
     whitened_maps = _coils.prewhiten(torch.from_numpy(maps), whitening, coil_dim=0)
     reference = np.abs(x) * whitened_maps.abs().pow(2).sum(0).sqrt().numpy()

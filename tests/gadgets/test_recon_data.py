@@ -4,14 +4,18 @@ headers' version; calibration-only lines used as k-space."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import ismrmrd
 import numpy as np
 import pytest
+import torch
 
 from cdl_lambda.gadgets.scan import ScanSession
 from cdl_lambda.gadgets.settings import Parameters, ReconstructorCache
-from cdl_lambda.gadgets.slices import acquired_slots, from_recon_bit
+from cdl_lambda.gadgets.slices import acquired_slots, from_recon_bit, noise_adjusted
 from cdl_lambda.gadgets.wire import ImageArray, parse_ismrmrd_header
+from cdl_lambda.recon.slice_data import NoiseScan
 from support import bucket_to_buffer, ground_truth, make_shepp_logan, read_file, relative_error
 
 PARAMS = Parameters(iterations=8)
@@ -57,7 +61,7 @@ def test_blank_headers_are_not_taken_for_acquired_lines(scan):
     (one,) = from_recon_bit(second)
     assert one.key.repetition == 1 and one.reference.idx.repetition == 1
     # the calibration-only even lines near the centre were measured in repetition 1 and are used as k-space
-    assert one.mask[24:40].all() and one.readouts == 32 + 8
+    assert one.mask[0, 24:40].all() and one.readouts == 32 + 8
     assert one.reference.idx.kspace_encode_step_1 == 32
 
 
@@ -83,8 +87,12 @@ def test_buffered_headers_and_meta_equal_raw(both_paths):
             assert getattr(head, name) == getattr(image, name), name
         for name in ("position", "read_dir", "phase_dir", "slice_dir", "patient_table_position", "field_of_view"):
             assert np.allclose(getattr(head, name), getattr(image, name)), name
-        meta = ismrmrd.Meta.deserialize(array.meta[0])
-        assert dict(meta) == dict(image.meta)
+        meta = dict(ismrmrd.Meta.deserialize(array.meta[0]))
+        # no noise scan: NoiseAdjustGadget would have left the data as they were, and the data say so (σ estimated
+        # on both paths, the buffered one naming the statement it did not take)
+        source = meta.pop("CDL_NoiseSource")
+        assert source.startswith(image.meta["CDL_NoiseSource"]) and "NoiseAdjustGadget" in source
+        assert meta == {k: v for k, v in dict(image.meta).items() if k != "CDL_NoiseSource"}
 
 
 @pytest.mark.parametrize("policy", ["report", "fail"])
@@ -110,3 +118,54 @@ def test_a_bad_image_in_recon_data(scan, policy):
     assert "NOT RECONSTRUCTED" in bad["GADGETRON_ImageComment"] and "NaN" in bad["CDL_NotReconstructed"]
     assert not np.abs(sent[0].data).any() and np.abs(sent[1].data).any() and "NOT" not in good["ImageComments"]
     assert sent[0].headers[0, 0, 0].repetition == 0 and sent[1].headers[0, 0, 0].repetition == 1
+
+
+def test_noise_level_noise_adjust_leaves():
+    """σ = √(2 · relativeReceiverNoiseBandwidth) after NoiseAdjustGadget (0.793 when the header has none); 1 when
+    it could not scale for want of a dwell time."""
+    default = noise_adjusted(SimpleNamespace(acquisitionSystemInformation=None), 5.0)
+    assert default.prewhitened_std == pytest.approx(np.sqrt(2 * 0.793))
+    stated = SimpleNamespace(acquisitionSystemInformation=SimpleNamespace(relativeReceiverNoiseBandwidth=0.6))
+    assert noise_adjusted(stated, 5.0).prewhitened_std == pytest.approx(np.sqrt(1.2))
+    assert noise_adjusted(stated, 0.0).prewhitened_std == 1.0
+    assert noise_adjusted(stated, 5.0).source == "Gadgetron's NoiseAdjustGadget"
+
+
+def test_buffered_path_takes_the_noise_level_from_noise_adjust(tmp_path):
+    """A scan with a noise scan, prewhitened as NoiseAdjustGadget does (its whitening × √(2 · bw · data dwell / noise
+    dwell)) before the buffer: the ReconData path reconstructs with σ = √(2 · bw) from the chain, not estimated, so
+    its image is the raw path's (own prewhitening, σ = 1) × √(2 · bw), to float32 rounding."""
+    path = make_shepp_logan(tmp_path / "noisy.h5", matrix=64, coils=4, repetitions=1, acceleration=2, calibration=16,
+                            noise_scan=True)
+    header, acquisitions = read_file(path)
+    parsed = parse_ismrmrd_header(header)
+    noise = [a for a in acquisitions if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    data = [a for a in acquisitions if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    noise_dwell, data_dwell = float(noise[0].sample_time_us), float(data[0].sample_time_us)
+    scale = np.sqrt(2 * 0.793 * data_dwell / noise_dwell) if noise_dwell and data_dwell else 1.0
+    whitening = scale * NoiseScan(samples=np.concatenate([a.data for a in noise], axis=1)).whitening(
+        0.0, torch.device("cpu")).numpy()
+    adjusted = []
+    for acq in data:
+        copy = ismrmrd.Acquisition.from_array(whitening @ acq.data)
+        copy.setHead(acq.getHead())
+        adjusted.append(copy)
+    reconstructor = ReconstructorCache().get(PARAMS)
+    raw, buffered = [], []
+    session = ScanSession(parsed, PARAMS, reconstructor, "cdl-lambda", raw.append)
+    for acq in acquisitions:
+        session.on_item(acq)
+    session.finish()
+    session = ScanSession(parsed, PARAMS, reconstructor, "cdl-lambda", buffered.append)
+    for recon_data in bucket_to_buffer(adjusted, ny=64, oversampling=2):
+        session.on_item(recon_data)
+    session.finish()
+    sigma = noise_adjusted(parsed, data_dwell).prewhitened_std
+    assert len(raw) == len(buffered) == 2
+    for image, array in zip(raw, buffered):
+        meta = ismrmrd.Meta.deserialize(array.meta[0])
+        assert meta["CDL_NoiseSource"] == "prewhitened by Gadgetron's NoiseAdjustGadget"
+        assert float(meta["CDL_NoiseStd"]) == pytest.approx(sigma, rel=1e-5) and image.meta["CDL_NoiseStd"] == "1"
+        pixels = array.data[:, :, 0, 0, 0, 0, 0].T.real
+        # float32 rounding of two whitening orders, carried through 8 iterations: 1e-4 of the maximum
+        np.testing.assert_allclose(pixels, sigma * image.data[0, 0], atol=1e-4 * sigma * np.abs(image.data).max())

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import gadgetron_support as gs
+from support import relative_error
 
 CHAINS = {name: gs.ROOT / "chains" / f"{name}.xml"
           for name in ("cdl_lambda", "cdl_lambda_buffered", "cdl_lambda_connect")}
@@ -130,8 +131,8 @@ def test_chain_in_gadgetron(runs, scans, chain, scan_name):
         assert image.meta["CDL_Chain"] == "cdl-lambda" and image.meta["CDL_Iterations"] == str(ITERATIONS)
         for partition, pixels in _planes(image):
             key = _key(image, partition, is_3d, volume)
-            error = gs.relative_error(pixels, scan.truth[key])
-            rss_error = gs.relative_error(scan.rss[key], scan.truth[key])
+            error = relative_error(pixels, scan.truth[key])
+            rss_error = relative_error(scan.rss[key], scan.truth[key])
             assert error < rss_error, (chain, key, error, rss_error)
 
 
@@ -139,15 +140,20 @@ def best_scale(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / (b * b).sum())
 
 
+# ‖raw − buffered / 1.26‖ / ‖raw‖ per image: measured 1.6–1.8e-7 on the three scans (float32 arithmetic of Gadgetron's
+# and the gadget's prewhitening and oversampling removal, carried through the solve); 1e-4 leaves room for other
+# CPUs and builds and still fails by two orders of magnitude if σ were estimated again (2 % before, docs/gadgetron.md)
+BUFFERED_AGREEMENT = 1e-4
+
+
 @pytest.mark.parametrize("scan_name", ["repetitions", "slices_contrasts", "3d"])
 def test_buffered_and_raw_chains_agree(runs, scan_name):
     """Gadgetron's C++ prewhitening and oversampling removal (buffered) against the gadget's own (raw): the same
-    images, with the same meta, up to one intensity scale per scan. NoiseAdjustGadget scales its prewhitening by
-    √(2 · 0.793) for the receiver's noise bandwidth (Gadgetron's default ``receiver_noise_bandwidth``), the gadget
-    does not, so buffered images are 1.26× brighter. The raw path knows its noise level (σ = 1 after its own
-    prewhitening); the buffered path estimates it from the data (``recon.noise``), a few per cent off, which moves the
-    balance of data and regularisation a little: the images agree to a few per cent (3-D partitions, each with its
-    own estimate, to 15 %), not to float precision."""
+    images, with the same meta, up to one intensity scale. NoiseAdjustGadget scales its prewhitening by
+    √(2 · 0.793) for the receiver's noise bandwidth (the header gives none: Gadgetron's default), so its noise has
+    σ = 1.26 per sample where the gadget's own prewhitening leaves σ = 1; the buffered path takes that σ from the
+    chain (``gadgets.slices.noise_adjusted``), so both reconstruct the same data in noise units and the buffered
+    images are the raw ones × 1.26, to float32 differences between Gadgetron's and the gadget's arithmetic."""
     raw = {(im.slice, im.contrast, im.repetition): im for im in runs[("cdl_lambda", scan_name)].images}
     buffered = runs[("cdl_lambda_buffered", scan_name)].images
     if scan_name == "3d":
@@ -156,14 +162,19 @@ def test_buffered_and_raw_chains_agree(runs, scan_name):
     else:
         pairs = [(raw[(im.slice, im.contrast, im.repetition)].data[0, 0], im.data[0, 0],
                   raw[(im.slice, im.contrast, im.repetition)], im) for im in buffered]
-    scale = best_scale(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
-    assert np.isclose(scale, 1 / np.sqrt(2 * 0.793), rtol=0.05), scale
+    scale = 1 / np.sqrt(2 * 0.793)
+    assert np.isclose(best_scale(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])), scale, rtol=1e-3)
+    differences = [np.linalg.norm(a - scale * b) / np.linalg.norm(a) for a, b, _, _ in pairs]
+    print(f"{scan_name}: buffered vs raw, relative difference per image: "
+          + ", ".join(f"{d:.2e}" for d in differences))  # the figures in docs/gadgetron.md (pytest -s)
+    assert max(differences) < BUFFERED_AGREEMENT, differences
     for a, b, raw_image, buffered_image in pairs:
-        difference = np.linalg.norm(a - scale * b) / np.linalg.norm(a)
-        assert difference < (0.2 if scan_name == "3d" else 0.08), difference  # 3-D: σ estimated per partition
         assert set(raw_image.meta.keys()) == set(buffered_image.meta.keys())
         for key in ("GADGETRON_SeqDescription", "GADGETRON_ImageComment", "DataRole", "CDL_Readouts", "ImageRowDir"):
             assert raw_image.meta[key] == buffered_image.meta[key], key
+        assert raw_image.meta["CDL_NoiseStd"] == "1" and np.isclose(float(buffered_image.meta["CDL_NoiseStd"]),
+                                                                     np.sqrt(2 * 0.793), rtol=1e-5)
+        assert buffered_image.meta["CDL_NoiseSource"] == "prewhitened by Gadgetron's NoiseAdjustGadget"
         if scan_name != "3d":
             assert np.isclose(float(raw_image.meta["WindowWidth"]), scale * float(buffered_image.meta["WindowWidth"]),
                               rtol=0.02)
@@ -195,7 +206,7 @@ def test_ismrmrd_client_against_cdl_lambda_serve(build, scans, warm_server, tmp_
     assert sorted(int(h["repetition"]) for h in headers) == [0, 1]
     for pixels, head in zip(data, headers):
         key = (0, 0, int(head["repetition"]), 0)
-        assert gs.relative_error(pixels[0, 0], scan.truth[key]) < gs.relative_error(scan.rss[key], scan.truth[key])
+        assert relative_error(pixels[0, 0], scan.truth[key]) < relative_error(scan.rss[key], scan.truth[key])
 
 
 # ------------------------------------------------------------------------------------------------------ failures
@@ -224,7 +235,7 @@ def test_bad_slice_is_reported_in_its_image_and_the_others_kept(build, nan_scan,
         if key != (1, 0):
             assert not _marked(image)
             truth = nan_scan.truth[(*key, 0, 0)]
-            assert gs.relative_error(image.data[0, 0], truth) < gs.relative_error(nan_scan.rss[(*key, 0, 0)], truth)
+            assert relative_error(image.data[0, 0], truth) < relative_error(nan_scan.rss[(*key, 0, 0)], truth)
     assert "NaN" in run.log and "NOT RECONSTRUCTED" in run.log
 
 

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import ismrmrd
@@ -34,7 +35,6 @@ from cdl_lambda.gadgets.wire import MSG_ERROR, MSG_IMAGE, encode_item
 from cdl_lambda.gadgets.client import Peer
 from cdl_lambda.gadgets.replay import replay
 from cdl_lambda.gadgets.server import Server
-from cdl_lambda.recon.pipeline import ReconResult
 from support import acquisition, header, header_xml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -280,7 +280,10 @@ def test_silent_peer_is_dropped_after_the_idle_timeout(cache, registry):
 
 
 class FakeReconstructor:
-    """Zero-filled coil combination; raises ``error`` for the slices whose mean magnitude is in ``fail_levels``."""
+    """Zero-filled coil combination; raises ``error`` for the slices whose mean magnitude is in ``fail_levels``.
+    A stand-in "GPU" keeps its data on the CPU (``data_device``)."""
+
+    data_device = torch.device("cpu")
 
     def __init__(self, device="cpu", error=None, fail_levels=(), batch_size=1):
         self.device = torch.device("cpu") if device == "cpu" else _FakeCuda()
@@ -289,15 +292,17 @@ class FakeReconstructor:
         self.identity = {"dictionary": "fake", "network": "fake"}
         self.calls = 0
 
-    def reconstruct(self, kspace, mask, coil_maps=None, noise_std=None):
+    def solve(self, kspace, mask, coil_maps, noise_std):
         self.calls += 1
+        kspace = kspace.numpy()
         image = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(kspace, axes=(-2, -1))), axes=(-2, -1))
         combined = np.sqrt((np.abs(image) ** 2).sum(axis=1)).astype(np.complex64)
         norm = np.sqrt((np.linspace(0.5, 1.0, kspace.shape[1]) ** 2).sum())  # the coil weights in the scan
         if self.error is not None and (not self.fail_levels or any(
                 round(float(np.abs(c[4:12, 8:24]).mean() / norm)) in self.fail_levels for c in combined)):
             raise self.error
-        return ReconResult(image=combined, zero_filled=combined, lambda_maps=None, coil_maps=None)
+        combined = torch.from_numpy(combined)
+        return SimpleNamespace(image=combined, zero_filled=combined, lambda_maps=None, residual_to_noise=None)
 
 
 class _FakeCuda:
