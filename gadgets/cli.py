@@ -1,5 +1,5 @@
-"""The ``cdl-lambda`` command: the product's subcommands ``replay`` and ``serve``. Each subcommand module has an
-``add_arguments(parser)`` and a ``main(args) -> int``. The research commands (simulate, train, evaluate) are the
+"""The ``cdl-lambda`` command: the product's subcommands ``replay``, ``serve``, ``stream`` and ``export-dicom``.
+Each subcommand module has an ``add_arguments(parser)`` and a ``main(args) -> int``. The research commands (simulate, train, evaluate) are the
 lab's own command, ``cdl-lambda-lab``; the product neither imports nor lists them."""
 
 from __future__ import annotations
@@ -17,28 +17,6 @@ PRODUCT = {
     "stream": (mrd2_stream, "MRD 2 stream on stdin → images as an MRD 2 stream on stdout (a Unix pipe node)"),
     "export-dicom": (dicom_export, "write an ISMRMRD images file as DICOM, one series per image series"),
 }
-LAB = {
-    "simulate": "simulate low-field ISMRMRD acquisitions from MR images shipped in packages",
-    "learn-dictionary": "online convolutional dictionary learning",
-    "train": "train NET_Θ (V1/V2/V3) and the baselines",
-    "evaluate": "evaluate methods and write a Markdown report with figures",
-}
-
-
-class LabMissing(SystemExit):
-    """The lab's dependencies are not installed; exits with status 2."""
-
-
-def lab_command(name: str):
-    """``(add_arguments, main)`` of a lab subcommand; exits with status 2 and one line naming the missing package
-    when the lab extra is not installed."""
-    try:
-        from cdl_lambda.lab import cli as lab_cli
-    except ModuleNotFoundError as error:
-        sys.stderr.write(f"cdl-lambda {name}: the Python package `{error.name}` is missing; the research commands "
-                         f'need the lab extra: pip install ".[lab]"\n')
-        raise LabMissing(2) from None
-    return lab_cli.COMMANDS[name]
 
 
 def _formatter(prog):
