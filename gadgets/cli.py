@@ -1,6 +1,7 @@
 """The ``cdl-lambda`` command: the product's subcommands ``replay``, ``serve``, ``stream`` and ``export-dicom``.
-Each subcommand module has an ``add_arguments(parser)`` and a ``main(args) -> int``. The research commands (simulate, train, evaluate) are the
-lab's own command, ``cdl-lambda-lab``; the product neither imports nor lists them."""
+Each subcommand module has an ``add_arguments(parser)`` and a ``main(args) -> int``. The research commands
+(simulate, train, evaluate) are the lab's own command, ``cdl-lambda-lab``; the product neither imports nor lists
+them."""
 
 from __future__ import annotations
 
