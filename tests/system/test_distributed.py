@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 
 import gadgetron_support as gs
+from support import relative_error
 
 CHAIN = gs.ROOT / "chains" / "cdl_lambda_distributed.xml"
 SLICES, MATRIX, GAP_MM = 4, 48, 7.5
@@ -169,7 +170,7 @@ def _check_images(images, scan: gs.Scan, slices: list[int], lost: tuple = ()) ->
         assert tuple(image.matrix_size) == (MATRIX, MATRIX, 1)
         assert image.meta["CDL_Iterations"] == "8" and "NOT RECONSTRUCTED" not in image.meta["GADGETRON_ImageComment"]
         key = (image.slice, 0, 0, 0)
-        assert gs.relative_error(_pixels(image), scan.truth[key]) < gs.relative_error(scan.rss[key], scan.truth[key])
+        assert relative_error(_pixels(image), scan.truth[key]) < relative_error(scan.rss[key], scan.truth[key])
 
 
 def test_every_slice_comes_back_once_with_the_single_machine_pixels(folder, scan, warm_server, workers):
