@@ -17,11 +17,12 @@ import numpy as np
 
 from gadgets import image_output
 from gadgets.buffer import AcquisitionBuffer, read_encoding
+from gadgets.completeness import OK, Assessment, residual_reason
 from gadgets.errors import InputError
 from gadgets.settings import Parameters
 from gadgets.slices import SliceInput, from_group, from_recon_bit
 from gadgets.wire import ImageArray, ReconData
-from recon.pipeline import reconstruct_slices
+from recon.pipeline import NOISE_FROM_SCAN, reconstruct_slices
 from recon.preprocessing import whitening_matrix
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class ScanSession:
         self._reported = 0
         self.peer_gone = peer_gone or (lambda: False)
         self.abandoned = 0
+        self.assessments: dict[int, Assessment] = {}  # id(SliceInput) → what the buffer found of its k-space
+        self.withheld = 0  # incomplete images not sent (slice_errors=fail)
 
     # -- input
     def on_item(self, item) -> None:
@@ -107,10 +110,36 @@ class ScanSession:
             self._fail(group.key.describe(), error)
             self._placeholder(group.reference, group.key, str(error), self.enc.nz)
             return
+        assessment = group.completeness or Assessment()
         del group  # the raw k-space is released here
+        if assessment.status != OK and self.params.slice_errors == "fail":
+            for one in inputs:
+                self._withhold(one, assessment)
+            return
+        for one in inputs:
+            self.assessments[id(one)] = assessment
         self.pending.extend(inputs)
         if len(self.pending) >= self.rec.batch_size:
             self._run_pending()
+
+    def _assess(self, one, outcome) -> Assessment:
+        """The buffer's assessment of ``one`` plus the check of its data residual; logged at WARNING unless ok."""
+        found = self.assessments.pop(id(one), None) or Assessment()
+        assessment = Assessment(found.status, list(found.reasons), found.measured_lines, found.expected_lines)
+        reason = residual_reason(getattr(outcome, "residual_to_noise", None),
+                                 getattr(outcome, "noise_source", "") == NOISE_FROM_SCAN)
+        if reason:
+            assessment.add(reason)
+        if assessment.status != OK:
+            log.warning("%s: %s: %s", one.describe(), assessment.status, assessment.reason)
+        return assessment
+
+    def _withhold(self, one, assessment: Assessment) -> None:
+        """slice_errors=fail: an incomplete image is not sent; the scan then ends with an ERROR naming it."""
+        message = f"{one.describe()}: {assessment.status}, not sent (slice_errors=fail): {assessment.reason}"
+        log.warning("%s", message)
+        self.failures.append(message)
+        self.withheld += 1
 
     def _fail(self, where: str, error: Exception) -> None:
         message = f"{where}: reconstruction failed: {error}"
@@ -140,11 +169,20 @@ class ScanSession:
         for one, outcome in reconstruct_slices(self.rec, pending, self.cpu_fallback):
             done += 1
             if outcome.error is not None:
-                self._fail(one.describe(), outcome.error)
-                self._placeholder(one.reference, one.key, str(outcome.error), one.partitions, only=one.partition)
+                found = self.assessments.pop(id(one), None)
+                reason = str(outcome.error)
+                if found is not None and found.status != OK:
+                    reason += f"; the slice is also {found.status}: {found.reason}"
+                self._fail(one.describe(), RuntimeError(reason))
+                self._placeholder(one.reference, one.key, reason, one.partitions, only=one.partition)
+                continue
+            assessment = self._assess(one, outcome)
+            if assessment.status != OK and self.params.slice_errors == "fail":
+                self._withhold(one, assessment)
                 continue
             for image in image_output.slice_images(one, outcome, self.params, identity=self.rec.identity,
-                                                   chain=self.chain_name, encoding=self.enc, numbers=self.numbers):
+                                                   chain=self.chain_name, encoding=self.enc, numbers=self.numbers,
+                                                   assessment=assessment):
                 self.send(image)
                 self.sent += 1
             self.reconstructed += 1
@@ -169,17 +207,23 @@ class ScanSession:
         for one in inputs:
             for error in one.errors:
                 self._fail(one.key.describe(), InputError(error))
-        outcomes, failed = {}, {}
+        outcomes, failed, assessments = {}, {}, {}
         usable = [one for one in inputs if not one.errors]
         for one, outcome in reconstruct_slices(self.rec, usable, self.cpu_fallback):
             if outcome.error is not None:
                 self._fail(one.describe(), outcome.error)
                 failed[one.array_index] = str(outcome.error)
-            else:
-                outcomes[id(one)] = outcome
+                continue
+            assessment = self._assess(one, outcome)
+            if assessment.status != OK and self.params.slice_errors == "fail":
+                self._withhold(one, assessment)
+                failed[one.array_index] = f"not sent: {assessment.status}: {assessment.reason}"
+                continue
+            outcomes[id(one)] = outcome
+            assessments[one.array_index] = assessment
         if outcomes or self.params.slice_errors == "report":
             self.send(image_output.image_array(np.asarray(bit.data.data).shape, inputs, outcomes, self.params,
                                                identity=self.rec.identity, chain=self.chain_name, encoding=self.enc,
-                                               numbers=self.numbers, failed=failed))
+                                               numbers=self.numbers, failed=failed, assessments=assessments))
             self.sent += 1
             self.reconstructed += len({one.array_index for one in inputs if id(one) in outcomes})

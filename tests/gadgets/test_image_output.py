@@ -43,14 +43,16 @@ def test_meta_window_is_the_preview_window():
     assert np.corrcoef(preview.ravel(), displayed.ravel())[0, 1] > 0.999
 
 
-def test_residual_far_above_the_noise_is_flagged_in_the_comment():
+def test_residual_far_from_the_noise_marks_the_slice_incomplete_when_the_noise_was_measured():
     from types import SimpleNamespace
 
-    from gadgets.image_output import noise_meta, residual_note
+    from gadgets.completeness import RESIDUAL_BAND, residual_reason
+    from gadgets.image_output import noise_meta
 
     fitted = SimpleNamespace(residual_to_noise=0.98, noise_std=1.0, noise_source="noise scan (prewhitened)")
-    assert residual_note(fitted) == ""
+    assert residual_reason(fitted.residual_to_noise) == ""
     assert noise_meta(fitted) == {"CDL_NoiseSource": "noise scan (prewhitened)", "CDL_NoiseStd": "1",
                                   "CDL_ResidualToNoise": "0.9800"}
-    over = SimpleNamespace(residual_to_noise=2.9, noise_std=1.0, noise_source="")
-    assert "2.90x the noise" in residual_note(over)
+    assert "2.90x the noise" in residual_reason(2.9) and "do not fit" in residual_reason(2.9)
+    assert "follows the noise" in residual_reason(RESIDUAL_BAND[0] - 0.05)
+    assert residual_reason(float("nan")) and residual_reason(2.9, noise_measured=False) == ""
