@@ -9,12 +9,14 @@ import argparse
 import logging
 import sys
 
-from gadgets import replay, server
+from gadgets import replay, server, site_dictionary
+from gadgets.provenance import software_version
 
 PRODUCT = {
     # name: (module, one-line help)
     "replay": (replay, "stream a recorded ISMRMRD file through the gadget and write the images"),
     "serve": (server, "warm server: keep torch and the weights loaded, serve scan after scan"),
+    "dictionary": (site_dictionary, "import a site's own dictionary (.npy/.pt/.mat), list the dictionaries"),
 }
 LAB = {
     "simulate": "simulate low-field ISMRMRD acquisitions from MR images shipped in packages",
@@ -40,15 +42,30 @@ def lab_command(name: str):
     return lab_cli.COMMANDS[name]
 
 
+class DefaultsOnceFormatter(argparse.HelpFormatter):
+    """Appends "(default: …)" to an option's help unless the help already says its default or there is none to
+    say (None, False, an empty list, a suppressed option)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, [], argparse.SUPPRESS) or not action.option_strings
+                or text == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _formatter(prog):
-    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=40)
+    return DefaultsOnceFormatter(prog, max_help_position=40)
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """The parser; only the chosen subcommand (the first of ``argv`` that names one) gets its options."""
     parser = argparse.ArgumentParser(prog="cdl-lambda", description="Inline low-field MRI reconstruction with CDL-Λ",
                                      formatter_class=_formatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (to stderr)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging (to stderr), and a traceback with each failure")
+    parser.add_argument("--version", action="version", version=f"cdl-lambda {software_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if a in PRODUCT or a in LAB), None)
     for name, help_text in [(n, h) for n, (_, h) in PRODUCT.items()] + list(LAB.items()):

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,7 +21,11 @@ import h5py
 import ismrmrd
 import numpy as np
 
+from gadgets.devices import check_available, device_argument
+from gadgets.errors import UsageError
 from gadgets.image_output import png_bytes
+from gadgets.output_files import OutputError, check_output, save
+from gadgets.provenance import ignored_parameters
 from gadgets.wire import MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, MSG_TEXT
 from gadgets.client import Peer
 
@@ -133,7 +135,7 @@ def stream(peer: Peer, header: bytes, acquisitions, config: str, parameters: dic
             elif mid == MSG_IMAGE_ARRAY:
                 result.arrays.append(item)
             elif mid == MSG_ERROR:
-                log.error("the reconstruction reported: %s", item)
+                log.debug("the reconstruction reported: %s", item)
                 result.errors.append(item)
             elif mid == MSG_TEXT:
                 result.texts.append(item)
@@ -208,10 +210,6 @@ def write_previews(result: ReplayResult, folder: str | Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
-class UsageError(ValueError):
-    """A command-line argument that cannot work; reported in one line with exit status 2."""
-
-
 def parse_address(text: str) -> tuple[str, int]:
     """``"HOST:PORT"`` → (host, port); UsageError unless the port is an integer in 1…65535."""
     host, sep, port = str(text).rpartition(":")
@@ -220,31 +218,32 @@ def parse_address(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-def check_device(name: str | None) -> None:
-    """UsageError when ``name`` is not auto/cpu/cuda[:N] or asks for CUDA where there is none."""
-    if name in (None, "auto", "cpu"):
+def check_weight_names(weights, parameters: dict) -> None:
+    """UsageError when ``--param dictionary=`` or ``network=`` names nothing in the weights folder."""
+    dictionary, network = parameters.get("dictionary"), parameters.get("network")
+    if dictionary and dictionary != "default" and not dictionary.startswith("dct-") \
+            and dictionary not in weights.dictionaries:
+        raise UsageError(f"--param dictionary={dictionary}: unknown dictionary; known: "
+                         f"{', '.join(['default', *sorted(weights.dictionaries)])}")
+    if network and network not in ("default", "none") and network not in weights.networks:
+        raise UsageError(f"--param network={network}: unknown network; known: "
+                         f"{', '.join(['default', 'none', *sorted(weights.networks)])}")
+
+
+def check_chain_file(registry, name: str | None) -> None:
+    """UsageError when ``name`` is a chain file whose stream has Gadgetron C++ gadgets (``<gadget>``, e.g. the
+    buffered chain's BucketToBufferGadget): in-process the gadget runs alone, so such a chain cannot be replayed
+    without Gadgetron and must not quietly become the raw chain."""
+    if not name or not name.endswith(".xml"):
         return
-    from recon.device import choose_device
-    try:
-        choose_device(name)
-    except (ValueError, RuntimeError) as error:
-        raise UsageError(f"--device {name!r}: {error}") from None
-
-
-def check_output(out: Path) -> None:
-    """UsageError unless ``out`` can be written: its folder exists (or is created) and is writable, and ``out`` is
-    not a folder. Checked before reconstructing so that no reconstruction is lost to a bad path."""
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a folder")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UsageError(f"--out {out}: {parent} is not a folder") from None
-    except OSError as error:
-        raise UsageError(f"--out {out}: cannot create {parent}: {error.strerror or error}") from None
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"--out {out}: the folder {parent} is not writable")
+    from recon.weights import shipped_data_dir
+    for folder in (registry.root, shipped_data_dir("chains")):
+        path = Path(folder) / name
+        if path.is_file():
+            if "<gadget>" in path.read_text(errors="replace"):
+                raise UsageError(f"--chain {name} runs Gadgetron's own gadgets before the CDL-Lambda one; replay it "
+                                 "through Gadgetron (--server HOST:PORT), or pick a registry chain by name")
+            return
 
 
 def check_request(args, parameters: dict) -> None:
@@ -262,35 +261,19 @@ def check_request(args, parameters: dict) -> None:
         from gadgets.chains import ChainRegistry
         from recon.weights import WeightsRegistry
         try:
-            WeightsRegistry()
-            ChainRegistry().check_name(args.chain)
+            weights = WeightsRegistry()
+            check_weight_names(weights, parameters)
+            registry = ChainRegistry()
+            registry.check_name(args.chain)
         except ValueError as error:
             raise UsageError(str(error)) from None
-        check_device(parameters.get("device"))  # a remote server judges its own devices
-
-
-PREVIEW_NAME = re.compile(r"^image_\d+_\d+\.png$")
-
-
-def save(result: ReplayResult, out: Path, group: str, previews: Path | None) -> dict[int, int]:
-    """Write the images to a temporary file beside ``out`` and rename it over ``out`` (a failure leaves the old
-    output as it was); then replace the previews of the old output in ``previews`` (None: none)."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(handle)
-    os.unlink(temporary)  # ismrmrd.Dataset creates the file itself
-    try:
-        counts = write_images(result, temporary, group)
-        os.replace(temporary, out)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    if previews is not None:
-        if previews.is_dir():
-            for old in previews.iterdir():
-                if PREVIEW_NAME.match(old.name):
-                    old.unlink()
-        log.info("previews: %d PNG in %s", len(write_previews(result, previews)), previews)
-    return counts
+        check_chain_file(registry, args.chain)
+        if parameters.get("device"):  # a remote server judges its own devices
+            source = "--device" if getattr(args, "device", None) else "--param device"
+            try:
+                check_available(parameters["device"])
+            except ValueError as error:
+                raise UsageError(f"{source}: {error}") from None
 
 
 def add_arguments(parser) -> None:
@@ -305,12 +288,13 @@ def add_arguments(parser) -> None:
                              "the chain by the registry's rules)")
     parser.add_argument("--server", default=None, metavar="HOST:PORT",
                         help="send to a running cdl-lambda serve or Gadgetron instead of reconstructing in-process")
-    parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
-                        help="where to reconstruct (default: the chain's setting, auto = CUDA when present)")
+    parser.add_argument("--device", default=None, type=device_argument, metavar="auto|cpu|cuda|cuda:N",
+                        help="where to reconstruct (default: the chain's setting; auto = CUDA when present)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="gadget property override (repeatable), sent as a JSON text message")
     parser.add_argument("--previews", default=None, help="folder for PNG previews (default: OUT stem + _previews)")
     parser.add_argument("--no-previews", action="store_true", help="do not write PNG previews")
+    parser.add_argument("--mkdir", action="store_true", help="create the output's folder when it does not exist")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -342,7 +326,9 @@ def _main(args) -> int:
             parameters["device"] = args.device
         check_request(args, parameters)
         out = Path(args.out)
-        check_output(out)
+        previews = None if args.no_previews else (
+            Path(args.previews) if args.previews else out.with_name(out.stem + "_previews"))
+        check_output(out, mkdir=getattr(args, "mkdir", False), previews=previews)
     except UsageError as error:
         log.error("%s", error)
         return 2
@@ -352,14 +338,24 @@ def _main(args) -> int:
     except (ValueError, OSError) as error:
         log.error("%s", error)
         return 1
-    for error in result.errors:
-        log.error("server error: %s", error)
+    for error in result.errors:  # in-process, the gadget has logged each of its failures where it happened
+        if args.server or error.startswith(("sending failed", "connection lost")):
+            log.error("server error: %s", error)
     if not result.images:
         log.error("%s: no images came back%s", path.name, f"; {out} was left as it was" if out.exists() else "")
         return 1
-    previews = None if args.no_previews else (
-        Path(args.previews) if args.previews else out.with_name(out.stem + "_previews"))
-    counts = save(result, out, args.out_group, previews)
+    ignored = ignored_parameters(parameters, result.images) if parameters else {}
+    if ignored:
+        said = ", ".join(f"{name}={'/'.join(sorted(values))}" for name, values in sorted(ignored.items()))
+        log.error("the server did not apply --param %s (the images say %s): a Gadgetron server passes the gadget only "
+                  "its chain's <property> values; set them in the chain XML or registry.yaml there, or replay to a "
+                  "cdl-lambda serve; %s was left as it was", ", ".join(sorted(ignored)), said, out)
+        return 2
+    try:
+        counts = save(result.images, out, args.out_group, previews)
+    except OutputError as error:
+        log.error("%s", error)
+        return 1
     log.info("%s: %d image(s) in %.1f s → %s %s", path.name, len(result.images), result.seconds, out,
              {f"image_{k}": v for k, v in counts.items()})
     return 1 if result.errors else 0

@@ -25,6 +25,7 @@ import threading
 import time
 
 from gadgets.chains import ChainRegistry
+from gadgets.devices import check_available, device_argument
 from gadgets.handler import CDLLambdaGadget
 from gadgets.settings import Parameters, ReconstructorCache
 from gadgets.transport import DRAIN_SECONDS, drain_and_close
@@ -129,7 +130,7 @@ def add_arguments(parser) -> None:
                         help="load this chain's reconstructor before accepting connections")
     parser.add_argument("--idle-timeout", type=float, default=600.0,
                         help="drop a peer that sends nothing for this many seconds (default 600; 0 = never)")
-    parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
+    parser.add_argument("--device", default=None, type=device_argument, metavar="auto|cpu|cuda|cuda:N",
                         help="reconstruct on this device whatever the chain says (default: each chain's setting)")
     parser.add_argument("--no-supervisor", action="store_true",
                         help="serve in this process (no restart after a native crash)")
@@ -169,11 +170,7 @@ def main(args) -> int:
     overrides = {"device": args.device} if getattr(args, "device", None) else {}
     try:
         if overrides:
-            from gadgets.replay import UsageError, check_device
-            try:
-                check_device(args.device)
-            except UsageError as error:
-                raise ValueError(str(error)) from None
+            check_available(args.device)
         registry = check_startup(args.chains)
         if args.preload:
             registry.check_name(args.preload)
