@@ -29,16 +29,25 @@ DESCRIPTIONS = {"image": "CDL-Lambda", "zero_filled": "zero-filled", "lambda": "
 
 
 # ------------------------------------------------------------------------------------------------------ window
+OBJECT_LEVEL = 0.10   # pixels above this share of the 99.5th percentile are the object (inside the coil support)
+WINDOW_TOP = 2.5      # the window's top: this many times the object's median magnitude (soft tissue)
+
+
 def window_limits(magnitude: np.ndarray) -> tuple[float, float]:
-    """(low, high): the 0.5th and 99.5th percentiles of ``magnitude`` ((0, 1) when empty)."""
+    """(low, high) of the display window, chosen for soft tissue: low = the 0.5th percentile of ``magnitude``;
+    high = ``WINDOW_TOP`` × the median of the object (the pixels above ``OBJECT_LEVEL`` × the 99.5th percentile:
+    inside the coil support, where the background noise is left out), at most the 99.5th percentile. The brightest
+    few percent (a skull or fat ring) saturate instead of pushing soft tissue into dark grey. (0, 1) when empty."""
     if magnitude.size == 0:
         return 0.0, 1.0
-    low, high = np.percentile(magnitude, [0.5, 99.5])
-    return low, high
+    low, top = np.percentile(magnitude, [0.5, 99.5])
+    inside = magnitude[magnitude > OBJECT_LEVEL * top]
+    high = min(top, WINDOW_TOP * float(np.median(inside))) if inside.size else top
+    return float(low), float(max(high, low + 1e-12))
 
 
 def window(pixels: np.ndarray) -> tuple[float, float]:
-    """(centre, width) covering the 0.5th–99.5th percentile of the magnitude."""
+    """(centre, width) of :func:`window_limits` of the magnitude."""
     magnitude = np.abs(pixels)
     if magnitude.size == 0:
         return 0.0, 1.0
@@ -48,7 +57,7 @@ def window(pixels: np.ndarray) -> tuple[float, float]:
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
-    """An 8-bit greyscale PNG of ``pixels`` ``(ny, nx)``: magnitude, the display window (0.5–99.5 percentile)
+    """An 8-bit greyscale PNG of ``pixels`` ``(ny, nx)``: magnitude, the display window (:func:`window_limits`)
     mapped to 0–255."""
     magnitude = np.abs(np.asarray(pixels, dtype=np.complex64 if np.iscomplexobj(pixels) else np.float32))
     low, high = window_limits(magnitude)
