@@ -1,16 +1,17 @@
 """``cdl-lambda replay``: stream a recorded ISMRMRD file through the gadget, as Gadgetron would, and save the images.
 
-The file goes over a loopback TCP connection to the same :class:`gadgets.server.Server` code a warm server runs (or
-to ``--server HOST:PORT``: a running ``cdl-lambda serve`` or Gadgetron): config name (id 1), header (3),
-acquisitions (1008), close (4). Returned images are written as the Gadgetron client does — ``image_<series>``
-under the output file's group (default ``dataset``) — plus 8-bit PNG previews. With no input, a bundled Shepp-Logan
-example (128², 4 coils, 2× oversampling, acceleration 2, noise scan) is replayed.
+The file goes over a socket pair to the same :class:`gadgets.server.Server` connection code a warm server runs (no
+port is opened), or to ``--server HOST:PORT`` (a running ``cdl-lambda serve`` or Gadgetron): config name (id 1),
+header (3), acquisitions (1008), close (4). Returned images are written as the Gadgetron client does —
+``image_<series>`` under the output file's group (default ``dataset``) — plus 8-bit PNG previews. With no input, a
+bundled Shepp-Logan example (128², 4 coils, 2× oversampling, acceleration 2, noise scan) is replayed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -96,7 +97,7 @@ def read_recording(path: str | Path, dataset: str = "dataset"):
 
 
 def stream(peer: Peer, header: bytes, acquisitions, config: str, parameters: dict | None = None,
-           progress=None) -> ReplayResult:
+           progress=None, slices_progress=None) -> ReplayResult:
     """Send config, header, acquisitions and close on ``peer`` (in a thread) while collecting the replies.
     ``config``: a chain name (id 1) or, starting with ``<``, the configuration XML itself (id 2)."""
     result = ReplayResult()
@@ -132,6 +133,9 @@ def stream(peer: Peer, header: bytes, acquisitions, config: str, parameters: dic
                 if result.first_image_seconds is None:
                     result.first_image_seconds = time.perf_counter() - start
                 result.images.append(item)
+                if slices_progress is not None and str(item.meta.get("SeriesDescriptionAdditional", "")).startswith(
+                        "CDL-Lambda"):
+                    slices_progress.update(1)
             elif mid == MSG_IMAGE_ARRAY:
                 result.arrays.append(item)
             elif mid == MSG_ERROR:
@@ -149,40 +153,68 @@ def stream(peer: Peer, header: bytes, acquisitions, config: str, parameters: dic
     return result
 
 
+def expected_images(path: str | Path, dataset: str = "dataset") -> int | None:
+    """How many 2-D images the file's acquisitions should give (distinct slice/contrast/phase/repetition/set/average
+    counters of its non-noise readouts, times its partitions), for the progress bar; None when unreadable."""
+    try:
+        with h5py.File(path, "r") as handle:
+            heads = handle[dataset]["data"].fields("head")[:]
+            xml = handle[dataset]["xml"][0]
+    except (OSError, KeyError, ValueError):
+        return None
+    imaging = (heads["flags"] & (1 << (ismrmrd.ACQ_IS_NOISE_MEASUREMENT - 1))) == 0
+    idx = heads["idx"][imaging]
+    keys = {tuple(row) for row in zip(*(idx[name] for name in ("slice", "contrast", "phase", "repetition", "set",
+                                                                "average")))}
+    try:
+        from gadgets.encoding import read_encoding
+        partitions = read_encoding(ismrmrd.xsd.CreateFromDocument(xml)).nz
+    except Exception:  # noqa: BLE001 - only the progress bar's total depends on it
+        partitions = 1
+    return len(keys) * partitions or None
+
+
 def replay(path: str | Path, server: str | None = None, config: str | None = None, parameters: dict | None = None,
            progress: bool = False, dataset: str = "dataset", local_server=None) -> ReplayResult:
-    """Stream ``path`` through the gadget: in-process over loopback (``local_server``: a
-    :class:`gadgets.server.Server` to reuse, else a fresh one) or to ``server`` ``"HOST:PORT"``."""
+    """Stream ``path`` through the gadget: in-process over a socket pair, through the same connection code a warm
+    server runs (``local_server``: a :class:`gadgets.server.Server` whose reconstructors to reuse, else a fresh one
+    that listens nowhere), or to ``server`` ``"HOST:PORT"``."""
     header, count, acquisitions = read_recording(path, dataset)
-    bar = None
+    bar = slices = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=count, unit="acq", file=sys.stderr, desc="replay", leave=False,
+        bar = tqdm(total=count, unit="acq", file=sys.stderr, desc="sent", leave=False, position=0,
                    disable=None)  # no bar when stderr is not a terminal
-    own = None
+        slices = tqdm(total=expected_images(path, dataset), unit="slice", file=sys.stderr, desc="reconstructed",
+                      leave=False, position=1, disable=None)
+    handler = None
     try:
         if server:
             peer = Peer.connect(*parse_address(server))
-        else:
+        else:  # in-process: the server's connection code on one end of a socket pair, no port opened
             if local_server is None:
                 from gadgets.server import Server
-                own = local_server = Server("127.0.0.1", 0)
-                own.start(max_connections=1)
-            peer = Peer.connect("127.0.0.1", local_server.port)
+                local_server = Server(listen=False)
+            ours, theirs = socket.socketpair()
+            handler = threading.Thread(target=local_server.serve_connection, args=(theirs, "in-process"),
+                                       daemon=True, name="replay-scan")
+            handler.start()
+            peer = Peer(ours)
         try:
             if bar is None:
-                return stream(peer, header, acquisitions, config or DEFAULT_CONFIG, parameters, bar)
+                return stream(peer, header, acquisitions, config or DEFAULT_CONFIG, parameters)
             from tqdm.contrib.logging import logging_redirect_tqdm
-            with logging_redirect_tqdm():  # log lines above the bar, the bar on its own line
-                return stream(peer, header, acquisitions, config or DEFAULT_CONFIG, parameters, bar)
+            with logging_redirect_tqdm():  # log lines above the bars, the bars on their own lines
+                return stream(peer, header, acquisitions, config or DEFAULT_CONFIG, parameters, bar, slices)
         except KeyboardInterrupt:
             peer.abort()
             raise
     finally:
-        if bar is not None:
-            bar.close()
-        if own is not None:
-            own.stop()
+        for one in (bar, slices):
+            if one is not None:
+                one.close()
+        if handler is not None:
+            handler.join(timeout=5)
 
 
 # ------------------------------------------------------------------------------------------------------ output

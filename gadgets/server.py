@@ -40,12 +40,14 @@ class Server:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 18000, cache: ReconstructorCache | None = None,
                  registry: ChainRegistry | None = None, max_concurrent: int = 2, idle_timeout: float | None = 600.0,
-                 listener: socket.socket | None = None, overrides: dict | None = None):
+                 listener: socket.socket | None = None, overrides: dict | None = None, listen: bool = True):
         self.gadget = CDLLambdaGadget(cache or ReconstructorCache(), registry, overrides)
-        self.listener = listener or socket.create_server((host, port), reuse_port=False, backlog=16)
-        self.listener.settimeout(0.5)
         self.idle_timeout = idle_timeout
-        self.host, self.port = self.listener.getsockname()[:2]
+        self.listener, self.host, self.port = None, None, None
+        if listen:  # listen=False: only serve_connection (an in-process replay over a socket pair)
+            self.listener = listener or socket.create_server((host, port), reuse_port=False, backlog=16)
+            self.listener.settimeout(0.5)
+            self.host, self.port = self.listener.getsockname()[:2]
         self.slots = threading.Semaphore(max(1, max_concurrent))
         self.stopping = threading.Event()
         self.threads: list[threading.Thread] = []

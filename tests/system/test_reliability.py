@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-from support import FAST_REGISTRY, read_file
+from support import FAST_REGISTRY, free_port, read_file
 from support import run_scan as play_scan
 from gadgets import cli
 from gadgets.scan import ScanSession
@@ -446,12 +446,6 @@ def test_startup_check_passes_with_good_weights(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------ native crash: supervisor
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _children(pid: int) -> list[int]:
     text = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return [int(t) for t in text]
@@ -467,7 +461,7 @@ def test_native_crash_of_the_worker_is_survived(tmp_path, accelerated_file):
     chains = tmp_path / "chains"
     chains.mkdir()
     (chains / "registry.yaml").write_text(yaml.safe_dump(FAST_REGISTRY))
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), CDL_LAMBDA_CHAINS=str(chains), OMP_NUM_THREADS="1",
                CDL_LAMBDA_WEIGHTS=str(_weights_dir(tmp_path, None)), TORCHDYNAMO_DISABLE="1")
     supervisor = subprocess.Popen([sys.executable, "-m", "gadgets.cli", "serve", "--port", str(port),
