@@ -151,3 +151,17 @@ def test_a_server_that_drops_the_parameters_is_refused_and_nothing_written(tmp_p
 def test_unknown_weights_and_gadgetron_only_chains_are_refused_up_front(tmp_path, caplog, argv, message):
     assert cli.main(["replay", "--out", str(tmp_path / "o.h5"), "--no-progress", *argv]) == 2
     assert message in caplog.text and "prewhitening" not in caplog.text
+
+
+def test_an_in_process_replay_opens_no_port_and_counts_its_slices(simple_file, accelerated_file, monkeypatch):
+    import socket
+
+    from gadgets.replay import expected_images, replay
+
+    def refuse(self, *args):
+        raise AssertionError("an in-process replay must not listen on a port")
+
+    monkeypatch.setattr(socket.socket, "listen", refuse)
+    result = replay(simple_file, parameters={"iterations": "2"})
+    assert result.errors == [] and len(result.images) == 1 and result.images[0].meta["CDL_Status"] == "ok"
+    assert expected_images(accelerated_file) == 4 and expected_images(simple_file) == 1
