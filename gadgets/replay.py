@@ -28,7 +28,7 @@ from gadgets.image_output import png_bytes
 from gadgets.output_files import OutputError, check_output, save
 from gadgets.provenance import ignored_parameters
 from gadgets.wire import MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, MSG_TEXT
-from gadgets.client import Peer
+from gadgets.client import Peer, port_of
 
 log = logging.getLogger(__name__)
 EXAMPLE = Path(__file__).resolve().parent / "examples" / "shepp_logan_128_4coils.h5"
@@ -245,9 +245,10 @@ def write_previews(result: ReplayResult, folder: str | Path) -> list[Path]:
 def parse_address(text: str) -> tuple[str, int]:
     """``"HOST:PORT"`` → (host, port); UsageError unless the port is an integer in 1…65535."""
     host, sep, port = str(text).rpartition(":")
-    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+    number = port_of(port) if sep else None
+    if number is None:
         raise UsageError(f"--server {text!r} must be HOST:PORT with a port in 1…65535")
-    return host or "127.0.0.1", int(port)
+    return host or "127.0.0.1", number
 
 
 def check_weight_names(weights, parameters: dict) -> None:

@@ -25,6 +25,7 @@ import threading
 import time
 
 from gadgets.chains import ChainRegistry
+from gadgets.client import port_of
 from gadgets.devices import check_available, device_argument
 from gadgets.handler import CDLLambdaGadget
 from gadgets.settings import Parameters, ReconstructorCache
@@ -112,12 +113,9 @@ class Server:
 
 def port_number(text: str) -> int:
     """An argparse type: a TCP port, 1…65535 (0: any free port)."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a port number (0…65535)")
+    port = port_of(text, lowest=0)
+    if port is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0…65535)")
     return port
 
 
