@@ -20,10 +20,10 @@ from typing import NamedTuple
 import ismrmrd
 import numpy as np
 
-from gadgets.completeness import (ENDED_BY_FLAG, ENDED_BY_MEASUREMENT, ENDED_BY_STREAM, Assessment,
+from cdl_lambda.gadgets.completeness import (ENDED_BY_FLAG, ENDED_BY_MEASUREMENT, ENDED_BY_STREAM, Assessment,
                                   assess_group)
-from gadgets.encoding import COUNTERS, MAX_MATRIX_VALUES, Encoding, read_encoding, readout_oversampling  # noqa: F401 - re-exported: the buffer's callers read the header through it
-from gadgets.errors import InputError
+from cdl_lambda.gadgets.encoding import COUNTERS, MAX_MATRIX_VALUES, Encoding, read_encoding, readout_oversampling  # noqa: F401 - re-exported: the buffer's callers read the header through it
+from cdl_lambda.gadgets.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import argparse
 import logging
 import sys
 
-from gadgets import replay, server, site_dictionary
-from gadgets.provenance import software_version
+from cdl_lambda.gadgets import replay, server, site_dictionary
+from cdl_lambda.gadgets.provenance import software_version
 
 PRODUCT = {
     # name: (module, one-line help)
@@ -34,7 +34,7 @@ def lab_command(name: str):
     """``(add_arguments, main)`` of a lab subcommand; exits with status 2 and one line naming the missing package
     when the lab extra is not installed."""
     try:
-        from lab import cli as lab_cli
+        from cdl_lambda.lab import cli as lab_cli
     except ModuleNotFoundError as error:
         sys.stderr.write(f"cdl-lambda {name}: the Python package `{error.name}` is missing; the research commands "
                          f'need the lab extra: pip install ".[lab]"\n')

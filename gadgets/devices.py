@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from gadgets.errors import InputError
+from cdl_lambda.gadgets.errors import InputError
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d{1,3})?)$")
 CHOICES = "auto, cpu, cuda or cuda:N"

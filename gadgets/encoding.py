@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from gadgets.errors import InputError
+from cdl_lambda.gadgets.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ import ismrmrd
 import numpy as np
 from PIL import Image
 
-from gadgets.completeness import INCOMPLETE, NOT_RECONSTRUCTED as STATUS_NOT_RECONSTRUCTED, OK, Assessment
-from gadgets.provenance import parameters_text, software_version
-from gadgets.wire import ImageArray
+from cdl_lambda.gadgets.completeness import INCOMPLETE, NOT_RECONSTRUCTED as STATUS_NOT_RECONSTRUCTED, OK, Assessment
+from cdl_lambda.gadgets.provenance import parameters_text, software_version
+from cdl_lambda.gadgets.wire import ImageArray
 
 # series: the CDL-Λ images, the zero-filled and Λ-map series, and CDL-Λ images of incomplete slices apart
 SERIES_OFFSETS = {"image": 0, "zero_filled": 1, "lambda": 2, "incomplete": 3}

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import ismrmrd
 
-from gadgets.errors import UsageError
-from gadgets.image_output import png_bytes
+from cdl_lambda.gadgets.errors import UsageError
+from cdl_lambda.gadgets.image_output import png_bytes
 
 log = logging.getLogger(__name__)
 PREVIEW_NAME = re.compile(r"^image_\d+_\d+\.png$")

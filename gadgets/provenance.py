@@ -48,7 +48,7 @@ def parse_parameters(text: str) -> dict[str, str]:
 def ignored_parameters(requested: dict, images) -> dict[str, set]:
     """``{name: {values the images say}}`` for each requested parameter some returned image was not made with
     (images without ``CDL_Parameters`` are not ours and are skipped). Values compare as the gadget converts them."""
-    from gadgets.settings import Parameters
+    from cdl_lambda.gadgets.settings import Parameters
     wanted = parameters_text(Parameters.from_sources(requested))
     wanted = {name: value for name, value in parse_parameters(wanted).items() if name in requested}
     found: dict[str, set] = {}

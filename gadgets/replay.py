@@ -22,13 +22,13 @@ import h5py
 import ismrmrd
 import numpy as np
 
-from gadgets.devices import check_available, device_argument
-from gadgets.errors import UsageError
-from gadgets.image_output import png_bytes
-from gadgets.output_files import OutputError, check_output, save
-from gadgets.provenance import ignored_parameters
-from gadgets.wire import MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, MSG_TEXT
-from gadgets.client import Peer, port_of
+from cdl_lambda.gadgets.devices import check_available, device_argument
+from cdl_lambda.gadgets.errors import UsageError
+from cdl_lambda.gadgets.image_output import png_bytes
+from cdl_lambda.gadgets.output_files import OutputError, check_output, save
+from cdl_lambda.gadgets.provenance import ignored_parameters
+from cdl_lambda.gadgets.wire import MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, MSG_TEXT
+from cdl_lambda.gadgets.client import Peer, port_of
 
 log = logging.getLogger(__name__)
 EXAMPLE = Path(__file__).resolve().parent / "examples" / "shepp_logan_128_4coils.h5"
@@ -167,7 +167,7 @@ def expected_images(path: str | Path, dataset: str = "dataset") -> int | None:
     keys = {tuple(row) for row in zip(*(idx[name] for name in ("slice", "contrast", "phase", "repetition", "set",
                                                                 "average")))}
     try:
-        from gadgets.encoding import read_encoding
+        from cdl_lambda.gadgets.encoding import read_encoding
         partitions = read_encoding(ismrmrd.xsd.CreateFromDocument(xml)).nz
     except Exception:  # noqa: BLE001 - only the progress bar's total depends on it
         partitions = 1
@@ -193,7 +193,7 @@ def replay(path: str | Path, server: str | None = None, config: str | None = Non
             peer = Peer.connect(*parse_address(server))
         else:  # in-process: the server's connection code on one end of a socket pair, no port opened
             if local_server is None:
-                from gadgets.server import Server
+                from cdl_lambda.gadgets.server import Server
                 local_server = Server(listen=False)
             ours, theirs = socket.socketpair()
             handler = threading.Thread(target=local_server.serve_connection, args=(theirs, "in-process"),
@@ -269,7 +269,7 @@ def check_chain_file(registry, name: str | None) -> None:
     without Gadgetron and must not quietly become the raw chain."""
     if not name or not name.endswith(".xml"):
         return
-    from recon.weights import shipped_data_dir
+    from cdl_lambda.recon.weights import shipped_data_dir
     for folder in (registry.root, shipped_data_dir("chains")):
         path = Path(folder) / name
         if path.is_file():
@@ -283,7 +283,7 @@ def check_request(args, parameters: dict) -> None:
     """Everything that can be checked before the reconstruction starts: the gadget properties (names and values),
     the server address; when reconstructing here (a remote server has its own registry, weights and devices) the
     weights folder, the chain name and the device."""
-    from gadgets.settings import Parameters
+    from cdl_lambda.gadgets.settings import Parameters
     try:
         Parameters.from_sources(parameters)
     except ValueError as error:
@@ -291,8 +291,8 @@ def check_request(args, parameters: dict) -> None:
     if args.server:
         parse_address(args.server)
     else:
-        from gadgets.chains import ChainRegistry
-        from recon.weights import WeightsRegistry
+        from cdl_lambda.gadgets.chains import ChainRegistry
+        from cdl_lambda.recon.weights import WeightsRegistry
         try:
             weights = WeightsRegistry()
             check_weight_names(weights, parameters)

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field, fields
 
-from gadgets.errors import InputError
+from cdl_lambda.gadgets.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Parameters:
         for name in ("dictionary", "network"):
             if not NAME_PATTERN.match(getattr(params, name)) or getattr(params, name).endswith(".pt"):
                 raise InputError(f"property {name}={getattr(params, name)!r} must be a shipped name, not a path")
-        from gadgets.devices import device_name
+        from cdl_lambda.gadgets.devices import device_name
         params.device = device_name(params.device)
         if params.output not in ("magnitude", "complex"):
             raise InputError(f"property output={params.output!r} must be 'magnitude' or 'complex'")
@@ -121,7 +121,7 @@ class ReconstructorCache:
             if key not in self._items:
                 factory = self._factory
                 if factory is None:
-                    from recon.pipeline import Reconstructor as factory  # noqa: N813 - torch import on first use
+                    from cdl_lambda.recon.pipeline import Reconstructor as factory  # noqa: N813 - torch import on first use
                 start = time.perf_counter()
                 self._items[key] = factory(**arguments)
                 self.loads += 1

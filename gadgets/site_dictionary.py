@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from gadgets.errors import UsageError
-from gadgets.settings import NAME_PATTERN
+from cdl_lambda.gadgets.errors import UsageError
+from cdl_lambda.gadgets.settings import NAME_PATTERN
 
 log = logging.getLogger(__name__)
 CONVENTIONS = ("centred", "top-left", "correlation")
@@ -107,8 +107,8 @@ def import_dictionary(source: Path, name: str, convention: str, layout: str = "a
     """Convert ``source`` and add it to the site weights folder as ``name``; returns its manifest entry."""
     import torch
 
-    from recon.dictionary import Dictionary
-    from recon.weights import WeightsRegistry, default_site_weights_dir, sha256_of_bytes
+    from cdl_lambda.recon.dictionary import Dictionary
+    from cdl_lambda.recon.weights import WeightsRegistry, default_site_weights_dir, sha256_of_bytes
     if not NAME_PATTERN.match(name) or name == "default" or name.startswith("dct-"):
         raise UsageError(f"--name {name!r} must be a plain name (letters, digits, . _ -), not 'default' or dct-*")
     site = Path(site) if site is not None else default_site_weights_dir()
@@ -162,7 +162,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from recon.weights import WeightsRegistry, default_site_weights_dir
+    from cdl_lambda.recon.weights import WeightsRegistry, default_site_weights_dir
     try:
         if args.action == "import":
             entry = import_dictionary(Path(args.file), args.name, args.convention, args.layout, force=args.force)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import ismrmrd
 import numpy as np
 
-from gadgets.buffer import AcquisitionBuffer
-from gadgets.completeness import (ENDED_BY_FLAG, ENDED_BY_MEASUREMENT, ENDED_BY_STREAM, INCOMPLETE,
+from cdl_lambda.gadgets.buffer import AcquisitionBuffer
+from cdl_lambda.gadgets.completeness import (ENDED_BY_FLAG, ENDED_BY_MEASUREMENT, ENDED_BY_STREAM, INCOMPLETE,
                                   MAX_MISSING_FRACTION, OK, assess_group, check_lines)
-from gadgets.encoding import read_encoding
+from cdl_lambda.gadgets.encoding import read_encoding
 from support import acquisition, header
 
 

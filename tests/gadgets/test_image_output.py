@@ -8,7 +8,7 @@ import ismrmrd
 import numpy as np
 from PIL import Image
 
-from gadgets.image_output import build_image, png_bytes, window
+from cdl_lambda.gadgets.image_output import build_image, png_bytes, window
 from support import phantom
 
 
@@ -46,8 +46,8 @@ def test_meta_window_is_the_preview_window():
 def test_residual_far_from_the_noise_marks_the_slice_incomplete_when_the_noise_was_measured():
     from types import SimpleNamespace
 
-    from gadgets.completeness import RESIDUAL_BAND, residual_reason
-    from gadgets.image_output import noise_meta
+    from cdl_lambda.gadgets.completeness import RESIDUAL_BAND, residual_reason
+    from cdl_lambda.gadgets.image_output import noise_meta
 
     fitted = SimpleNamespace(residual_to_noise=0.98, noise_std=1.0, noise_source="noise scan (prewhitened)")
     assert residual_reason(fitted.residual_to_noise) == ""
@@ -59,7 +59,7 @@ def test_residual_far_from_the_noise_marks_the_slice_incomplete_when_the_noise_w
 
 
 def test_display_window_serves_soft_tissue_not_the_bright_ring():
-    from gadgets.image_output import window_limits
+    from cdl_lambda.gadgets.image_output import window_limits
     from support import FIXTURES
 
     y, x = np.mgrid[-64:64, -64:64] / 64.0

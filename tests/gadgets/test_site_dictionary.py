@@ -10,10 +10,10 @@ import pytest
 import scipy.io
 import torch
 
-from gadgets import cli
-from gadgets.site_dictionary import convert, to_filters
-from recon.dictionary import Dictionary
-from recon.weights import WeightsRegistry, default_weights_dir
+from cdl_lambda.gadgets import cli
+from cdl_lambda.gadgets.site_dictionary import convert, to_filters
+from cdl_lambda.recon.dictionary import Dictionary
+from cdl_lambda.recon.weights import WeightsRegistry, default_weights_dir
 
 
 def _sporco_dictionary(K=12, kf=7, seed=0):

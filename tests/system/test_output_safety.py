@@ -15,16 +15,17 @@ import ismrmrd
 import pytest
 import torch
 
-from gadgets import cli, output_files
-from gadgets.connection import RobustConnection
-from gadgets.provenance import parse_parameters, software_version
+from cdl_lambda.gadgets import cli, output_files
+from cdl_lambda.gadgets.connection import RobustConnection
+from cdl_lambda.gadgets.provenance import parse_parameters, software_version
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 
 
 def _cli(*argv):
-    return subprocess.run([sys.executable, "-m", "gadgets.cli", *argv], env=ENV, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cdl_lambda.gadgets.cli", *argv], env=ENV, capture_output=True,
+                          text=True,
                           timeout=300)
 
 
@@ -128,7 +129,7 @@ def test_cuda_without_a_gpu_is_refused_naming_where_it_was_asked(tmp_path, caplo
 def test_a_server_that_drops_the_parameters_is_refused_and_nothing_written(tmp_path, monkeypatch, caplog):
     """A peer that reads the JSON text message and ignores it, as Gadgetron does: the images say the parameters
     they were made with, and the replay refuses them (exit 2) instead of writing them as if asked for."""
-    from gadgets.server import Server
+    from cdl_lambda.gadgets.server import Server
     monkeypatch.setattr(RobustConnection, "_parameters_from_text", lambda self, raw: None)
     server = Server("127.0.0.1", 0)
     thread = server.start(max_connections=1)
@@ -156,7 +157,7 @@ def test_unknown_weights_and_gadgetron_only_chains_are_refused_up_front(tmp_path
 def test_an_in_process_replay_opens_no_port_and_counts_its_slices(simple_file, accelerated_file, monkeypatch):
     import socket
 
-    from gadgets.replay import expected_images, replay
+    from cdl_lambda.gadgets.replay import expected_images, replay
 
     def refuse(self, *args):
         raise AssertionError("an in-process replay must not listen on a port")

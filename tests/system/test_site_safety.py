@@ -5,7 +5,7 @@ from __future__ import annotations
 import ismrmrd
 import pytest
 
-from gadgets import cli
+from cdl_lambda.gadgets import cli
 from support import make_shepp_logan, read_file, write_registry
 
 
