@@ -86,7 +86,10 @@ def reconstruct_one(source: Path, target: Path, args, parameters: dict, local_se
         errors = "; ".join(str(e) for e in result.errors[:3])
         return False, "no images came back" + (f": {errors}" if errors else "")
     previews = None if args.no_previews else target.with_name(target.stem + "_previews")
-    counts = single.save(result, target, args.out_group, previews)
+    try:
+        counts = single.save(result.images, target, args.out_group, previews)
+    except single.OutputError as error:
+        return False, str(error)
     summary = (f"{len(result.images)} image(s) {dict(sorted(counts.items()))} in {time.perf_counter() - start:.1f} s"
                f" → {target}")
     if result.errors:
@@ -108,8 +111,7 @@ def main(args, inputs: list[str]) -> int:
     local_server = None
     if not args.server:
         from cdl_lambda.gadgets.server import Server
-        local_server = Server("127.0.0.1", 0)  # one server, one reconstructor cache: the model is loaded once
-        local_server.start()
+        local_server = Server(listen=False)  # one reconstructor cache, the model loaded once; no port opened
     failed = []
     try:
         for number, (source, relative) in enumerate(pairs, 1):

@@ -20,6 +20,9 @@ from typing import NamedTuple
 import ismrmrd
 import numpy as np
 
+from cdl_lambda.gadgets.completeness import (ENDED_BY_FLAG, ENDED_BY_MEASUREMENT, ENDED_BY_STREAM, Assessment,
+                                  assess_group)
+from cdl_lambda.gadgets.encoding import COUNTERS, MAX_MATRIX_VALUES, Encoding, read_encoding, readout_oversampling  # noqa: F401 - re-exported: the buffer's callers read the header through it
 from cdl_lambda.gadgets.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -31,8 +34,6 @@ IGNORED_FLAGS = {
     ismrmrd.ACQ_IS_PHASE_STABILIZATION: "phase stabilisation",
     ismrmrd.ACQ_IS_PHASE_STABILIZATION_REFERENCE: "phase stabilisation reference",
 }
-COUNTERS = ("slice", "contrast", "phase", "repetition", "set", "average")
-MAX_MATRIX_VALUES = 2**27          # encoded voxels (x·y·z) one image may have
 MAX_OPEN_BYTES = 8 * 2**30         # k-space held in open groups before new ones are refused
 
 
@@ -46,120 +47,6 @@ class GroupKey(NamedTuple):
 
     def describe(self) -> str:
         return ", ".join(f"{name} {value}" for name, value in zip(self._fields, self))
-
-
-def _value(obj, *path, default=None):
-    for name in path:
-        obj = getattr(obj, name, None) if obj is not None else None
-    return default if obj is None else obj
-
-
-@dataclass
-class Encoding:
-    """What the buffer needs from the ISMRMRD header's first encoding (sizes in samples, fields of view in mm)."""
-
-    nx_raw: int            # encoded readout samples (with oversampling)
-    ny: int                # phase-encoding rows (E1)
-    nz: int                # partitions (E2); 1 for 2-D
-    recon_matrix: tuple    # (x, y, z)
-    oversampling: int      # readout oversampling factor (encoded/recon field of view)
-    e1_center: int
-    e2_center: int
-    encoded_fov: tuple     # (x, y, z) mm
-    recon_fov: tuple       # (x, y, z) mm
-    limits: dict           # counter name → maximum (only those present in the header)
-    calibration_mode: str  # "embedded", "interleaved", "separate", ... or "" when absent
-    receiver_channels: int | None
-    image_matrix: tuple = (0, 0)        # (y, x) k-space grid the images are reconstructed on
-    image_fov: tuple = (0.0, 0.0, 0.0)  # (x, y, z) mm of that grid (the recon space when the FOVs agree)
-
-    @property
-    def is_3d(self) -> bool:
-        return self.nz > 1
-
-
-def readout_oversampling(nx_raw: int, recon_x: int, encoded_fov_x: float, recon_fov_x: float) -> int:
-    """The readout oversampling factor, decided as Gadgetron's ``RemoveROOversamplingGadget`` does: from the fields
-    of view, encoded FOV / recon FOV along x (1 when they agree), whatever the matrix sizes; from the matrices
-    (raw samples / recon x, when the raw readout is longer) only when the header gives no fields of view.
-    InputError when the factor is not an integer or does not divide the readout."""
-    if encoded_fov_x > 0 and recon_fov_x > 0:
-        ratio = encoded_fov_x / recon_fov_x
-    elif recon_x and nx_raw > recon_x:
-        ratio = nx_raw / recon_x
-    else:
-        return 1
-    factor = max(1, int(round(ratio)))
-    if ratio < 1 - 1e-3 or abs(ratio - factor) > 0.01 * factor:
-        raise InputError(f"encoded readout field of view {encoded_fov_x} mm is not an integer multiple of the recon "
-                         f"field of view {recon_fov_x} mm")
-    if nx_raw % factor:
-        raise InputError(f"readout of {nx_raw} samples is not divisible by the oversampling factor {factor}")
-    return factor
-
-
-def image_grid(encoded: tuple, recon: tuple, encoded_fov: tuple, recon_fov: tuple) -> tuple[tuple, tuple]:
-    """(matrix (y, x), field of view (x, y, z) mm) the images are reconstructed on: along y and x (``encoded``
-    (y, x) samples over ``encoded_fov`` (y, x) mm, oversampling removed), the recon matrix when the encoded and
-    recon fields of view agree (k-space zero-padded or cropped around its centre: Gadgetron's zero-filling to the
-    recon space), else the encoded grid as it is."""
-    matrix, fov = [], []
-    for axis, (n, r, efov, rfov) in enumerate(zip(encoded, recon, encoded_fov, (recon_fov[1], recon_fov[0]))):
-        agree = r > 0 and (efov <= 0 or rfov <= 0 or abs(efov - rfov) <= 0.01 * rfov)
-        matrix.append(r if agree else n)
-        fov.append(rfov if agree and rfov > 0 else efov)
-    return (matrix[0], matrix[1]), (fov[1], fov[0], recon_fov[2])
-
-
-def read_encoding(header) -> Encoding:
-    """Parse ``header`` (``ismrmrd.xsd.ismrmrdHeader``); InputError naming the missing or unsupported field."""
-    encodings = _value(header, "encoding") or []
-    if not encodings:
-        raise InputError("ISMRMRD header has no <encoding> section")
-    enc = encodings[0]
-    trajectory = _value(enc, "trajectory")
-    trajectory = getattr(trajectory, "value", trajectory)
-    if trajectory is not None and str(trajectory).lower() != "cartesian":
-        raise InputError(f"trajectory {trajectory!r} is not supported: only Cartesian sampling can be reconstructed")
-    size = _value(enc, "encodedSpace", "matrixSize")
-    rsize = _value(enc, "reconSpace", "matrixSize")
-    if size is None or not size.x or not size.y:
-        raise InputError("ISMRMRD header lacks encodedSpace/matrixSize (x and y)")
-    rsize = rsize if rsize is not None and rsize.x and rsize.y else size
-    efov = _value(enc, "encodedSpace", "fieldOfView_mm")
-    rfov = _value(enc, "reconSpace", "fieldOfView_mm") or efov
-    encoded_fov = (float(efov.x), float(efov.y), float(efov.z)) if efov is not None else (0.0, 0.0, 0.0)
-    recon_fov = (float(rfov.x), float(rfov.y), float(rfov.z)) if rfov is not None else encoded_fov
-    nx_raw, ny, nz = int(size.x), int(size.y), max(int(size.z or 1), 1)
-    if nx_raw * ny * nz > MAX_MATRIX_VALUES:
-        raise InputError(f"encoded matrix {nx_raw}×{ny}×{nz} is larger than the {MAX_MATRIX_VALUES} samples supported")
-    oversampling = readout_oversampling(nx_raw, int(rsize.x), encoded_fov[0], recon_fov[0])
-    image_matrix, image_fov = image_grid((ny, nx_raw // oversampling), (int(rsize.y), int(rsize.x)),
-                                         (encoded_fov[1], encoded_fov[0] / oversampling), recon_fov)
-    limits_node = _value(enc, "encodingLimits")
-    limits = {}
-    e1_center, e2_center = ny // 2, nz // 2
-    if limits_node is None:
-        log.warning("ISMRMRD header lacks encodingLimits: assuming the k-space centre at row %d", e1_center)
-    else:
-        e1 = _value(limits_node, "kspace_encoding_step_1")
-        e2 = _value(limits_node, "kspace_encoding_step_2")
-        if e1 is not None and e1.center is not None:
-            e1_center = int(e1.center)
-        if e2 is not None and e2.center is not None and nz > 1:
-            e2_center = int(e2.center)
-        for name in COUNTERS:
-            limit = _value(limits_node, name)
-            if limit is not None and limit.maximum is not None:
-                limits[name] = int(limit.maximum)
-    mode = _value(enc, "parallelImaging", "calibrationMode")
-    mode = str(getattr(mode, "value", mode) or "")
-    channels = _value(header, "acquisitionSystemInformation", "receiverChannels")
-    return Encoding(nx_raw=nx_raw, ny=ny, nz=nz, recon_matrix=(int(rsize.x), int(rsize.y), max(int(rsize.z or 1), 1)),
-                    oversampling=oversampling, image_matrix=image_matrix, image_fov=image_fov, e1_center=e1_center,
-                    e2_center=e2_center, encoded_fov=encoded_fov,
-                    recon_fov=recon_fov, limits=limits, calibration_mode=mode,
-                    receiver_channels=int(channels) if channels else None)
 
 
 @dataclass
@@ -181,6 +68,9 @@ class SliceGroup:
     imaging_lines: int = 0
     readouts: int = 0      # readouts filed into this group (imaging and calibration)
     errors: list = field(default_factory=list)
+    calibration_rows: np.ndarray | None = None  # (nz, ny) bool: lines this group measured as calibration
+    ended: str = ""        # how the buffer handed it out: gadgets.completeness.ENDED_BY_*
+    completeness: Assessment | None = None      # set when handed out (gadgets.completeness.assess_group)
 
 
 class AcquisitionBuffer:
@@ -210,6 +100,7 @@ class AcquisitionBuffer:
         self.errors: list[str] = []
         self.count = 0
         self.calibration_only_readouts = 0  # readouts of groups kept for coil maps only (no image of their own)
+        self.slice_flags_in_use = False     # a readout flagged ACQ_LAST_IN_SLICE was seen
         self._ignored: set[str] = set()
 
     # ------------------------------------------------------------------------------------------------------ noise
@@ -322,6 +213,10 @@ class AcquisitionBuffer:
                        or acq.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING))
         imaging = not acq.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION) or self.calibration_in_data
         group.readouts += 1
+        if calibration:
+            if group.calibration_rows is None:
+                group.calibration_rows = np.zeros(group.mask.shape[:2], bool)
+            group.calibration_rows[plane, row] = True
         if calibration and channels > 1:
             if group.calibration is None:
                 group.calibration = np.zeros_like(group.kspace)
@@ -339,24 +234,34 @@ class AcquisitionBuffer:
 
     # ------------------------------------------------------------------------------------------------ completion
     def _flush_if_last(self, acq, key: GroupKey | None = None) -> list[SliceGroup]:
+        last_in_slice = acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE)
+        self.slice_flags_in_use |= last_in_slice
         if acq.is_flag_set(ismrmrd.ACQ_LAST_IN_MEASUREMENT):
-            return self.flush()
-        if key is not None and acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
-            return self._finish([self.groups.pop(key)])
+            if key is not None and last_in_slice and key in self.groups:
+                self.groups[key].ended = ENDED_BY_FLAG
+            return self.flush(ENDED_BY_MEASUREMENT)
+        if key is not None and last_in_slice:
+            group = self.groups.pop(key)
+            group.ended = ENDED_BY_FLAG
+            return self._finish([group])
         return []
 
-    def flush(self) -> list[SliceGroup]:
-        """Hand out every open group (end of the measurement or of the stream)."""
+    def flush(self, ended: str = ENDED_BY_STREAM) -> list[SliceGroup]:
+        """Hand out every open group (``ended``: at the end of the measurement or of the stream)."""
         groups = list(self.groups.values())
         self.groups.clear()
+        for group in groups:
+            group.ended = group.ended or ended
         if groups:
-            log.info("end of stream: %d image(s) still open", len(groups))
+            log.info("%s: %d image(s) still open", ended.replace("-", " "), len(groups))
         return self._finish(groups)
 
     def _finish(self, groups: list[SliceGroup]) -> list[SliceGroup]:
         finished = []
         for group in groups:
             slice_index = group.key.slice
+            group.completeness = assess_group(group.mask, group.calibration_rows, self.enc, group.ended,
+                                              self.slice_flags_in_use, self.calibration_in_data)
             if group.calibration is not None:
                 self.calibration_by_slice[slice_index] = (group.calibration, group.calibration_mask)
             elif slice_index in self.calibration_by_slice:

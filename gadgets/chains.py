@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from cdl_lambda.gadgets.encoding import header_facts
 from cdl_lambda.gadgets.errors import ChainError
 from cdl_lambda.gadgets.settings import NAME_PATTERN
 
@@ -61,25 +62,6 @@ def _in_range(bounds, value) -> bool:
         return False
     low, high = (list(bounds) + [None, None])[:2]
     return (low is None or float(value) >= float(low)) and (high is None or float(value) <= float(high))
-
-
-def header_facts(header) -> dict:
-    """The header fields rules can test: protocol_name, sequence_type, field_strength_T, matrix."""
-    def get(obj, *path):
-        for name in path:
-            obj = getattr(obj, name, None) if obj is not None else None
-        return obj
-
-    facts = {"protocol_name": get(header, "measurementInformation", "protocolName"),
-             "sequence_type": get(header, "sequenceParameters", "sequence_type"),
-             "field_strength_T": get(header, "acquisitionSystemInformation", "systemFieldStrength_T"), "matrix": None}
-    encodings = get(header, "encoding") or []
-    size = get(encodings[0], "reconSpace", "matrixSize") if encodings else None
-    if size is not None:
-        facts["matrix"] = max(int(size.x or 0), int(size.y or 0))
-    if isinstance(facts["sequence_type"], list):
-        facts["sequence_type"] = facts["sequence_type"][0] if facts["sequence_type"] else None
-    return facts
 
 
 class ChainRegistry:

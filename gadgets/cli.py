@@ -1,7 +1,7 @@
-"""The ``cdl-lambda`` command: the product's subcommands ``replay``, ``serve``, ``stream`` and ``export-dicom``.
-Each subcommand module has an ``add_arguments(parser)`` and a ``main(args) -> int``. The research commands
-(simulate, train, evaluate) are the lab's own command, ``cdl-lambda-lab``; the product neither imports nor lists
-them."""
+"""The ``cdl-lambda`` command: the product's subcommands ``replay``, ``serve``, ``stream``, ``export-dicom``
+and ``dictionary``. Each subcommand module has an ``add_arguments(parser)`` and a ``main(args) -> int``. The
+research commands (simulate, train, evaluate) are the lab's own command, ``cdl-lambda-lab``; the product neither
+imports nor lists them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import argparse
 import logging
 import sys
 
-from cdl_lambda.gadgets import dicom_export, mrd2_stream, replay, server
+from cdl_lambda.gadgets import dicom_export, mrd2_stream, replay, server, site_dictionary
+from cdl_lambda.gadgets.provenance import software_version
 
 PRODUCT = {
     # name: (module, one-line help)
@@ -17,18 +18,34 @@ PRODUCT = {
     "serve": (server, "warm server: keep torch and the weights loaded, serve scan after scan"),
     "stream": (mrd2_stream, "MRD 2 stream on stdin → images as an MRD 2 stream on stdout (a Unix pipe node)"),
     "export-dicom": (dicom_export, "write an ISMRMRD images file as DICOM, one series per image series"),
+    "dictionary": (site_dictionary, "import a site's own dictionary (.npy/.pt/.mat), list the dictionaries"),
 }
 
 
+class DefaultsOnceFormatter(argparse.HelpFormatter):
+    """Appends "(default: …)" to an option's help unless the help already says its default or there is none to
+    say (None, False, an empty list, a suppressed option)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, [], argparse.SUPPRESS) or not action.option_strings
+                or text == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _formatter(prog):
-    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=40)
+    return DefaultsOnceFormatter(prog, max_help_position=40)
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """The parser with every product subcommand."""
     parser = argparse.ArgumentParser(prog="cdl-lambda", description="Inline low-field MRI reconstruction with CDL-Λ",
                                      formatter_class=_formatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (to stderr)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging (to stderr), and a traceback with each failure")
+    parser.add_argument("--version", action="version", version=f"cdl-lambda {software_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in PRODUCT.items():
         module.add_arguments(subparsers.add_parser(name, help=help_text, description=help_text,

@@ -16,6 +16,16 @@ from cdl_lambda.gadgets.wire import (MSG_ACQUISITION, MSG_CLOSE, MSG_CONFIG_TEXT
                           read_image_array, read_recon_data, read_text)
 
 
+def port_of(text, lowest: int = 1) -> int | None:
+    """``text`` as a TCP port in ``lowest``…65535 (``lowest`` 0 admits 0: any free port), or None when it is not
+    one. The one port check of ``serve --port`` and ``replay --server HOST:PORT``."""
+    text = str(text).strip()
+    if not text.isdigit():
+        return None
+    port = int(text)
+    return port if lowest <= port <= 65535 else None
+
+
 class Peer:
     """The client side of a stream (what Gadgetron or ``gadgetron_ismrmrd_client`` does): send config, header,
     items, close; read back images, image arrays, text and errors until CLOSE.

@@ -208,7 +208,7 @@ class RobustConnection:
         """Tell the peer the gadget failed (ERROR, id 8) and close the stream."""
         if self.closed:
             return
-        log.error("gadget failed: %s", message)
+        log.debug("sending ERROR: %s", message)  # each failure was logged where it happened
         try:
             self.socket.write(encode_error(message) + encode_close())
         except OSError as error:

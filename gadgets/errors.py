@@ -22,3 +22,7 @@ class PeerError(RuntimeError):
 
 class ChainError(ValueError):
     """The registry is malformed or names something invalid."""
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot work; reported in one line with exit status 2."""

@@ -78,7 +78,8 @@ class CDLLambdaGadget:
             else:
                 connection.close()
         except Exception as error:  # noqa: BLE001 - everything must reach the peer as an ERROR message
-            log.exception("CDL-Λ gadget failed")
+            log.error("CDL-Λ gadget failed: %s: %s", type(error).__name__, error)
+            log.debug("traceback of the failure", exc_info=True)
             progress = "" if scan is None else (f"; {scan.sent} image(s) had been sent, images still open were not "
                                                 "reconstructed" + "".join(f" | {f}" for f in scan.failures[:20]))
             connection.fail(f"CDL-Lambda gadget failed: {type(error).__name__}: {error}{progress}")

@@ -18,23 +18,36 @@ import ismrmrd
 import numpy as np
 from PIL import Image
 
+from cdl_lambda.gadgets.completeness import INCOMPLETE, NOT_RECONSTRUCTED as STATUS_NOT_RECONSTRUCTED, OK, Assessment
+from cdl_lambda.gadgets.provenance import parameters_text, software_version
 from cdl_lambda.gadgets.wire import ImageArray
 
-SERIES_OFFSETS = {"image": 0, "zero_filled": 1, "lambda": 2}
-DESCRIPTIONS = {"image": "CDL-Lambda", "zero_filled": "zero-filled", "lambda": "Lambda maps"}
+# series: the CDL-Λ images, the zero-filled and Λ-map series, and CDL-Λ images of incomplete slices apart
+SERIES_OFFSETS = {"image": 0, "zero_filled": 1, "lambda": 2, "incomplete": 3}
+DESCRIPTIONS = {"image": "CDL-Lambda", "zero_filled": "zero-filled", "lambda": "Lambda maps",
+                "incomplete": "CDL-Lambda INCOMPLETE"}
 
 
 # ------------------------------------------------------------------------------------------------------ window
+OBJECT_LEVEL = 0.10   # pixels above this share of the 99.5th percentile are the object (inside the coil support)
+WINDOW_TOP = 2.5      # the window's top: this many times the object's median magnitude (soft tissue)
+
+
 def window_limits(magnitude: np.ndarray) -> tuple[float, float]:
-    """(low, high): the 0.5th and 99.5th percentiles of ``magnitude`` ((0, 1) when empty)."""
+    """(low, high) of the display window, chosen for soft tissue: low = the 0.5th percentile of ``magnitude``;
+    high = ``WINDOW_TOP`` × the median of the object (the pixels above ``OBJECT_LEVEL`` × the 99.5th percentile:
+    inside the coil support, where the background noise is left out), at most the 99.5th percentile. The brightest
+    few percent (a skull or fat ring) saturate instead of pushing soft tissue into dark grey. (0, 1) when empty."""
     if magnitude.size == 0:
         return 0.0, 1.0
-    low, high = np.percentile(magnitude, [0.5, 99.5])
-    return low, high
+    low, top = np.percentile(magnitude, [0.5, 99.5])
+    inside = magnitude[magnitude > OBJECT_LEVEL * top]
+    high = min(top, WINDOW_TOP * float(np.median(inside))) if inside.size else top
+    return float(low), float(max(high, low + 1e-12))
 
 
 def window(pixels: np.ndarray) -> tuple[float, float]:
-    """(centre, width) covering the 0.5th–99.5th percentile of the magnitude."""
+    """(centre, width) of :func:`window_limits` of the magnitude."""
     magnitude = np.abs(pixels)
     if magnitude.size == 0:
         return 0.0, 1.0
@@ -44,7 +57,7 @@ def window(pixels: np.ndarray) -> tuple[float, float]:
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
-    """An 8-bit greyscale PNG of ``pixels`` ``(ny, nx)``: magnitude, the display window (0.5–99.5 percentile)
+    """An 8-bit greyscale PNG of ``pixels`` ``(ny, nx)``: magnitude, the display window (:func:`window_limits`)
     mapped to 0–255."""
     magnitude = np.abs(np.asarray(pixels, dtype=np.complex64 if np.iscomplexobj(pixels) else np.float32))
     low, high = window_limits(magnitude)
@@ -79,14 +92,26 @@ def _directions(values) -> list[str]:
 
 
 def identity_meta(identity: dict, chain: str) -> dict:
-    """The ``CDL_*`` keys: chain and the dictionary's and network's names and sha256."""
+    """The ``CDL_*`` keys: software version, chain and the dictionary's and network's names and sha256."""
     return {
+        "CDL_SoftwareVersion": software_version(),
         "CDL_Chain": chain,
         "CDL_Dictionary": str(identity.get("dictionary", "")),
         "CDL_DictionarySHA256": str(identity.get("dictionary_sha256", "")),
         "CDL_Network": str(identity.get("network", "")),
         "CDL_NetworkSHA256": str(identity.get("network_sha256", "")),
     }
+
+
+def describe_source(kind: str, identity: dict, pixels: np.ndarray) -> str:
+    """What an image of ``kind`` is made from, for its comment: the CDL-Λ images name the dictionary and network,
+    the zero-filled image says it is the plain inverse FFT of the measured lines, the Λ maps how many filters."""
+    if kind == "zero_filled":
+        return "coil-combined inverse FFT of the measured lines, no CDL-Lambda"
+    if kind == "lambda":
+        count = pixels.shape[0] if pixels.ndim == 3 else 1
+        return f"{count} sparsity maps, one per filter of {identity.get('dictionary', '?')}"
+    return f"{identity.get('dictionary', '?')}, {identity.get('network', '?')}"
 
 
 # ------------------------------------------------------------------------------------------------------ images
@@ -119,7 +144,7 @@ def image_meta(pixels: np.ndarray, header, *, kind: str, identity: dict, chain: 
     (its read/phase directions): Gadgetron, MRD/FIRE and ``CDL_*`` keys, then ``extra_meta``."""
     centre, width = window(pixels)
     description = DESCRIPTIONS[kind]
-    comment = f"{description} ({identity.get('dictionary', '?')}, {identity.get('network', '?')})"
+    comment = f"{description} ({describe_source(kind, identity, pixels)})"
     if note:
         comment += f" [{note}]"
     meta = ismrmrd.Meta({
@@ -144,10 +169,23 @@ def image_meta(pixels: np.ndarray, header, *, kind: str, identity: dict, chain: 
     return meta
 
 
-def slice_meta(params, outcome, one) -> dict:
-    """The per-slice ``CDL_*`` keys: iterations, device, readouts, and the noise level and data residual."""
-    return {"CDL_Iterations": str(params.iterations), "CDL_Device": outcome.device, "CDL_Readouts": str(one.readouts),
-            **noise_meta(outcome)}
+def slice_meta(params, outcome, one, kind: str = "image") -> dict:
+    """The per-slice ``CDL_*`` keys: iterations, device, readouts, the noise level and (CDL-Λ images only) the
+    data residual."""
+    meta = {"CDL_Iterations": str(params.iterations), "CDL_Device": outcome.device, "CDL_Readouts": str(one.readouts),
+            "CDL_Parameters": parameters_text(params), **noise_meta(outcome)}
+    if kind in ("zero_filled", "lambda"):
+        meta.pop("CDL_ResidualToNoise", None)  # a property of the CDL-Λ fit, not of these images
+    return meta
+
+
+def status_meta(assessment: Assessment | None) -> dict:
+    """``CDL_Status`` (ok, incomplete) and, unless ok, ``CDL_StatusReason``."""
+    assessment = assessment or Assessment()
+    meta = {"CDL_Status": assessment.status}
+    if assessment.status != OK:
+        meta["CDL_StatusReason"] = assessment.reason
+    return meta
 
 
 def output_pixels(image: np.ndarray, params) -> np.ndarray:
@@ -155,21 +193,10 @@ def output_pixels(image: np.ndarray, params) -> np.ndarray:
     return image.astype(np.complex64) if params.output == "complex" else np.abs(image).astype(np.float32)
 
 
-RESIDUAL_WARNING = 1.5  # data residual / noise above which the image comment warns of over-regularisation
-
-
-def residual_note(outcome) -> str:
-    """A warning for the image comment when the final data residual is well above the noise (the discrepancy
-    principle: a fit that stops far above the noise level has regularised away measured signal)."""
-    ratio = getattr(outcome, "residual_to_noise", None)
-    if ratio is None or not ratio > RESIDUAL_WARNING:
-        return ""
-    return f"data residual {ratio:.2f}x the noise: over-regularised?"
-
-
-def slice_note(outcome) -> str:
-    """What the image comment adds for a slice: a CPU fallback, a residual far above the noise."""
-    return "; ".join(n for n in (getattr(outcome, "note", ""), residual_note(outcome)) if n)
+def slice_note(outcome, assessment: Assessment | None = None) -> str:
+    """What the image comment adds for a slice: why it is incomplete, a CPU fallback."""
+    reasons = [f"{INCOMPLETE}: {assessment.reason}"] if assessment and assessment.status != OK else []
+    return "; ".join(n for n in (*reasons, getattr(outcome, "note", "")) if n)
 
 
 def noise_meta(outcome) -> dict:
@@ -185,18 +212,20 @@ def noise_meta(outcome) -> dict:
     return meta
 
 
-def slice_images(one, outcome, params, *, identity: dict, chain: str, encoding, numbers: ImageNumbers) -> list:
+def slice_images(one, outcome, params, *, identity: dict, chain: str, encoding, numbers: ImageNumbers,
+                 assessment: Assessment | None = None) -> list:
     """The images of one reconstructed slice ``one`` (a :class:`gadgets.slices.SliceImage`) from its
-    ``outcome`` (a :class:`recon.pipeline.SliceOutcome`): the CDL-Λ image, then, as ``params`` asks, the
-    zero-filled image and the Λ maps, each in its own series."""
+    ``outcome`` (a :class:`recon.pipeline.SliceOutcome`): the CDL-Λ image (in the series of incomplete images when
+    ``assessment`` says so), then, as ``params`` asks, the zero-filled image and the Λ maps, each in its own series;
+    every one carries ``CDL_Status``."""
     fov = field_of_view(encoding, one.partitions)
     if getattr(encoding, "image_fov", None) and all(encoding.image_fov[:2]):  # the grid the slices were put on
         fov = (encoding.image_fov[0], encoding.image_fov[1], fov[2])
     common = dict(field_of_view=fov, identity=identity, chain=chain, partition=one.partition,
                   partitions=one.partitions, slice_thickness=fov[2] if one.partitions > 1 else 0.0,
-                  note=slice_note(outcome),
-                  extra_meta=slice_meta(params, outcome, one))
-    outputs = [("image", outcome.image)]
+                  note=slice_note(outcome, assessment))
+    incomplete = assessment is not None and assessment.status != OK
+    outputs = [("incomplete" if incomplete else "image", outcome.image)]
     if params.send_zero_filled:
         outputs.append(("zero_filled", outcome.zero_filled))
     if params.send_lambda_maps and outcome.lambda_maps is not None:
@@ -207,7 +236,8 @@ def slice_images(one, outcome, params, *, identity: dict, chain: str, encoding, 
             pixels = output_pixels(pixels, params)
         series = params.series_index + SERIES_OFFSETS[kind]
         images.append(build_image(pixels, one.reference, kind=kind, image_index=numbers.next(series),
-                                  series_index=series, **common))
+                                  series_index=series, extra_meta={**slice_meta(params, outcome, one, kind),
+                                                                   **status_meta(assessment)}, **common))
     return images
 
 
@@ -227,6 +257,7 @@ def placeholder_images(reference, key, reason: str, *, shape: tuple, partitions:
                             series_index=params.series_index, field_of_view=fov, identity=identity, chain=chain,
                             partition=z, partitions=partitions, slice_thickness=fov[2] if partitions > 1 else 0.0)
         mark_not_reconstructed(image.meta, reason)
+        image.meta["CDL_Parameters"] = parameters_text(params)
         for name, value in key._asdict().items():
             setattr(image, name, value)
         if partitions > 1:
@@ -239,12 +270,13 @@ def mark_not_reconstructed(meta, reason: str) -> None:
     """Comment keys of ``meta`` say the image was not reconstructed, and why."""
     comment = f"CDL-Lambda: {NOT_RECONSTRUCTED}: {reason}"
     meta["GADGETRON_ImageComment"] = meta["ImageComments"] = comment
-    meta["CDL_NotReconstructed"] = reason
+    meta["CDL_NotReconstructed"] = meta["CDL_StatusReason"] = reason
+    meta["CDL_Status"] = STATUS_NOT_RECONSTRUCTED
 
 
 # ------------------------------------------------------------------------------------------------- ImageArray
 def image_array(shape: tuple, inputs: list, outcomes: dict, params, *, identity: dict, chain: str, encoding,
-                numbers: ImageNumbers, failed: dict | None = None) -> ImageArray:
+                numbers: ImageNumbers, failed: dict | None = None, assessments: dict | None = None) -> ImageArray:
     """The ImageArray answering a ReconBit whose buffer has ``shape`` ``[RO, E1, E2, CHA, N, S, LOC]``, from its
     ``inputs`` (SliceImages with ``array_index``) and ``outcomes`` ``{id(input): SliceOutcome}`` of those that
     were reconstructed. An image none of whose partitions was reconstructed is zeros marked
@@ -272,10 +304,11 @@ def image_array(shape: tuple, inputs: list, outcomes: dict, params, *, identity:
         if params.output != "complex":
             pixels = pixels.real.astype(np.float32)
         index = numbers.next(params.series_index)
+        assessment = (assessments or {}).get((n, s, loc))
         image = build_image(pixels, one.reference, kind="image", image_index=index, series_index=params.series_index,
                             field_of_view=fov, identity=identity, chain=chain,
-                            extra_meta=slice_meta(params, outcome, one) if outcome else {},
-                            note=slice_note(outcome) if outcome else "")
+                            extra_meta={**slice_meta(params, outcome, one), **status_meta(assessment)} if outcome
+                            else {}, note=slice_note(outcome, assessment) if outcome else "")
         if outcome is None:
             reason = (one.errors or [(failed or {}).get((n, s, loc), "failed")])[0]
             mark_not_reconstructed(image.meta, reason)

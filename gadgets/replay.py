@@ -1,19 +1,18 @@
 """``cdl-lambda replay``: stream a recorded ISMRMRD file through the gadget, as Gadgetron would, and save the images.
 
-The file goes over a loopback TCP connection to the same :class:`gadgets.server.Server` code a warm server runs (or
-to ``--server HOST:PORT``: a running ``cdl-lambda serve`` or Gadgetron): config name (id 1), header (3),
-acquisitions (1008), close (4). Returned images are written as the Gadgetron client does — ``image_<series>``
-under the output file's group (default ``dataset``) — plus 8-bit PNG previews. With no input, a bundled Shepp-Logan
-example (128², 4 coils, 2× oversampling, acceleration 2, noise scan) is replayed.
+The file goes over a socket pair to the same :class:`gadgets.server.Server` connection code a warm server runs (no
+port is opened), or to ``--server HOST:PORT`` (a running ``cdl-lambda serve`` or Gadgetron): config name (id 1),
+header (3), acquisitions (1008), close (4). Returned images are written as the Gadgetron client does —
+``image_<series>`` under the output file's group (default ``dataset``) — plus 8-bit PNG previews. With no input, a
+bundled Shepp-Logan example (128², 4 coils, 2× oversampling, acceleration 2, noise scan) is replayed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
+import socket
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,9 +22,13 @@ import h5py
 import ismrmrd
 import numpy as np
 
+from cdl_lambda.gadgets.devices import check_available, device_argument
+from cdl_lambda.gadgets.errors import UsageError
 from cdl_lambda.gadgets.image_output import png_bytes
+from cdl_lambda.gadgets.output_files import OutputError, check_output, save
+from cdl_lambda.gadgets.provenance import ignored_parameters
 from cdl_lambda.gadgets.wire import MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, MSG_TEXT
-from cdl_lambda.gadgets.client import Peer
+from cdl_lambda.gadgets.client import Peer, port_of
 
 log = logging.getLogger(__name__)
 EXAMPLE = Path(__file__).resolve().parent / "examples" / "shepp_logan_128_4coils.h5"
@@ -95,7 +98,7 @@ def read_recording(path: str | Path, dataset: str = "dataset"):
 
 
 def stream(peer: Peer, header: bytes, acquisitions, config: str, parameters: dict | None = None,
-           progress=None) -> ReplayResult:
+           progress=None, slices_progress=None) -> ReplayResult:
     """Send config, header, acquisitions and close on ``peer`` (in a thread) while collecting the replies.
     ``config``: a chain name (id 1) or, starting with ``<``, the configuration XML itself (id 2)."""
     result = ReplayResult(header=header)
@@ -131,10 +134,13 @@ def stream(peer: Peer, header: bytes, acquisitions, config: str, parameters: dic
                 if result.first_image_seconds is None:
                     result.first_image_seconds = time.perf_counter() - start
                 result.images.append(item)
+                if slices_progress is not None and str(item.meta.get("SeriesDescriptionAdditional", "")).startswith(
+                        "CDL-Lambda"):
+                    slices_progress.update(1)
             elif mid == MSG_IMAGE_ARRAY:
                 result.arrays.append(item)
             elif mid == MSG_ERROR:
-                log.error("the reconstruction reported: %s", item)
+                log.debug("the reconstruction reported: %s", item)
                 result.errors.append(item)
             elif mid == MSG_TEXT:
                 result.texts.append(item)
@@ -148,41 +154,69 @@ def stream(peer: Peer, header: bytes, acquisitions, config: str, parameters: dic
     return result
 
 
+def expected_images(path: str | Path, dataset: str = "dataset") -> int | None:
+    """How many 2-D images the file's acquisitions should give (distinct slice/contrast/phase/repetition/set/average
+    counters of its non-noise readouts, times its partitions), for the progress bar; None when unreadable."""
+    try:
+        with h5py.File(path, "r") as handle:
+            heads = handle[dataset]["data"].fields("head")[:]
+            xml = handle[dataset]["xml"][0]
+    except (OSError, KeyError, ValueError):
+        return None
+    imaging = (heads["flags"] & (1 << (ismrmrd.ACQ_IS_NOISE_MEASUREMENT - 1))) == 0
+    idx = heads["idx"][imaging]
+    keys = {tuple(row) for row in zip(*(idx[name] for name in ("slice", "contrast", "phase", "repetition", "set",
+                                                                "average")))}
+    try:
+        from cdl_lambda.gadgets.encoding import read_encoding
+        partitions = read_encoding(ismrmrd.xsd.CreateFromDocument(xml)).nz
+    except Exception:  # noqa: BLE001 - only the progress bar's total depends on it
+        partitions = 1
+    return len(keys) * partitions or None
+
+
 def replay(path: str | Path, server: str | None = None, config: str | None = None, parameters: dict | None = None,
            progress: bool = False, dataset: str = "dataset", local_server=None) -> ReplayResult:
-    """Stream ``path`` through the gadget: in-process over loopback (``local_server``: a
-    :class:`gadgets.server.Server` to reuse, else a fresh one) or to ``server`` ``"HOST:PORT"``."""
+    """Stream ``path`` through the gadget: in-process over a socket pair, through the same connection code a warm
+    server runs (``local_server``: a :class:`gadgets.server.Server` whose reconstructors to reuse, else a fresh one
+    that listens nowhere), or to ``server`` ``"HOST:PORT"``."""
     from cdl_lambda.gadgets.mrd2 import read_input
     header, count, acquisitions = read_input(path, dataset)  # ISMRMRD 1 HDF5, or MRD 2 (.mrd, - for stdin)
-    bar = None
+    bar = slices = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=count, unit="acq", file=sys.stderr, desc="replay", leave=False,
+        bar = tqdm(total=count, unit="acq", file=sys.stderr, desc="sent", leave=False, position=0,
                    disable=None)  # no bar when stderr is not a terminal
-    own = None
+        slices = tqdm(total=expected_images(path, dataset), unit="slice", file=sys.stderr, desc="reconstructed",
+                      leave=False, position=1, disable=None)
+    handler = None
     try:
         if server:
             peer = Peer.connect(*parse_address(server))
-        else:
+        else:  # in-process: the server's connection code on one end of a socket pair, no port opened
             if local_server is None:
                 from cdl_lambda.gadgets.server import Server
-                own = local_server = Server("127.0.0.1", 0)
-                own.start(max_connections=1)
-            peer = Peer.connect("127.0.0.1", local_server.port)
+                local_server = Server(listen=False)
+            ours, theirs = socket.socketpair()
+            handler = threading.Thread(target=local_server.serve_connection, args=(theirs, "in-process"),
+                                       daemon=True, name="replay-scan")
+            handler.start()
+            peer = Peer(ours)
         try:
             if bar is None:
-                return stream(peer, header, acquisitions, config or DEFAULT_CONFIG, parameters, bar)
+                return stream(peer, header, acquisitions, config or DEFAULT_CONFIG, parameters)
             from tqdm.contrib.logging import logging_redirect_tqdm
-            with logging_redirect_tqdm():  # log lines above the bar, the bar on its own line
-                return stream(peer, header, acquisitions, config or DEFAULT_CONFIG, parameters, bar)
+            with logging_redirect_tqdm():  # log lines above the bars, the bars on their own lines
+                return stream(peer, header, acquisitions, config or DEFAULT_CONFIG, parameters, bar, slices)
         except KeyboardInterrupt:
             peer.abort()
             raise
     finally:
-        if bar is not None:
-            bar.close()
-        if own is not None:
-            own.stop()
+        for one in (bar, slices):
+            if one is not None:
+                one.close()
+        if handler is not None:
+            handler.join(timeout=5)
 
 
 # ------------------------------------------------------------------------------------------------------ output
@@ -210,43 +244,41 @@ def write_previews(result: ReplayResult, folder: str | Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
-class UsageError(ValueError):
-    """A command-line argument that cannot work; reported in one line with exit status 2."""
-
-
 def parse_address(text: str) -> tuple[str, int]:
     """``"HOST:PORT"`` → (host, port); UsageError unless the port is an integer in 1…65535."""
     host, sep, port = str(text).rpartition(":")
-    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+    number = port_of(port) if sep else None
+    if number is None:
         raise UsageError(f"--server {text!r} must be HOST:PORT with a port in 1…65535")
-    return host or "127.0.0.1", int(port)
+    return host or "127.0.0.1", number
 
 
-def check_device(name: str | None) -> None:
-    """UsageError when ``name`` is not auto/cpu/cuda[:N] or asks for CUDA where there is none."""
-    if name in (None, "auto", "cpu"):
+def check_weight_names(weights, parameters: dict) -> None:
+    """UsageError when ``--param dictionary=`` or ``network=`` names nothing in the weights folder."""
+    dictionary, network = parameters.get("dictionary"), parameters.get("network")
+    if dictionary and dictionary != "default" and not dictionary.startswith("dct-") \
+            and dictionary not in weights.dictionaries:
+        raise UsageError(f"--param dictionary={dictionary}: unknown dictionary; known: "
+                         f"{', '.join(['default', *sorted(weights.dictionaries)])}")
+    if network and network not in ("default", "none") and network not in weights.networks:
+        raise UsageError(f"--param network={network}: unknown network; known: "
+                         f"{', '.join(['default', 'none', *sorted(weights.networks)])}")
+
+
+def check_chain_file(registry, name: str | None) -> None:
+    """UsageError when ``name`` is a chain file whose stream has Gadgetron C++ gadgets (``<gadget>``, e.g. the
+    buffered chain's BucketToBufferGadget): in-process the gadget runs alone, so such a chain cannot be replayed
+    without Gadgetron and must not quietly become the raw chain."""
+    if not name or not name.endswith(".xml"):
         return
-    from cdl_lambda.recon.device import choose_device
-    try:
-        choose_device(name)
-    except (ValueError, RuntimeError) as error:
-        raise UsageError(f"--device {name!r}: {error}") from None
-
-
-def check_output(out: Path) -> None:
-    """UsageError unless ``out`` can be written: its folder exists (or is created) and is writable, and ``out`` is
-    not a folder. Checked before reconstructing so that no reconstruction is lost to a bad path."""
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a folder")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UsageError(f"--out {out}: {parent} is not a folder") from None
-    except OSError as error:
-        raise UsageError(f"--out {out}: cannot create {parent}: {error.strerror or error}") from None
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"--out {out}: the folder {parent} is not writable")
+    from cdl_lambda.recon.weights import shipped_data_dir
+    for folder in (registry.root, shipped_data_dir("chains")):
+        path = Path(folder) / name
+        if path.is_file():
+            if "<gadget>" in path.read_text(errors="replace"):
+                raise UsageError(f"--chain {name} runs Gadgetron's own gadgets before the CDL-Lambda one; replay it "
+                                 "through Gadgetron (--server HOST:PORT), or pick a registry chain by name")
+            return
 
 
 def check_request(args, parameters: dict) -> None:
@@ -264,35 +296,19 @@ def check_request(args, parameters: dict) -> None:
         from cdl_lambda.gadgets.chains import ChainRegistry
         from cdl_lambda.recon.weights import WeightsRegistry
         try:
-            WeightsRegistry()
-            ChainRegistry().check_name(args.chain)
+            weights = WeightsRegistry()
+            check_weight_names(weights, parameters)
+            registry = ChainRegistry()
+            registry.check_name(args.chain)
         except ValueError as error:
             raise UsageError(str(error)) from None
-        check_device(parameters.get("device"))  # a remote server judges its own devices
-
-
-PREVIEW_NAME = re.compile(r"^image_\d+_\d+\.png$")
-
-
-def save(result: ReplayResult, out: Path, group: str, previews: Path | None) -> dict[int, int]:
-    """Write the images to a temporary file beside ``out`` and rename it over ``out`` (a failure leaves the old
-    output as it was); then replace the previews of the old output in ``previews`` (None: none)."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(handle)
-    os.unlink(temporary)  # ismrmrd.Dataset creates the file itself
-    try:
-        counts = write_images(result, temporary, group)
-        os.replace(temporary, out)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    if previews is not None:
-        if previews.is_dir():
-            for old in previews.iterdir():
-                if PREVIEW_NAME.match(old.name):
-                    old.unlink()
-        log.info("previews: %d PNG in %s", len(write_previews(result, previews)), previews)
-    return counts
+        check_chain_file(registry, args.chain)
+        if parameters.get("device"):  # a remote server judges its own devices
+            source = "--device" if getattr(args, "device", None) else "--param device"
+            try:
+                check_available(parameters["device"])
+            except ValueError as error:
+                raise UsageError(f"{source}: {error}") from None
 
 
 def add_arguments(parser) -> None:
@@ -310,12 +326,13 @@ def add_arguments(parser) -> None:
                              "the chain by the registry's rules)")
     parser.add_argument("--server", default=None, metavar="HOST:PORT",
                         help="send to a running cdl-lambda serve or Gadgetron instead of reconstructing in-process")
-    parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
-                        help="where to reconstruct (default: the chain's setting, auto = CUDA when present)")
+    parser.add_argument("--device", default=None, type=device_argument, metavar="auto|cpu|cuda|cuda:N",
+                        help="where to reconstruct (default: the chain's setting; auto = CUDA when present)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="gadget property override (repeatable), sent as a JSON text message")
     parser.add_argument("--previews", default=None, help="folder for PNG previews (default: OUT stem + _previews)")
     parser.add_argument("--no-previews", action="store_true", help="do not write PNG previews")
+    parser.add_argument("--mkdir", action="store_true", help="create the output's folder when it does not exist")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--mrd2", action="store_true",
                         help="write OUT as an MRD 2 stream (the default for an OUT ending in .mrd)")
@@ -355,7 +372,9 @@ def _main(args) -> int:
             parameters["device"] = args.device
         check_request(args, parameters)
         out = Path(args.out)
-        check_output(out)
+        previews = None if args.no_previews else (
+            Path(args.previews) if args.previews else out.with_name(out.stem + "_previews"))
+        check_output(out, mkdir=getattr(args, "mkdir", False), previews=previews)
         if args.dicom:
             from cdl_lambda.gadgets.dicom_export import check_folder
             check_folder(args.dicom)
@@ -368,18 +387,28 @@ def _main(args) -> int:
     except (ValueError, OSError) as error:
         log.error("%s", error)
         return 1
-    for error in result.errors:
-        log.error("server error: %s", error)
+    for error in result.errors:  # in-process, the gadget has logged each of its failures where it happened
+        if args.server or error.startswith(("sending failed", "connection lost")):
+            log.error("server error: %s", error)
     if not result.images:
         log.error("%s: no images came back%s", path.name, f"; {out} was left as it was" if out.exists() else "")
         return 1
-    previews = None if args.no_previews else (
-        Path(args.previews) if args.previews else out.with_name(out.stem + "_previews"))
+    ignored = ignored_parameters(parameters, result.images) if parameters else {}
+    if ignored:
+        said = ", ".join(f"{name}={'/'.join(sorted(values))}" for name, values in sorted(ignored.items()))
+        log.error("the server did not apply --param %s (the images say %s): a Gadgetron server passes the gadget only "
+                  "its chain's <property> values; set them in the chain XML or registry.yaml there, or replay to a "
+                  "cdl-lambda serve; %s was left as it was", ", ".join(sorted(ignored)), said, out)
+        return 2
     from cdl_lambda.gadgets.mrd2 import is_mrd2_path, save_mrd2
-    if args.mrd2 or (is_mrd2_path(out) and str(out) != "-"):
-        counts = save_mrd2(result, out, previews)
-    else:
-        counts = save(result, out, args.out_group, previews)
+    try:
+        if args.mrd2 or (is_mrd2_path(out) and str(out) != "-"):
+            counts = save_mrd2(result, out, previews)
+        else:
+            counts = save(result.images, out, args.out_group, previews)
+    except OutputError as error:
+        log.error("%s", error)
+        return 1
     log.info("%s: %d image(s) in %.1f s → %s %s", path.name, len(result.images), result.seconds, out,
              {f"image_{k}": v for k, v in counts.items()})
     if args.dicom:

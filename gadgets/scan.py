@@ -18,11 +18,12 @@ import numpy as np
 
 from cdl_lambda.gadgets import image_output
 from cdl_lambda.gadgets.buffer import AcquisitionBuffer, read_encoding
+from cdl_lambda.gadgets.completeness import OK, Assessment, residual_reason
 from cdl_lambda.gadgets.errors import InputError
 from cdl_lambda.gadgets.settings import Parameters
 from cdl_lambda.gadgets.slices import ScanSlice, from_group, from_recon_bit, noise_of
 from cdl_lambda.gadgets.wire import ImageArray, ReconData
-from cdl_lambda.recon.pipeline import reconstruct_slices
+from cdl_lambda.recon.pipeline import NOISE_FROM_SCAN, reconstruct_slices
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class ScanSession:
         self.noise = None
         self.noise_ready = False
         self.failures: list[str] = []
+        self.assessments: dict[int, Assessment] = {}  # id(ScanSlice) → what the buffer found of its k-space
+        self.withheld = 0  # incomplete images not sent (slice_errors=fail)
         self.numbers = image_output.ImageNumbers()
         self.sent = 0
         self.reconstructed = 0  # images that carry a reconstruction (not placeholders)
@@ -99,9 +102,36 @@ class ScanSession:
             self.noise, self.noise_ready = noise_of(self.buffer), True
             log.info("prewhitening: %s", "from the noise scan" if self.noise is not None and self.noise.usable
                      else "none (no noise scan)")
-        self.pending.append(from_group(group, self.noise, self.enc))  # holds the group's k-space until reconstructed
+        group_slice = from_group(group, self.noise, self.enc)  # holds the group's k-space until reconstructed
+        assessment = group.completeness or Assessment()
+        if assessment.status != OK and self.params.slice_errors == "fail":
+            for z in range(group_slice.partitions):
+                self._withhold(group_slice.image(z), assessment)
+            return
+        self.assessments[id(group_slice)] = assessment
+        self.pending.append(group_slice)
         if sum(one.partitions for one in self.pending) >= self.rec.batch_size:
             self._run_pending()
+
+    def _assess(self, source, one, outcome) -> Assessment:
+        """The buffer's assessment of ``source`` (a slice group) plus the check of the data residual of its image
+        ``one``; logged at WARNING unless ok."""
+        found = self.assessments.get(id(source)) or Assessment()
+        assessment = Assessment(found.status, list(found.reasons), found.measured_lines, found.expected_lines)
+        reason = residual_reason(getattr(outcome, "residual_to_noise", None),
+                                 getattr(outcome, "noise_source", "") == NOISE_FROM_SCAN)
+        if reason:
+            assessment.add(reason)
+        if assessment.status != OK:
+            log.warning("%s: %s: %s", one.describe(), assessment.status, assessment.reason)
+        return assessment
+
+    def _withhold(self, one, assessment: Assessment) -> None:
+        """slice_errors=fail: an incomplete image is not sent; the scan then ends with an ERROR naming it."""
+        message = f"{one.describe()}: {assessment.status}, not sent (slice_errors=fail): {assessment.reason}"
+        log.warning("%s", message)
+        self.failures.append(message)
+        self.withheld += 1
 
     def _fail(self, where: str, error: Exception) -> None:
         message = f"{where}: reconstruction failed: {error}"
@@ -124,26 +154,39 @@ class ScanSession:
     # -- reconstruction and output
     def _run_pending(self) -> None:
         pending, self.pending = self.pending, []
-        total = sum(one.partitions for one in pending)
-        if self.abandoned or (pending and self.peer_gone()):
-            self._abandon(total)
-            return
-        done = 0
-        for outcome in reconstruct_slices(self.rec, pending, self.cpu_fallback):
-            done += 1
-            one = outcome.source.image(outcome.partition)
-            if outcome.error is not None:
-                self._fail(outcome.describe(), outcome.error)
-                self._placeholder(one.reference, one.key, str(outcome.error), one.partitions, only=one.partition)
-                continue
-            for image in image_output.slice_images(one, outcome, self.params, identity=self.rec.identity,
-                                                   chain=self.chain_name, encoding=self.enc, numbers=self.numbers):
-                self.send(image)
-                self.sent += 1
-            self.reconstructed += 1
-            if done < total and self.peer_gone():
-                self._abandon(total - done)
+        try:
+            total = sum(one.partitions for one in pending)
+            if self.abandoned or (pending and self.peer_gone()):
+                self._abandon(total)
                 return
+            done = 0
+            for outcome in reconstruct_slices(self.rec, pending, self.cpu_fallback):
+                done += 1
+                one = outcome.source.image(outcome.partition)
+                if outcome.error is not None:
+                    found = self.assessments.get(id(outcome.source))
+                    reason = str(outcome.error)
+                    if found is not None and found.status != OK:
+                        reason += f"; the slice is also {found.status}: {found.reason}"
+                    self._fail(outcome.describe(), RuntimeError(reason))
+                    self._placeholder(one.reference, one.key, reason, one.partitions, only=one.partition)
+                    continue
+                assessment = self._assess(outcome.source, one, outcome)
+                if assessment.status != OK and self.params.slice_errors == "fail":
+                    self._withhold(one, assessment)
+                    continue
+                for image in image_output.slice_images(one, outcome, self.params, identity=self.rec.identity,
+                                                       chain=self.chain_name, encoding=self.enc, numbers=self.numbers,
+                                                       assessment=assessment):
+                    self.send(image)
+                    self.sent += 1
+                self.reconstructed += 1
+                if done < total and self.peer_gone():
+                    self._abandon(total - done)
+                    return
+        finally:  # the groups' assessments go with them
+            for source in pending:
+                self.assessments.pop(id(source), None)
 
     def _abandon(self, count: int) -> None:
         if not self.abandoned:
@@ -165,18 +208,25 @@ class ScanSession:
                 self._fail(one.describe(), InputError(error))
             for z in [0] if one.errors else range(one.partitions):
                 images[(one.array_index, z)] = one.image(z)
-        outcomes, failed = {}, {}
+        outcomes, failed, assessments = {}, {}, {}
         for outcome in reconstruct_slices(self.rec, [one for one in slices if not one.errors], self.cpu_fallback):
             index = outcome.source.array_index
             if outcome.error is not None:
                 self._fail(outcome.describe(), outcome.error)
                 failed[index] = str(outcome.error)
-            else:
-                outcomes[id(images[(index, outcome.partition)])] = outcome
+                continue
+            one = images[(index, outcome.partition)]
+            assessment = self._assess(outcome.source, one, outcome)
+            if assessment.status != OK and self.params.slice_errors == "fail":
+                self._withhold(one, assessment)
+                failed[index] = f"not sent: {assessment.status}: {assessment.reason}"
+                continue
+            outcomes[id(one)] = outcome
+            assessments[index] = assessment
         inputs = list(images.values())
         if outcomes or self.params.slice_errors == "report":
             self.send(image_output.image_array(np.asarray(bit.data.data).shape, inputs, outcomes, self.params,
                                                identity=self.rec.identity, chain=self.chain_name, encoding=self.enc,
-                                               numbers=self.numbers, failed=failed))
+                                               numbers=self.numbers, failed=failed, assessments=assessments))
             self.sent += 1
             self.reconstructed += len({one.array_index for one in inputs if id(one) in outcomes})

@@ -25,6 +25,8 @@ import threading
 import time
 
 from cdl_lambda.gadgets.chains import ChainRegistry
+from cdl_lambda.gadgets.client import port_of
+from cdl_lambda.gadgets.devices import check_available, device_argument
 from cdl_lambda.gadgets.handler import CDLLambdaGadget
 from cdl_lambda.gadgets.settings import Parameters, ReconstructorCache
 from cdl_lambda.gadgets.transport import DRAIN_SECONDS, drain_and_close
@@ -39,14 +41,16 @@ class Server:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 18000, cache: ReconstructorCache | None = None,
                  registry: ChainRegistry | None = None, max_concurrent: int = 2, idle_timeout: float | None = 600.0,
-                 listener: socket.socket | None = None, overrides: dict | None = None,
+                 listener: socket.socket | None = None, overrides: dict | None = None, listen: bool = True,
                  connection_class=RobustConnection):
         self.connection_class = connection_class  # MRDServerConnection: OpenRecon/FIRE conventions (--openrecon)
         self.gadget = CDLLambdaGadget(cache or ReconstructorCache(), registry, overrides)
-        self.listener = listener or socket.create_server((host, port), reuse_port=False, backlog=16)
-        self.listener.settimeout(0.5)
         self.idle_timeout = idle_timeout
-        self.host, self.port = self.listener.getsockname()[:2]
+        self.listener, self.host, self.port = None, None, None
+        if listen:  # listen=False: only serve_connection (an in-process replay over a socket pair)
+            self.listener = listener or socket.create_server((host, port), reuse_port=False, backlog=16)
+            self.listener.settimeout(0.5)
+            self.host, self.port = self.listener.getsockname()[:2]
         self.slots = threading.Semaphore(max(1, max_concurrent))
         self.stopping = threading.Event()
         self.threads: list[threading.Thread] = []
@@ -113,12 +117,9 @@ class Server:
 
 def port_number(text: str) -> int:
     """An argparse type: a TCP port, 1…65535 (0: any free port)."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a port number (0…65535)")
+    port = port_of(text, lowest=0)
+    if port is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0…65535)")
     return port
 
 
@@ -133,7 +134,7 @@ def add_arguments(parser) -> None:
                         help="load this chain's reconstructor before accepting connections")
     parser.add_argument("--idle-timeout", type=float, default=600.0,
                         help="drop a peer that sends nothing for this many seconds (default 600; 0 = never)")
-    parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
+    parser.add_argument("--device", default=None, type=device_argument, metavar="auto|cpu|cuda|cuda:N",
                         help="reconstruct on this device whatever the chain says (default: each chain's setting)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="a gadget property for every scan, over the chain's (e.g. slice_errors=report on the "
@@ -201,11 +202,7 @@ def main(args) -> int:
     try:
         overrides = {**server_parameters(getattr(args, "param", [])), **overrides}
         if overrides:
-            from cdl_lambda.gadgets.replay import UsageError, check_device
-            try:
-                check_device(args.device)
-            except UsageError as error:
-                raise ValueError(str(error)) from None
+            check_available(args.device)
         registry = check_startup(args.chains)
         if args.preload:
             registry.check_name(args.preload)

@@ -59,6 +59,8 @@ class Parameters:
         for name in ("dictionary", "network"):
             if not NAME_PATTERN.match(getattr(params, name)) or getattr(params, name).endswith(".pt"):
                 raise InputError(f"property {name}={getattr(params, name)!r} must be a shipped name, not a path")
+        from cdl_lambda.gadgets.devices import device_name
+        params.device = device_name(params.device)
         if params.output not in ("magnitude", "complex"):
             raise InputError(f"property output={params.output!r} must be 'magnitude' or 'complex'")
         if params.slice_errors not in ("fail", "report"):

@@ -40,6 +40,10 @@ class SliceImage(NamedTuple):
     errors: list
     shape: tuple  # (ny, nx) of the image
 
+    def describe(self) -> str:
+        label = self.key.describe() if self.key is not None else "image"
+        return f"{label}, partition {self.partition}" if self.partitions > 1 else label
+
 
 @dataclass(eq=False)
 class ScanSlice(SliceData):

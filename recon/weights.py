@@ -47,6 +47,17 @@ def default_weights_dir() -> Path:
     return shipped_data_dir("weights")
 
 
+def default_site_weights_dir() -> Path:
+    """The site's own weights (dictionaries brought in with ``cdl-lambda dictionary import``), overlaying the shipped
+    ones: ``$CDL_LAMBDA_SITE_WEIGHTS`` if set, else ``$XDG_DATA_HOME/cdl-lambda/weights`` (default
+    ``~/.local/share/cdl-lambda/weights``). Its ``manifest.yaml`` has the shipped manifest's layout."""
+    env = os.environ.get("CDL_LAMBDA_SITE_WEIGHTS")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "cdl-lambda" / "weights"
+
+
 def safe_join(root: Path, relative: str) -> Path:
     """``root / relative`` if it stays inside ``root``; WeightsError otherwise (absolute paths, ``..``)."""
     root = Path(root).resolve()
@@ -71,8 +82,10 @@ class WeightsRegistry:
     """Reads ``manifest.yaml`` in ``root`` and loads entries by name, verifying checksums. A folder without a
     manifest is refused (WeightsError): the product never falls back silently to its built-in defaults."""
 
-    def __init__(self, root: str | Path | None = None):
+    def __init__(self, root: str | Path | None = None, site: str | Path | None = None):
         self.root = Path(root) if root is not None else default_weights_dir()
+        # the site's dictionaries overlay the default weights folder (never an explicitly named one)
+        self.site = Path(site) if site is not None else (default_site_weights_dir() if root is None else None)
         manifest_path = self.root / "manifest.yaml"
         if manifest_path.exists():
             try:
@@ -91,6 +104,26 @@ class WeightsRegistry:
         self.defaults = manifest.get("default") or {}
         if not isinstance(self.defaults, dict):
             raise WeightsError(f"weights manifest {manifest_path}: 'default' must be a mapping")
+        self.site_dictionaries = self._site_dictionaries()
+
+    def _site_dictionaries(self) -> list[str]:
+        """Add the site manifest's dictionaries (each read from the site folder); their names, sorted. A site name
+        that is also a shipped one is refused: a site cannot replace what the manifest ships."""
+        path = self.site / "manifest.yaml" if self.site is not None else None
+        if path is None or not path.exists():
+            return []
+        try:
+            manifest = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise WeightsError(f"site weights manifest {path} is not valid YAML: {error}") from None
+        if not isinstance(manifest, dict):
+            raise WeightsError(f"site weights manifest {path} must be a mapping")
+        entries = self._entries(manifest, "dictionaries", path)
+        for name, entry in entries.items():
+            if name in self.dictionaries:
+                raise WeightsError(f"site dictionary {name!r} ({path}) has the name of a shipped one; rename it")
+            self.dictionaries[name] = dict(entry, root=str(self.site), origin="site")
+        return sorted(entries)
 
     @staticmethod
     def _entries(manifest: dict, kind: str, path: Path) -> dict:
@@ -101,7 +134,7 @@ class WeightsRegistry:
 
     def read_verified(self, entry: dict, kind: str) -> tuple[bytes, Path]:
         """The bytes of the file of a manifest ``entry`` and its path, after checking its sha256."""
-        path = safe_join(self.root, str(entry.get("file", "")))
+        path = safe_join(Path(entry.get("root") or self.root), str(entry.get("file", "")))
         try:
             data = path.read_bytes()
         except OSError:

@@ -28,6 +28,8 @@ import ismrmrd
 import numpy as np
 import pytest
 
+from support import free_port  # noqa: F401 - re-exported for the Gadgetron tests
+
 ROOT = Path(__file__).resolve().parents[1]
 _UNPACKED = ROOT / "build" / "gadgetron" / "gadgetron-4.7.2"
 HOME = Path(os.environ.get("CDL_GADGETRON_HOME")
@@ -336,8 +338,3 @@ def zero_filled_rss(path: Path) -> dict:
     return images
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

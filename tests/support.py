@@ -39,6 +39,14 @@ def write_registry(folder: Path, data: dict = PLAIN_REGISTRY) -> Path:
     return folder
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a process that binds it itself)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def make_shepp_logan(path: Path, matrix=64, coils=4, oversampling=2, repetitions=1, acceleration=1,
                      calibration=0, noise=0.05, noise_scan=True) -> Path:
     """Run the Debian tool; see ``ismrmrd_generate_cartesian_shepp_logan -h``. Repetitions written = r × a."""

@@ -43,14 +43,32 @@ def test_meta_window_is_the_preview_window():
     assert np.corrcoef(preview.ravel(), displayed.ravel())[0, 1] > 0.999
 
 
-def test_residual_far_above_the_noise_is_flagged_in_the_comment():
+def test_residual_far_from_the_noise_marks_the_slice_incomplete_when_the_noise_was_measured():
     from types import SimpleNamespace
 
-    from cdl_lambda.gadgets.image_output import noise_meta, residual_note
+    from cdl_lambda.gadgets.completeness import RESIDUAL_BAND, residual_reason
+    from cdl_lambda.gadgets.image_output import noise_meta
 
     fitted = SimpleNamespace(residual_to_noise=0.98, noise_std=1.0, noise_source="noise scan (prewhitened)")
-    assert residual_note(fitted) == ""
+    assert residual_reason(fitted.residual_to_noise) == ""
     assert noise_meta(fitted) == {"CDL_NoiseSource": "noise scan (prewhitened)", "CDL_NoiseStd": "1",
                                   "CDL_ResidualToNoise": "0.9800"}
-    over = SimpleNamespace(residual_to_noise=2.9, noise_std=1.0, noise_source="")
-    assert "2.90x the noise" in residual_note(over)
+    assert "2.90x the noise" in residual_reason(2.9) and "do not fit" in residual_reason(2.9)
+    assert "follows the noise" in residual_reason(RESIDUAL_BAND[0] - 0.05)
+    assert residual_reason(float("nan")) and residual_reason(2.9, noise_measured=False) == ""
+
+
+def test_display_window_serves_soft_tissue_not_the_bright_ring():
+    from cdl_lambda.gadgets.image_output import window_limits
+    from support import FIXTURES
+
+    y, x = np.mgrid[-64:64, -64:64] / 64.0
+    r = np.hypot(y / 0.9, x / 0.7)
+    image = np.where(r < 0.92, 1.0, 0.0) + np.where((r >= 0.92) & (r < 1.0), 5.0, 0.0)  # soft tissue 1, ring 5
+    image += 0.02 * np.random.default_rng(0).standard_normal(image.shape)
+    low, high = window_limits(np.abs(image))
+    assert 1.5 < high < 3.0   # soft tissue at mid-grey (was the ring's 5: tissue at a dark fifth of the range)
+    brain = np.abs(np.load(FIXTURES / "colin27_axial_128.npz")["images"][1].astype(np.float32))
+    low, high = window_limits(brain)
+    inside = brain[brain > 0.1 * np.percentile(brain, 99.5)]
+    assert (inside > high).mean() < 0.03  # a T1 head without a dominant ring keeps nearly all its range

@@ -98,7 +98,7 @@ def test_ismrmrd1_through_mrd2_gives_the_same_images(accelerated_file, tmp_path,
         assert bytes(ours.getHead()) == bytes(theirs.getHead())
         peak = np.abs(theirs.data).max()
         assert np.abs(ours.data - theirs.data).max() <= 1e-6 * peak
-    save(reference, tmp_path / "reference.h5", "dataset", None)
+    save(reference.images, tmp_path / "reference.h5", "dataset", None)
     mrd2.save_mrd2(from_stdin, tmp_path / "images.mrd", None)
     header, items = read_stream(tmp_path / "images.mrd")
     assert header is not None and header.encoding[0].recon_space.matrix_size.x == 64
