@@ -50,21 +50,24 @@ class Plan:
     slices: dict[int, dict[str, int]]
     settings: dict[int, tuple[tuple[int, ...], tuple[float, ...]]]  # size -> (accelerations, SNRs)
     heldout_sizes: tuple[int, ...] = (128,)
+    skip: dict[int, tuple[str, ...]] = field(default_factory=dict)  # size -> classical methods left out there
 
     def describe(self) -> str:
         parts = []
         for size, per_split in self.slices.items():
             accelerations, snrs = self.settings[size]
             parts.append(f"{size}²: R = {', '.join(map(str, accelerations))}, SNR {', '.join(f'{s:g}' for s in snrs)}"
-                         f"; slices per source " + ", ".join(f"{k} {v}" for k, v in per_split.items()))
+                         f"; slices per source " + ", ".join(f"{k} {v}" for k, v in per_split.items())
+                         + (f"; without {', '.join(DISPLAY[m] for m in self.skip[size])}" if self.skip.get(size)
+                            else ""))
         return "; ".join(parts)
 
 
 PLANS = {
     "full": Plan("full", {128: {"val": 3, "test": 4, "t2": 4, "ood": 2}, 256: {"val": 2, "test": 2, "t2": 2}},
                  {128: ((1, 2, 3, 4), (10, 20)), 256: ((1, 2, 3, 4), (10, 20))}),
-    "reduced": Plan("reduced", {128: {"val": 2, "test": 1, "t2": 1, "ood": 1}, 256: {"val": 2, "test": 1, "t2": 1}},
-                    {128: ((1, 2, 3, 4), (10, 20)), 256: ((2, 4), (20,))}),
+    "reduced": Plan("reduced", {128: {"val": 2, "test": 1, "t2": 1, "ood": 1}, 256: {"val": 2, "test": 1}},
+                    {128: ((1, 2, 3, 4), (10, 20)), 256: ((2,), (20,))}, skip={256: ("cdl_scalar",)}),
 }
 
 
@@ -127,10 +130,12 @@ def _average(parts: list[Result], method_id: str) -> Result:
 
 
 def run_size(size: int, plan: Plan, v3_model, train_dictionaries, heldout_dictionaries, default_dictionary,
-             baselines: dict, with_bart: bool = True, images=None) -> tuple[Outcome, list]:
-    """Tune on the validation split and evaluate every method on the test, T2 and OOD splits at ``size``²."""
+             baselines: dict, with_bart: bool = True, images=None, only_accelerations=None) -> tuple[Outcome, list]:
+    """Tune on the validation split and evaluate every method on the test, T2 and OOD splits at ``size``² (only
+    ``only_accelerations`` of the plan's when given)."""
     images = load_images(size) if images is None else images
     accelerations, snrs = plan.settings[size]
+    accelerations = [r for r in accelerations if r in (only_accelerations or accelerations)]
     per_split = plan.slices[size]
     val = mc_scans.scans_of(images["val"], "val", per_split["val"], accelerations, snrs)
     tests = [scan for split in ("test", "t2", "ood") if per_split.get(split)
@@ -140,7 +145,8 @@ def run_size(size: int, plan: Plan, v3_model, train_dictionaries, heldout_dictio
                              "counts": [[size, split, len({(s.source, s.reference.tobytes())
                                                            for s in tests + val if s.split == split})]
                                         for split in ("val", "test", "t2", "ood") if per_split.get(split)]})
-    classical = methods.classical_methods(default_dictionary, with_bart)
+    classical = {m: method for m, method in methods.classical_methods(default_dictionary, with_bart).items()
+                 if m not in plan.skip.get(size, ())}
     for method_id, method in classical.items():
         log.info("%d²: tuning %s on %d validation scans", size, method_id, len(val))
         outcome.tunings[method_id] = protocol.tune(method, val)
@@ -323,24 +329,26 @@ def replace_section(document: str, section: str) -> str:
 
 
 # ---- the command ----------------------------------------------------------------------------------------------
-def load_models(weights_dir=None, network: str = "default", train_dictionaries: int = 2, heldout_dictionaries: int = 1):
+def load_models(weights_dir=None, network: str = "default", train_dictionaries: int = 0, heldout_dictionaries: int = 1):
     """The shipped V3 network (T = 64, as deployed), ``train_dictionaries`` of its training dictionaries (evenly
-    spread), the first ``heldout_dictionaries`` held-out ones, the default dictionary, and the learned baselines."""
+    spread; 0: the shipped default dictionary alone, as the product runs), the first ``heldout_dictionaries``
+    held-out ones, the default dictionary, and the learned baselines."""
     from lab.evaluation.methods import choose_dictionaries
     from lab.train import load_trained
     from recon.model import CDLLambda
     from recon.weights import WeightsRegistry
     registry = WeightsRegistry(weights_dir)
     v3 = registry.network(network)
-    dicts = choose_dictionaries(registry, "default", train_dictionaries, None)
+    dicts = choose_dictionaries(registry, "default", max(train_dictionaries, 1), None)
+    train = [registry.dictionary(n) for n in dicts.train] if train_dictionaries else [dicts.default]
     model = CDLLambda(v3.network, beta=v3.beta, iterations=64).eval()
     baselines = {}
     for kind, method_id in (("ablation", "unet_ablation"), ("unrolled", "unrolled")):
         entry = next((e for e in registry.baselines.values() if e.get("kind") == kind), None)
         if entry is not None:
             baselines[method_id] = load_trained(io.BytesIO(registry.read_verified(entry, kind)[0]))[0]
-    return (v3.name, model, [registry.dictionary(n) for n in dicts.train],
-            [registry.dictionary(n) for n in dicts.held_out[:heldout_dictionaries]], dicts.default, baselines)
+    return (v3.name, model, train, [registry.dictionary(n) for n in dicts.held_out[:heldout_dictionaries]],
+            dicts.default, baselines)
 
 
 def describe(plan: Plan, outcome: Outcome, network: str, train, held, default) -> str:
@@ -351,8 +359,10 @@ def describe(plan: Plan, outcome: Outcome, network: str, train, held, default) -
             f"(plan `{plan.name}`): {plan.describe()}. Distinct slices: {counts}. Sources: " + "; ".join(
                 f"{split} {', '.join(names)}" for split, names in sources.items()) +
             f". The T2-weighted test contrast is the test head remapped (lab.evaluation.scans.t2_weighted). "
-            f"CDL-Λ: network {network} at T = 64 FISTA iterations (as deployed), averaged over the training "
-            f"dictionaries {', '.join(d.name for d in train)}; held out ({plan.heldout_sizes[0]}² only): "
+            f"CDL-Λ: network {network} at T = 64 FISTA iterations (as deployed) with "
+            + (f"the dictionary {train[0].name}" if len(train) == 1 else
+               f"the training dictionaries {', '.join(d.name for d in train)} averaged")
+            + f"; held out ({plan.heldout_sizes[0]}² only): "
             f"{', '.join(d.name for d in held)}; CDL with a scalar λ uses {default.name}. Coil maps: the product's "
             "ESPIRiT (recon.coils) for every method but BART, which uses its own `ecalib` maps, cropped or "
             f"uncropped, whichever scores better; BART `pics` runs {bart.PICS_ITERATIONS} iterations (`-i`), `-S`.")
@@ -363,16 +373,22 @@ def main(argv=None) -> int:
     parser.add_argument("--doc", default="docs/evaluation.md", help="the report whose multi-coil section is replaced")
     parser.add_argument("--plan", choices=sorted(PLANS), default="reduced")
     parser.add_argument("--sizes", type=int, nargs="+", help="run only these matrix sizes of the plan")
+    parser.add_argument("--accelerations", type=int, nargs="+", help="run only these R of the plan")
+    parser.add_argument("--train-dictionaries", type=int, default=0,
+                        help="CDL-Λ averaged over this many training dictionaries (0: the default dictionary)")
+    parser.add_argument("--heldout-dictionaries", type=int, default=1, help="held-out dictionaries to average")
     parser.add_argument("--save", help="write the raw outcome (JSON) here instead of the document")
     parser.add_argument("--load", nargs="+", help="render saved outcomes (JSON) instead of running")
     parser.add_argument("--no-bart", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--weights-dir")
+    parser.add_argument("--note", default="", help="a sentence added to the section's description (how it was run)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     plan = PLANS[args.plan]
-    network, model, train, held, default, baselines = load_models(args.weights_dir)
+    network, model, train, held, default, baselines = load_models(args.weights_dir, "default", args.train_dictionaries,
+                                                                  args.heldout_dictionaries)
     outcome, tests = Outcome(), []
     start = time.time()
     if args.load:
@@ -380,7 +396,8 @@ def main(argv=None) -> int:
             outcome.merge(Outcome.from_json(json.loads(Path(path).read_text())))
     else:
         for size in args.sizes or list(plan.slices):
-            part, scans = run_size(size, plan, model, train, held, default, baselines, with_bart=not args.no_bart)
+            part, scans = run_size(size, plan, model, train, held, default, baselines, with_bart=not args.no_bart,
+                                   only_accelerations=args.accelerations)
             outcome.merge(part)
             tests += scans
         outcome.notes["minutes"] = [round((time.time() - start) / 60, 1)]
@@ -401,7 +418,8 @@ def main(argv=None) -> int:
     caption = ("Rows: " + "; ".join(label for label, _ in rows) + " (128², one slice each). Columns: reference, "
                + ", ".join(DISPLAY[m] for m in runs) + f" (CDL-Λ with the default dictionary {default.name}); "
                "each row scaled by its reference's maximum; classical methods at their SSIM-best parameters.")
-    section = render_section(outcome, describe(plan, outcome, network, train, held, default), figure, caption)
+    description = describe(plan, outcome, network, train, held, default) + (f" {args.note}" if args.note else "")
+    section = render_section(outcome, description, figure, caption)
     doc.write_text(replace_section(doc.read_text(), section))
     log.info("wrote %s and %s", doc, doc.parent / figure)
     return 0

@@ -96,8 +96,8 @@ def scans_of(images: dict[str, np.ndarray], split: str, per_source: int, acceler
         picks = np.linspace(0, len(stack) - 1, count + 2)[1:-1].round().astype(int) if count < len(stack) else \
             np.arange(len(stack))
         for i, pick in enumerate(picks):
-            for a_index, (acceleration, snr) in enumerate(product(accelerations, snrs)):
-                seed_ = [seed, SPLIT_SEEDS[split], s_index, i, a_index, stack.shape[-1]]
+            for acceleration, snr in product(accelerations, snrs):  # the seed names the setting, not its position
+                seed_ = [seed, SPLIT_SEEDS[split], s_index, i, acceleration, int(snr), stack.shape[-1]]
                 out.append(simulate_scan(stack[pick], acceleration, snr, seed=seed_, split=split, source=source))
     return out
 
