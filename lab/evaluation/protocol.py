@@ -196,7 +196,8 @@ def check_zero_filled(method: Method, scans: list[Scan], tuned: dict[tuple, Tuni
             else:
                 ok = ours <= theirs * (1 + R1_TOLERANCE["nrmse"])
             line = (f"{method.id}, {setting[0]}² R=1 SNR {setting[2]:g}: {metric.upper()} {ours:.3f} at "
-                    f"{', '.join(f'{k}={v}' for k, v in params.items())} vs its zero-filled {theirs:.3f} "
+                    f"{', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in params.items())} "
+                    f"vs its zero-filled {theirs:.3f} "
                     f"({'ok' if ok else 'FAILED'})")
             lines.append(line)
             if not ok:
