@@ -19,12 +19,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lab import bart
-from lab.evaluation.scans import Scan, espirit_maps
-from recon import fft as _fft
-from recon.lowpass import conjugate_gradient
-from recon.model import CDLLambda
-from recon.operators import MultiCoilOperator
+from cdl_lambda.lab import bart
+from cdl_lambda.lab.evaluation.scans import Scan, espirit_maps
+from cdl_lambda.recon import fft as _fft
+from cdl_lambda.recon.lowpass import conjugate_gradient
+from cdl_lambda.recon.model import CDLLambda
+from cdl_lambda.recon.operators import MultiCoilOperator
 
 Params = dict  # {"lam": 0.01, "maps": "cropped", ...}
 

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab import bart
-from lab import images as lab_images
-from lab.evaluation import mc_methods as methods
-from lab.evaluation import protocol
-from lab.evaluation import scans as mc_scans
-from lab.evaluation.protocol import Result, Tuning
+from cdl_lambda.lab import bart
+from cdl_lambda.lab import images as lab_images
+from cdl_lambda.lab.evaluation import mc_methods as methods
+from cdl_lambda.lab.evaluation import protocol
+from cdl_lambda.lab.evaluation import scans as mc_scans
+from cdl_lambda.lab.evaluation.protocol import Result, Tuning
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def figure_rows(tests: list, runs: dict, tunings: dict, picks=(("test", 2, 20), 
 
 def write_figure(path: Path, rows) -> None:
     """Rows of magnitude panels (reference first), each row scaled by its reference's maximum."""
-    from lab.evaluation.report import tile, write_png
+    from cdl_lambda.lab.evaluation.report import tile, write_png
     path.parent.mkdir(parents=True, exist_ok=True)
     write_png(path, tile([[np.abs(p) / (float(np.abs(panels[0]).max()) or 1.0) for p in panels]
                           for _, panels in rows], gap=2, scale=2))
@@ -338,10 +338,10 @@ def load_models(weights_dir=None, network: str = "default", train_dictionaries: 
     """The shipped V3 network (T = 64, as deployed), ``train_dictionaries`` of its training dictionaries (evenly
     spread; 0: the shipped default dictionary alone, as the product runs), the first ``heldout_dictionaries``
     held-out ones, the default dictionary, and the learned baselines."""
-    from lab.evaluation.methods import choose_dictionaries
-    from lab.train import load_trained
-    from recon.model import CDLLambda
-    from recon.weights import WeightsRegistry
+    from cdl_lambda.lab.evaluation.methods import choose_dictionaries
+    from cdl_lambda.lab.train import load_trained
+    from cdl_lambda.recon.model import CDLLambda
+    from cdl_lambda.recon.weights import WeightsRegistry
     registry = WeightsRegistry(weights_dir)
     v3 = registry.network(network)
     dicts = choose_dictionaries(registry, "default", max(train_dictionaries, 1), None)

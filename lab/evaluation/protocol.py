@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lab import metrics
-from lab.evaluation.mc_methods import Grid, Method, Params
-from lab.evaluation.scans import Scan
+from cdl_lambda.lab import metrics
+from cdl_lambda.lab.evaluation.mc_methods import Grid, Method, Params
+from cdl_lambda.lab.evaluation.scans import Scan
 
 log = logging.getLogger(__name__)
 

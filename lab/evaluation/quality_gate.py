@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab import bart
-from lab.evaluation import mc_methods, protocol, scans
+from cdl_lambda.lab import bart
+from cdl_lambda.lab.evaluation import mc_methods, protocol, scans
 
 SIZE = 96
 ACCELERATIONS = (2, 3)
@@ -62,8 +62,8 @@ def gate_scan(acceleration: int) -> scans.Scan:
 
 def product_image(scan: scans.Scan, weights_dir=None) -> np.ndarray:
     """The shipped default network and dictionary at T = 64 (as deployed) on ``scan``."""
-    from recon.model import CDLLambda
-    from recon.weights import WeightsRegistry
+    from cdl_lambda.recon.model import CDLLambda
+    from cdl_lambda.recon.weights import WeightsRegistry
     registry = WeightsRegistry(weights_dir)
     entry = registry.network("default")
     model = CDLLambda(entry.network, beta=entry.beta, iterations=64).eval()

@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab import datasets as data
-from lab import images as lab_images
-from lab import metrics
-from lab.evaluation import mc_report, methods
-from lab.evaluation import report, targets
-from lab.train import load_trained
-from recon.dictionary import Dictionary
-from recon.model import CDLLambda
-from recon.weights import WeightsRegistry
+from cdl_lambda.lab import datasets as data
+from cdl_lambda.lab import images as lab_images
+from cdl_lambda.lab import metrics
+from cdl_lambda.lab.evaluation import mc_report, methods
+from cdl_lambda.lab.evaluation import report, targets
+from cdl_lambda.lab.train import load_trained
+from cdl_lambda.recon.dictionary import Dictionary
+from cdl_lambda.recon.model import CDLLambda
+from cdl_lambda.recon.weights import WeightsRegistry
 
 log = logging.getLogger(__name__)
 

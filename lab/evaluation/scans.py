@@ -21,13 +21,13 @@ from itertools import product
 import numpy as np
 import torch
 
-from lab.images import normalise
-from lab.physics import birdcage_maps, channel_covariance, complex_image, correlated_noise
-from recon import coils as _coils
-from recon import fft as _fft
-from recon.pipeline import default_calibration_mask
-from recon.preprocessing import whitening_matrix
-from recon.sampling import equispaced_line_mask
+from cdl_lambda.lab.images import normalise
+from cdl_lambda.lab.physics import birdcage_maps, channel_covariance, complex_image, correlated_noise
+from cdl_lambda.recon import coils as _coils
+from cdl_lambda.recon import fft as _fft
+from cdl_lambda.recon.pipeline import default_calibration_mask
+from cdl_lambda.recon.preprocessing import whitening_matrix
+from cdl_lambda.recon.sampling import equispaced_line_mask
 
 ACCELERATIONS = (1, 2, 3, 4)
 SNRS = (10, 20)

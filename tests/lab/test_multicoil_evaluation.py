@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from lab.evaluation import mc_methods, mc_report, protocol, scans
-from lab.evaluation.mc_methods import Grid, Method
-from recon.lambda_nets import LambdaNetV3
-from recon.model import CDLLambda
+from cdl_lambda.lab.evaluation import mc_methods, mc_report, protocol, scans
+from cdl_lambda.lab.evaluation.mc_methods import Grid, Method
+from cdl_lambda.recon.lambda_nets import LambdaNetV3
+from cdl_lambda.recon.model import CDLLambda
 from support import phantom, random_dictionary
 
 SIZE = 48
@@ -45,7 +45,7 @@ def test_scans_are_prewhitened_and_the_reference_matches_the_truth(outcome):
     assert {s.setting for s in tests} == {(SIZE, 1, 20), (SIZE, 2, 20)}
     assert {s.split for s in tests} == {"test", "ood"}
     full = next(s for s in tests if s.acceleration == 1)
-    from recon.noise import estimate_noise_std
+    from cdl_lambda.recon.noise import estimate_noise_std
     assert 0.9 < float(estimate_noise_std(full.kspace, full.mask)) < 1.25  # a sharp phantom reads high (recon.noise)
     assert protocol.score(mc_methods.sense1_image(full), full.reference)["nrmse"] < 0.2  # SNR 20, fully sampled
 

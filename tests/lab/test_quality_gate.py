@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lab.evaluation import mc_methods, protocol, quality_gate
+from cdl_lambda.lab.evaluation import mc_methods, protocol, quality_gate
 
 RECORD = json.loads((Path(__file__).resolve().parents[1] / "fixtures" / "quality_gate.json").read_text())
 
