@@ -1,13 +1,13 @@
 """CDL-Λ against BART on the same prewhitened multi-coil slice: seconds per slice and image quality.
 
-A 256², 8-coil scan as lab.evaluation.multicoil simulates it (birdcage array, correlated channel noise and a noise
+A 256², 8-coil scan as lab.evaluation.scans simulates it (birdcage array, correlated channel noise and a noise
 pre-scan, prewhitened; R = 2 outside 16 calibration lines; image SNR 20) is reconstructed by
 recon.pipeline.Reconstructor with the shipped default network (T = 64) — timed as a whole and in its parts (ESPIRiT
 coil maps; CDL-Λ given the maps: CG low-pass part, NET_Θ, FISTA) — and by BART's ``ecalib`` + ``pics`` with
-ℓ1-wavelets and with total variation, λ as tuned on the validation split by ``cdl-lambda evaluate``
-(docs/evaluation.md; ``--bart-l1`` / ``--bart-tv`` override), with OMP_NUM_THREADS = the torch threads. Quality:
-SSIM / NRMSE / PSNR against the true image (lab.evaluation.multicoil.score, no rescaling). Writes
-docs/bench_bart.md.
+ℓ1-wavelets and with total variation (``ecalib -m1 -c 0.95`` maps, ``pics -S -i 30``), λ as tuned on the
+validation split under the protocol (docs/evaluation.md; ``--bart-l1`` / ``--bart-tv`` override), with
+OMP_NUM_THREADS = the torch threads. Quality: SSIM / NRMSE / PSNR against the true image
+(lab.evaluation.protocol.score, no rescaling). Writes docs/bench_bart.md.
 
     python bench/bart_compare.py --threads 2 --repeats 3
 """
@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import publish
 from cdl_lambda.lab import bart
-from cdl_lambda.lab.evaluation import multicoil as MC
+from cdl_lambda.lab.evaluation import mc_methods, scans
+from cdl_lambda.lab.evaluation.protocol import score
 from cdl_lambda.lab.images import load_split
 from cdl_lambda.recon import coils
 from cdl_lambda.recon.pipeline import Reconstructor, default_calibration_mask
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
     magnitude = next(iter(load_split("test", (args.size, args.size)).values()))
-    scan = MC.simulate_scan(magnitude[len(magnitude) // 2], 2, 20, seed=0)
+    scan = scans.simulate_scan(magnitude[len(magnitude) // 2], 2, 20, seed=0)
     kspace, mask = scan.kspace[None].numpy(), scan.mask.numpy()
     reconstructor = Reconstructor(iterations=64, device="cpu", batch_size=1)
     calibration = default_calibration_mask(scan.mask)
@@ -68,13 +69,16 @@ def main(argv=None) -> int:
 
     images = {"CDL-Λ (whole slice: noise level, ESPIRiT maps, CG low-pass, NET_Θ, 64 FISTA iterations)": whole}
     if bart.available():
-        images[f"BART ecalib + pics ℓ1-wavelet (λ {args.bart_l1:g})"] = (
-            lambda: bart.pics_multicoil(scan.kspace.numpy(), ("-l1", "-r", str(args.bart_l1))))
-        images[f"BART ecalib + pics TV (λ {args.bart_tv:g})"] = (
-            lambda: bart.pics_multicoil(scan.kspace.numpy(), ("-R", f"T:3:0:{args.bart_tv}")))
+        def bart_run(image, lam):
+            def run():
+                scan.cache.clear()  # ecalib inside the timed call
+                return image(scan, {"lam": lam, "maps": "cropped"})
+            return run
+        images[f"BART ecalib + pics ℓ1-wavelet (λ {args.bart_l1:g})"] = bart_run(mc_methods.bart_l1_image, args.bart_l1)
+        images[f"BART ecalib + pics TV (λ {args.bart_tv:g})"] = bart_run(mc_methods.bart_tv_image, args.bart_tv)
     rows = []
     for name, fn in images.items():
-        quality = MC.score(fn(), scan.reference)
+        quality = score(fn(), scan.reference)
         rows.append((name, best_of(fn, args.repeats), quality))
     parts = [("ESPIRiT coil maps", best_of(lambda: coils.estimate_coil_maps(scan.kspace, calibration, 1.0),
                                            args.repeats)),

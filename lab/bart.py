@@ -74,6 +74,10 @@ def _write_multicoil(base: Path, kspace: np.ndarray) -> None:
     write_cfl(base, np.asarray(kspace).transpose(1, 2, 0)[:, :, None, :])
 
 
+PICS_ITERATIONS = 30  # BART's own default for pics (FISTA/ADMM), passed explicitly so every run states it
+ECALIB_CROPS = {"uncropped": 0.0, "cropped": 0.95}  # ecalib -c: maps set to 0 where the eigenvalue is below
+
+
 def ecalib(kspace: np.ndarray, extra: tuple[str, ...] = ("-m1",)) -> np.ndarray:
     """BART's ESPIRiT maps ``(coils, ny, nx)`` complex64 of centred multi-coil k-space ``(coils, ny, nx)``."""
     coils, ny, nx = kspace.shape
@@ -84,13 +88,26 @@ def ecalib(kspace: np.ndarray, extra: tuple[str, ...] = ("-m1",)) -> np.ndarray:
         return read_cfl(tmp / "s").reshape(ny, nx, coils).transpose(2, 0, 1).copy()
 
 
-def pics_multicoil(kspace: np.ndarray, regularization: tuple[str, ...]) -> np.ndarray:
-    """``bart ecalib -m1`` maps, then ``bart pics -S <regularization>`` of centred multi-coil k-space
-    ``(coils, ny, nx)`` (prewhitened, zeros where not measured) → complex ``(ny, nx)`` in the units of the data."""
+def ecalib_maps(kspace: np.ndarray, crop: float) -> np.ndarray:
+    """``bart ecalib -m1 -c crop`` maps ``(coils, ny, nx)``: one set, Σ_j |s_j|² = 1 where the calibration
+    eigenvalue reaches ``crop`` and 0 elsewhere (``crop`` = 0: never cropped; BART's own default is 0.8)."""
+    return ecalib(kspace, ("-m1", "-c", f"{crop:g}"))
+
+
+def pics_multicoil(kspace: np.ndarray, regularization: tuple[str, ...], maps: np.ndarray | None = None,
+                   iterations: int = PICS_ITERATIONS) -> np.ndarray:
+    """``bart pics -S -i iterations <regularization>`` of centred multi-coil k-space ``(coils, ny, nx)``
+    (prewhitened, zeros where not measured) with coil ``maps`` ``(coils, ny, nx)`` (None: ``bart ecalib -m1`` with
+    BART's default crop) → complex ``(ny, nx)`` in the units of the data. ``-S`` undoes pics' automatic scaling of
+    the data (without it the image comes back divided by BART's scale estimate, 5–19× too small on these scans);
+    λ is relative to that scaled data."""
     _, ny, nx = kspace.shape
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         _write_multicoil(tmp / "k", kspace)
-        _run(["ecalib", "-m1", str(tmp / "k"), str(tmp / "s")])
-        _run(["pics", "-S", *regularization, str(tmp / "k"), str(tmp / "s"), str(tmp / "x")])
+        if maps is None:
+            _run(["ecalib", "-m1", str(tmp / "k"), str(tmp / "s")])
+        else:
+            _write_multicoil(tmp / "s", maps)
+        _run(["pics", "-S", "-i", str(iterations), *regularization, str(tmp / "k"), str(tmp / "s"), str(tmp / "x")])
         return read_cfl(tmp / "x").reshape(ny, nx)

@@ -20,12 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cdl_lambda.lab import bart as lab_bart
 from cdl_lambda.lab import datasets as data
 from cdl_lambda.lab import images as lab_images
-from cdl_lambda.lab import metrics as M
-from cdl_lambda.lab.evaluation import methods as E
-from cdl_lambda.lab.evaluation import multicoil as MC
+from cdl_lambda.lab import metrics
+from cdl_lambda.lab.evaluation import mc_report, methods
 from cdl_lambda.lab.evaluation import report, targets
 from cdl_lambda.lab.train import load_trained
 from cdl_lambda.recon.dictionary import Dictionary
@@ -61,7 +59,7 @@ class Settings:
     train_dictionaries: int = 0
     lambdas: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)  # noise units
     betas: tuple[float, ...] = (1.0, 2.5, 5.0)
-    multicoil: bool = True          # the multi-coil section (lab.evaluation.multicoil)
+    multicoil: bool = True          # the multi-coil section (lab.evaluation.mc_report)
     multicoil_size: int = 128
     multicoil_slices: tuple[int, int, int] = (2, 3, 2)  # per source: validation, test, out of distribution
     figure_ood: str = "knee"
@@ -85,7 +83,7 @@ def build_volumes(images: dict[str, dict[str, torch.Tensor]], per_source: int,
             for noise in noise_levels:
                 seed = 1000 + int(noise * 100) + 7 * len(volumes)
                 batch = data.fixed_examples(picked, noise, seed=seed)
-                volumes.append(Volume(split, source, noise, batch, M.foreground_mask(batch.target)))
+                volumes.append(Volume(split, source, noise, batch, metrics.foreground_mask(batch.target)))
     return volumes
 
 
@@ -105,7 +103,7 @@ def _chunked(fn, batch: data.Batch, chunk: int = 4):
     return torch.cat(images), (torch.cat(lambdas) if lambdas[0] is not None else None)
 
 
-def evaluate_method(method: E.Method, volumes: list[Volume]) -> None:
+def evaluate_method(method: methods.Method, volumes: list[Volume]) -> None:
     """Run ``method`` on every volume (in chunks of 4 slices), timing it, and record the metrics."""
     for volume in volumes:
         start = time.time()
@@ -113,15 +111,15 @@ def evaluate_method(method: E.Method, volumes: list[Volume]) -> None:
         method.seconds += time.time() - start
         method.slices += image.shape[0]
         target = volume.batch.target
-        values = {"ssim_mask": M.ssim(target, image, volume.mask), "ssim": M.ssim(target, image),
-                  "psnr": M.psnr(target, image), "nmse_mask": M.nmse(target, image, volume.mask),
-                  "blur": M.blur_effect(image, volume.mask)}
+        values = {"ssim_mask": metrics.ssim(target, image, volume.mask), "ssim": metrics.ssim(target, image),
+                  "psnr": metrics.psnr(target, image), "nmse_mask": metrics.nmse(target, image, volume.mask),
+                  "blur": metrics.blur_effect(image, volume.mask)}
         method.results.setdefault((volume.split, volume.noise), []).append((image.shape[0], values))
 
 
-def evaluate_all(methods: list[E.Method], volumes: list[Volume]) -> None:
+def evaluate_all(compared: list[methods.Method], volumes: list[Volume]) -> None:
     """:func:`evaluate_method` for every method that runs (merged ones are already pooled)."""
-    for method in methods:
+    for method in compared:
         if method.run is not None:
             log.info("evaluating %s", report.display_name(method))
             evaluate_method(method, volumes)
@@ -134,7 +132,7 @@ def grid_search_scalar(dictionary: Dictionary, volumes: list[Volume], iterations
     table = []
     for beta in betas:
         for lam in lambdas:
-            method = E.Method("cdl_scalar", E.scalar_cdl(dictionary, lam, beta, iterations))
+            method = methods.Method("cdl_scalar", methods.scalar_cdl(dictionary, lam, beta, iterations))
             evaluate_method(method, volumes)
             table.append((lam, beta, method.summary(split, noise)["ssim_mask"]))
     lam, beta, _ = max(table, key=lambda row: row[2])
@@ -149,7 +147,7 @@ def run_evaluation(settings: Settings) -> str:
     registry = WeightsRegistry(settings.weights_dir)
     out_dir = Path(settings.output_dir)
     size, T = settings.size, settings.iterations
-    dicts = E.choose_dictionaries(registry, settings.dictionary, settings.train_dictionaries,
+    dicts = methods.choose_dictionaries(registry, settings.dictionary, settings.train_dictionaries,
                                   settings.v1_dictionary)
 
     log.info("grid search of the scalar λ on the validation split")
@@ -166,33 +164,34 @@ def run_evaluation(settings: Settings) -> str:
     volumes = load_volumes(size, settings.slices)
     log.info("%d volumes, %d slices", len(volumes), sum(v.batch.target.shape[0] for v in volumes))
 
-    methods = [E.Method("zero_filled", E.zero_filled), E.Method("cdl_scalar", E.scalar_cdl(dicts.default, lam, beta,
-                                                                                           T))]
+    compared = [methods.Method("zero_filled", methods.zero_filled),
+                methods.Method("cdl_scalar", methods.scalar_cdl(dicts.default, lam, beta, T))]
     v3 = registry.network(settings.network)
     v3_model = CDLLambda(v3.network, beta=v3.beta, iterations=T).eval()
-    parts = E.v3_parts(v3_model, registry, dicts.train + dicts.held_out)
+    parts = methods.v3_parts(v3_model, registry, dicts.train + dicts.held_out)
     for part in parts.values():
         log.info("V3 with %s", part.detail)
         evaluate_method(part, volumes)
-    methods.append(E.merge("cdl_lambda_v3", [parts[n] for n in dicts.train], "v3"))
-    methods.append(E.merge("cdl_lambda_v3_heldout", [parts[n] for n in dicts.held_out], "v3"))
+    compared.append(methods.merge("cdl_lambda_v3", [parts[n] for n in dicts.train], "v3"))
+    compared.append(methods.merge("cdl_lambda_v3_heldout", [parts[n] for n in dicts.held_out], "v3"))
     if dicts.unseen_k:
         k = registry.dictionaries[dicts.unseen_k[0]]["K"]
-        methods.append(E.merge("cdl_lambda_v3_unseen_k", [parts[n] for n in dicts.unseen_k], "v3", detail=f"K={k}"))
-    methods += E.learned_methods(registry, v3_model, dicts, T, with_bart=settings.bart, log=log)
-    evaluate_all(methods, volumes)
+        compared.append(methods.merge("cdl_lambda_v3_unseen_k", [parts[n] for n in dicts.unseen_k], "v3",
+                                      detail=f"K={k}"))
+    compared += methods.learned_methods(registry, v3_model, dicts, T, with_bart=settings.bart, log=log)
+    evaluate_all(compared, volumes)
 
-    figure_methods = [m for m in methods if m.run is not None
+    figure_methods = [m for m in compared if m.run is not None
                       and m.id not in ("cdl_lambda_v3_fixed", "cdl_lambda_v3_permuted", "v1_permuted")]
-    figure_methods.insert(2, E.Method("cdl_lambda_v3_default", E.model_method(v3_model, dicts.default)))
+    figure_methods.insert(2, methods.Method("cdl_lambda_v3_default", methods.model_method(v3_model, dicts.default)))
     info = {"command": settings.command_line, "grid": grid, "trained": report.trained_models(registry),
             "data": report.data_description(size, settings.slices, volumes),
             "settings": (f"FISTA T = {T} for every CDL method; scalar λ = {lam:g}, β = {beta:g} (grid search); "
                          f"V3 network {v3.name} (β = {v3.beta:.3f}); training dictionaries averaged: "
                          f"{', '.join(dicts.train)}; held-out: {', '.join(dicts.held_out)}; permutation test on "
                          f"{dicts.permutation.name}."),
-            "targets": [t.line() for t in targets.check_targets({m.id: m for m in methods})]}
-    text = report.write_report(out_dir, settings.name, methods, figure_methods, volumes, info,
+            "targets": [t.line() for t in targets.check_targets({m.id: m for m in compared})]}
+    text = report.write_report(out_dir, settings.name, compared, figure_methods, volumes, info,
                                figure_ood=settings.figure_ood, dictionary=dicts.default)
     if settings.multicoil:
         text += "\n" + multicoil_section(settings, registry, v3.network, v3.beta, dicts, out_dir)
@@ -202,38 +201,33 @@ def run_evaluation(settings: Settings) -> str:
 
 def multicoil_section(settings: Settings, registry: WeightsRegistry, network, beta: float, dicts,
                       out_dir: Path) -> str:
-    """Run :mod:`lab.evaluation.multicoil` and return its Markdown section (its figure written beside)."""
-    size = settings.multicoil_size
-    images = {split: lab_images.load_split(split, (size, size)) for split in ("val", "test", "ood")}
+    """The multi-coil comparison under the protocol (:mod:`lab.evaluation.mc_report`) at 128² with
+    ``settings.multicoil_slices`` (validation, test and T2, out of distribution); its Markdown section, the figure
+    written beside."""
     v3_model = CDLLambda(network, beta=beta, iterations=64).eval()
     baselines = {}
     for kind, method_id in (("ablation", "unet_ablation"), ("unrolled", "unrolled")):
         entry = next((e for e in registry.baselines.values() if e.get("kind") == kind), None)
         if entry is not None:
             baselines[method_id] = load_trained(io.BytesIO(registry.read_verified(entry, kind)[0]))[0]
-    per_source = dict(zip(("val", "test", "ood"), settings.multicoil_slices))
-    results, tuned, scans = MC.run(images, v3_model, [registry.dictionary(n) for n in dicts.train],
-                                   [registry.dictionary(n) for n in dicts.held_out], dicts.default, baselines,
-                                   per_source, with_bart=settings.bart)
-    figure_methods = {"sense1": MC.sense1, "bart_l1": MC.bart_l1, "bart_tv": MC.bart_tv,
-                      "cdl_scalar": MC.cdl_scalar(dicts.default), "cdl_lambda_v3": MC.cdl_model(v3_model,
-                                                                                                dicts.default)}
-    if not (settings.bart and lab_bart.available()):
-        figure_methods = {k: v for k, v in figure_methods.items() if not k.startswith("bart")}
-    rows = MC.figure_rows(scans, figure_methods, tuned)
+    val, test, ood = settings.multicoil_slices
+    size = settings.multicoil_size
+    plan = mc_report.Plan("evaluate", {size: {"val": val, "test": test, "t2": test, "ood": ood}},
+                          {size: (mc_report.mc_scans.ACCELERATIONS, mc_report.mc_scans.SNRS)}, (size,))
+    train = [registry.dictionary(n) for n in dicts.train]
+    held = [registry.dictionary(n) for n in dicts.held_out]
+    outcome, scans = mc_report.run_size(size, plan, v3_model, train, held, dicts.default, baselines,
+                                        with_bart=settings.bart)
+    runs = {"sense1": mc_report.methods.sense1_image,
+            "cdl_lambda_v3": mc_report.methods.network(v3_model, dicts.default)}
+    classical = mc_report.methods.classical_methods(dicts.default, settings.bart)
+    runs.update({m: classical[m].run for m in mc_report.FIGURE_METHODS if m in classical})
+    runs = {m: runs[m] for m in mc_report.FIGURE_METHODS if m in runs}
+    rows = mc_report.figure_rows(scans, runs, outcome.tunings)
     figure = f"figures/{settings.name}-multicoil.png"
-    MC.write_figure(out_dir / figure, rows)
-    caption = ("Rows: " + "; ".join(label for label, _ in rows) + " (test anatomy, one slice). Columns: reference, "
-               + ", ".join(MC.DISPLAY[m] for m in figure_methods) + " (CDL-Λ with the default dictionary "
-               f"{dicts.default.name}); each row scaled by its reference's maximum.")
-    counts = {split: len({(s.source, s.reference.tobytes()) for s in scans if s.split == split})
-              for split in ("test", "ood")}
-    description = (f"{MC.COILS} coils (birdcage, correlated channel noise, noise pre-scan, prewhitened), {size}², "
-                   f"R = 1, 2, 3 with {MC.CALIBRATION_LINES} calibration lines, image SNR 10 and 20; "
-                   f"{counts['test']} test slices ({', '.join(images['test'])}) and {counts['ood']} "
-                   f"out-of-distribution slices ({', '.join(images['ood'])}); classical parameters tuned on "
-                   f"{settings.multicoil_slices[0]} slices per validation source ({', '.join(images['val'])}). "
-                   f"CDL-Λ V3 averaged over the training dictionaries {', '.join(dicts.train)}; held out: "
-                   f"{', '.join(dicts.held_out)}. Coil maps: ESPIRiT (recon/espirit.py) for every method but BART, "
-                   "which uses its own `ecalib`.")
-    return MC.render_section(results, tuned, figure, caption, description)
+    mc_report.write_figure(out_dir / figure, rows)
+    caption = ("Rows: " + "; ".join(label for label, _ in rows) + ". Columns: reference, "
+               + ", ".join(mc_report.DISPLAY[m] for m in runs) + "; each row scaled by its reference's maximum.")
+    description = mc_report.describe(plan, outcome, registry.network(settings.network).name, train, held,
+                                     dicts.default)
+    return mc_report.render_section(outcome, description, figure, caption)

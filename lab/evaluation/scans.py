@@ -1,0 +1,135 @@
+"""The multi-coil evaluation's scans: magnitude slices turned into prewhitened 8-channel k-space as a scanner sends it.
+
+A magnitude slice becomes complex ground truth with a smooth phase (:func:`lab.physics.complex_image`), seen by an
+8-channel birdcage array whose channel noise is correlated (neighbour correlation 0.3, gain spread), with a noise
+pre-scan; image SNR (mean object magnitude over the noise std of the fully sampled SENSE-1 image) 10 or 20;
+Cartesian phase-encoding lines at R = 1…4 (equispaced outside 16 fully sampled calibration lines). Every method gets
+the same data, prewhitened with the noise scan as the gadget does (:meth:`recon.slice_data.NoiseScan.whitening`), so
+the noise is white with σ = 1.
+
+Reference: the true image combined with the true (whitened) maps, |x|·‖W c‖, over the whole field of view.
+
+Splits (:data:`lab.images.SPLITS`): ``val`` (tuning), ``test`` (the held-out T1 head), ``t2`` (the same head with a
+T2-weighted contrast, :func:`t2_weighted`) and ``ood``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import product
+
+import numpy as np
+import torch
+
+from cdl_lambda.lab.images import normalise
+from cdl_lambda.lab.physics import birdcage_maps, channel_covariance, complex_image, correlated_noise
+from cdl_lambda.recon import coils as _coils
+from cdl_lambda.recon import fft as _fft
+from cdl_lambda.recon.pipeline import default_calibration_mask
+from cdl_lambda.recon.slice_data import NoiseScan
+from cdl_lambda.recon.sampling import equispaced_line_mask
+
+ACCELERATIONS = (1, 2, 3, 4)
+SNRS = (10, 20)
+CALIBRATION_LINES = 16
+COILS = 8
+SPLIT_SEEDS = {"val": 0, "test": 1, "ood": 2, "t2": 3}  # deterministic across processes (unlike hash() of a str)
+
+# T2-weighted intensities of CSF, grey and white matter relative to CSF (long-TR spin echo, TE ≈ 100 ms at low
+# field); the same ratios as the T2w-like synthesis of the MNI152 validation source in lab.images.
+T2_LEVELS = (1.0, 0.6, 0.35)
+
+
+@dataclass
+class Scan:
+    """One prewhitened scan: ``kspace`` ``(coils, ny, nx)``, ``mask`` ``(ny, nx)``, ``reference`` ``(ny, nx)``."""
+
+    kspace: torch.Tensor
+    mask: torch.Tensor
+    reference: np.ndarray
+    split: str
+    source: str
+    acceleration: int
+    snr: float
+    maps: torch.Tensor | None = None  # recon.espirit maps, estimated once per scan
+    cache: dict = field(default_factory=dict, repr=False)  # per-scan products of a method (BART's ecalib maps)
+
+    @property
+    def size(self) -> int:
+        return int(self.mask.shape[-1])
+
+    @property
+    def setting(self) -> tuple[int, int, float]:
+        """(matrix size, R, SNR): the unit every classical parameter is tuned for."""
+        return self.size, self.acceleration, self.snr
+
+
+def simulate_scan(magnitude: np.ndarray, acceleration: int, snr: float, seed, split: str = "",
+                  source: str = "") -> Scan:
+    """The scan of one magnitude slice (module docstring), deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    ny, nx = magnitude.shape
+    x = complex_image(magnitude, rng)
+    maps = birdcage_maps(COILS, (ny, nx), rotation=rng.uniform(0, 2 * np.pi))
+    inside = magnitude > 0.1 * magnitude.max()
+    sigma = float(np.abs(x)[inside].mean() / snr)
+    covariance = channel_covariance(COILS, rng, 0.3) * sigma ** 2
+    clean = _fft.fft2c(torch.from_numpy(maps * x)).numpy()
+    noisy = clean + correlated_noise(rng, covariance, (ny, nx))
+    noise_scan = correlated_noise(rng, covariance, (1024,))
+    mask = (equispaced_line_mask((ny, nx), acceleration, CALIBRATION_LINES) if acceleration > 1
+            else torch.ones(ny, nx))
+    whitening = NoiseScan(samples=noise_scan).whitening(0.0, torch.device("cpu"))
+    kspace = _coils.prewhiten(torch.from_numpy((noisy * mask.numpy()).astype(np.complex64)), whitening, coil_dim=0)
+    whitened_maps = _coils.prewhiten(torch.from_numpy(maps), whitening, coil_dim=0)
+    reference = np.abs(x) * whitened_maps.abs().pow(2).sum(0).sqrt().numpy()
+    return Scan(kspace, mask.float(), reference.astype(np.float32), split, source, acceleration, snr)
+
+
+def scans_of(images: dict[str, np.ndarray], split: str, per_source: int, accelerations=ACCELERATIONS,
+             snrs=SNRS, seed: int = 0) -> list[Scan]:
+    """Every (R, SNR) for ``per_source`` evenly spread interior slices of each source of a split (one slice: the
+    middle one)."""
+    out = []
+    for s_index, (source, stack) in enumerate(images.items()):
+        count = min(per_source, len(stack))
+        picks = np.linspace(0, len(stack) - 1, count + 2)[1:-1].round().astype(int) if count < len(stack) else \
+            np.arange(len(stack))
+        for i, pick in enumerate(picks):
+            for acceleration, snr in product(accelerations, snrs):  # the seed names the setting, not its position
+                seed_ = [seed, SPLIT_SEEDS[split], s_index, i, acceleration, int(snr), stack.shape[-1]]
+                out.append(simulate_scan(stack[pick], acceleration, snr, seed=seed_, split=split, source=source))
+    return out
+
+
+def espirit_maps(scan: Scan) -> torch.Tensor:
+    """The product's coil maps (:func:`recon.coils.estimate_coil_maps` on the calibration lines), once per scan."""
+    if scan.maps is None:
+        scan.maps = _coils.estimate_coil_maps(scan.kspace, default_calibration_mask(scan.mask), noise_std=1.0)
+    return scan.maps
+
+
+# ---- a T2-weighted test contrast ------------------------------------------------------------------------------
+def tissue_levels(stack: np.ndarray, classes: int = 3, iterations: int = 30) -> np.ndarray:
+    """Centres of ``classes`` intensity classes (1-D k-means, ascending) of the anatomy of a T1 stack: in a T1 head
+    the darkest is CSF, then grey and white matter."""
+    values = stack[stack > 0.1 * np.percentile(stack, 99.5)]
+    centres = np.linspace(*np.percentile(values, [2, 98]), classes)
+    for _ in range(iterations):
+        labels = np.argmin(np.abs(values[:, None] - centres[None]), axis=1)
+        centres = np.array([values[labels == k].mean() if (labels == k).any() else centres[k]
+                            for k in range(classes)])
+    return np.sort(centres)
+
+
+def t2_weighted(t1_stack: np.ndarray) -> np.ndarray:
+    """A T2-weighted contrast of a T1-weighted head stack ``(n, ny, nx)`` by a monotone-per-segment intensity
+    remapping: the T1 intensities of CSF, grey and white matter (:func:`tissue_levels`) map to
+    :data:`T2_LEVELS` (CSF bright, WM dark), linearly in between (partial volumes), background 0 → 0, and intensities
+    above white matter (fat, marrow: bright on T1 and on fast-spin-echo T2) fall back to 0.5. Renormalised like
+    every source (99.5th percentile 1). The anatomy is the T1 head's: this tests contrast, not a new person."""
+    csf, gm, wm = tissue_levels(t1_stack)
+    top = float(t1_stack.max())
+    knots = [0.0, csf, gm, wm, max(top, wm * 1.01)]
+    values = [0.0, T2_LEVELS[0], T2_LEVELS[1], T2_LEVELS[2], 0.5]
+    return normalise(np.interp(t1_stack, knots, values).astype(np.float32))
