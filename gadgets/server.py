@@ -201,7 +201,7 @@ def main(args) -> int:
     overrides = {"device": args.device} if getattr(args, "device", None) else {}
     try:
         overrides = {**server_parameters(getattr(args, "param", [])), **overrides}
-        if overrides:
+        if getattr(args, "device", None):
             check_available(args.device)
         registry = check_startup(args.chains)
         if args.preload:
