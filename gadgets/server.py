@@ -26,6 +26,7 @@ import time
 
 from gadgets.chains import ChainRegistry
 from gadgets.handler import CDLLambdaGadget
+from gadgets import memory_budget
 from gadgets.settings import Parameters, ReconstructorCache
 from gadgets.transport import DRAIN_SECONDS, drain_and_close
 from gadgets.connection import RobustConnection
@@ -39,7 +40,8 @@ class Server:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 18000, cache: ReconstructorCache | None = None,
                  registry: ChainRegistry | None = None, max_concurrent: int = 2, idle_timeout: float | None = 600.0,
-                 listener: socket.socket | None = None, overrides: dict | None = None):
+                 listener: socket.socket | None = None, overrides: dict | None = None,
+                 budget: memory_budget.MemoryBudget | None = None):
         self.gadget = CDLLambdaGadget(cache or ReconstructorCache(), registry, overrides)
         self.listener = listener or socket.create_server((host, port), reuse_port=False, backlog=16)
         self.listener.settimeout(0.5)
@@ -49,6 +51,7 @@ class Server:
         self.stopping = threading.Event()
         self.threads: list[threading.Thread] = []
         self.served = 0
+        self.budget = budget  # scans wait here when they would pass the memory limit (None: no limit)
 
     @property
     def cache(self) -> ReconstructorCache:
@@ -69,7 +72,7 @@ class Server:
                     drain_and_close(sock, min(self.idle_timeout or DRAIN_SECONDS, DRAIN_SECONDS))
                     return
                 log.info("connection from %s: config %r", address, connection.config_name)
-                self.gadget.handle(connection)
+                memory_budget.serve_within(self.budget, self.gadget, connection)
             finally:
                 self.served += 1
 
@@ -131,6 +134,7 @@ def add_arguments(parser) -> None:
                         help="drop a peer that sends nothing for this many seconds (default 600; 0 = never)")
     parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
                         help="reconstruct on this device whatever the chain says (default: each chain's setting)")
+    memory_budget.add_arguments(parser)
     parser.add_argument("--no-supervisor", action="store_true",
                         help="serve in this process (no restart after a native crash)")
     parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)  # set by the supervisor
@@ -174,6 +178,7 @@ def main(args) -> int:
                 check_device(args.device)
             except UsageError as error:
                 raise ValueError(str(error)) from None
+        budget = memory_budget.budget_from_arguments(args)
         registry = check_startup(args.chains)
         if args.preload:
             registry.check_name(args.preload)
@@ -184,7 +189,8 @@ def main(args) -> int:
     if not args.no_supervisor and args.listen_fd is None:
         return supervise(args, listener)
     server = Server(args.host, args.port, registry=registry, max_concurrent=args.max_concurrent,
-                    idle_timeout=args.idle_timeout or None, listener=listener, overrides=overrides)
+                    idle_timeout=args.idle_timeout or None, listener=listener, overrides=overrides,
+                    budget=budget)
     if args.preload:
         chain = registry.select(args.preload)
         server.cache.get(Parameters.from_sources(chain.parameters))
@@ -215,6 +221,7 @@ def supervise(args, listener: socket.socket | None = None) -> int:
     command += ["--chains", str(args.chains)] if args.chains else []
     command += ["--preload", args.preload] if args.preload else []
     command += ["--device", args.device] if getattr(args, "device", None) else []
+    command += ["--memory-limit", str(args.memory_limit)] if getattr(args, "memory_limit", None) is not None else []
     deaths: list[float] = []
     worker = None
     stopping = threading.Event()
