@@ -13,8 +13,9 @@ size and ``S`` the images held open at once (slices × partitions × contrasts �
 
     scan_bytes = FIXED + S · C · n_enc · 8 · RAW_COPIES + B · n · 8 · (PER_COIL · C + PER_FILTER · K)
 
-``FIXED`` covers the first scan of a new size (its compiled kernel and FFT plans); the coefficients are upper
-bounds of the peaks measured on the shipped product (``bench/scan_memory.py``, ``docs/bench_scan_memory.md``).
+The coefficients bound the peaks measured on the shipped product with a margin of 1.2–1.4
+(``bench/scan_memory.py``, ``docs/bench_scan_memory.md``: a fresh server's first scan of each size, so its compiled
+kernel and FFT plans are included; a second scan of the size reuses them and the heap).
 FISTA's iterations reuse their buffers, so the iteration count does not enter. Memory is held in one glibc heap
 (:func:`recon.device.keep_freed_memory_for_reuse`), so the process holds at most ``BASELINE`` plus the largest sum of
 reservations that were in flight at the same time: the ceiling.
@@ -42,10 +43,10 @@ MiB = 2**20
 GiB = 2**30
 
 # Coefficients of the estimate (see the module docstring); upper bounds of docs/bench_scan_memory.md's peaks.
-FIXED = 160 * MiB        # a new size's compiled kernel, FFT plans and the allocator's pad (M_TOP_PAD = 64 MiB)
+FIXED = 64 * MiB         # the allocator's top pad (M_TOP_PAD) and what does not scale with the scan
 RAW_COPIES = 3           # acquisitions as received, the slice group, the prewhitened SliceInput
-PER_COIL = 40            # coil-sized complex arrays alive at the peak (ESPIRiT's calibration matrix and maps, A, Aᴴ)
-PER_FILTER = 12          # code-sized complex arrays alive at the peak (FISTA's x, z, momentum, gradient, spectra)
+PER_COIL = 75            # grid-sized complex arrays per coil at the peak (ESPIRiT, the coil operator); measured ≤ 63
+PER_FILTER = 40          # grid-sized complex arrays per filter (FISTA's codes and their copies, NET_Θ); measured ≤ 35
 BASELINE = 700 * MiB     # the warm server itself: torch, the compiler, weights (measured 0.55–0.65 GiB)
 DEFAULT_FRACTION = 0.8   # the default ceiling: this share of the machine's (or cgroup's) memory
 DEFAULT_COILS = 32       # a header that does not say how many receiver channels: assume this many
