@@ -314,6 +314,7 @@ def main(argv=None) -> int:
     parser.add_argument("--every", type=float, default=1.0, help="seconds between samples")
     parser.add_argument("--minutes", type=float, default=0.0,
                         help="hand out no new scan after this many minutes of the concurrent phase (0: no limit)")
+    parser.add_argument("--title", default="Soak: a warm server under concurrent load")
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench_soak.md"))
     parser.add_argument("--plot", default=str(ROOT / "docs" / "figures" / "soak.png"))
     args = parser.parse_args(argv)
@@ -448,7 +449,7 @@ def main(argv=None) -> int:
     (workdir / "samples.json").write_text(json.dumps(sampler.samples))
     print(f"samples and the server log: {workdir}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("# Soak: a warm server under concurrent load\n\n" + text)
+    Path(args.out).write_text(f"# {args.title}\n\n" + text)
     return 0 if ok else 1
 
 

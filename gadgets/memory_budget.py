@@ -13,7 +13,7 @@ size and ``S`` the images held open at once (slices × partitions × contrasts �
 
     scan_bytes = FIXED + S · C · n_enc · 8 · RAW_COPIES + B · n · 8 · (PER_COIL · C + PER_FILTER · K)
 
-The coefficients bound the peaks measured on the shipped product with a margin of 1.2–1.4
+The coefficients bound the peaks measured on the shipped product with a margin of 1.1–1.7
 (``bench/scan_memory.py``, ``docs/bench_scan_memory.md``: a fresh server's first scan of each size, so its compiled
 kernel and FFT plans are included; a second scan of the size reuses them and the heap).
 FISTA's iterations reuse their buffers, so the iteration count does not enter. Memory is held in one glibc heap
@@ -43,7 +43,7 @@ MiB = 2**20
 GiB = 2**30
 
 # Coefficients of the estimate (see the module docstring); upper bounds of docs/bench_scan_memory.md's peaks.
-FIXED = 64 * MiB         # the allocator's top pad (M_TOP_PAD) and what does not scale with the scan
+FIXED = 128 * MiB        # the allocator's top pad (M_TOP_PAD, 64 MiB) and what does not scale with the scan
 RAW_COPIES = 3           # acquisitions as received, the slice group, the prewhitened SliceInput
 PER_COIL = 75            # grid-sized complex arrays per coil at the peak (ESPIRiT, the coil operator); measured ≤ 63
 PER_FILTER = 40          # grid-sized complex arrays per filter (FISTA's codes and their copies, NET_Θ); measured ≤ 35
