@@ -27,6 +27,7 @@ cgroup's limit, when lower). The server's own resident memory with torch, the co
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import logging
@@ -245,13 +246,12 @@ def serve_within(budget: MemoryBudget | None, gadget, connection) -> None:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--memory-limit", type=_size_argument, default=None, metavar="SIZE",
+    parser.add_argument("--memory-limit", type=_size_argument, default=argparse.SUPPRESS, metavar="SIZE",
                         help="ceiling for the server's memory (e.g. 4G, 1500M; 0 = none); scans that would pass it "
-                             f"wait in a queue (default: {DEFAULT_FRACTION:.0%} of the machine's memory)")
+                             f"wait in a queue (default: {DEFAULT_FRACTION * 100:.0f}%% of the machine's memory)")
 
 
 def _size_argument(text: str) -> int:
-    import argparse
     try:
         return parse_size(text)
     except MemoryBudgetError as error:
