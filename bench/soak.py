@@ -300,6 +300,14 @@ def job_list(mix, scans: int, bad: int, seed: int = 0) -> list[tuple[str, str]]:
     return jobs
 
 
+def quarters(samples: list[tuple]) -> str:
+    """Median and highest RSS in each quarter of ``samples`` (time order): a trend shows as rising medians."""
+    if len(samples) < 4:
+        return "too few samples"
+    parts = np.array_split(np.array([s[1] for s in samples]), 4)
+    return ", ".join(f"{np.median(p):.0f} / {p.max():.0f}" for p in parts) + " MiB"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scans", type=int, default=160)
@@ -427,6 +435,7 @@ def main(argv=None) -> int:
         ("server RSS after warm-up: lowest – highest",
          f"{min(rss_after):.0f} – {max(rss_after):.0f} MiB ({(max(rss_after) / min(rss_after) - 1) * 100:.1f} % "
          "spread)"),
+        ("server RSS after warm-up, by quarter of the concurrent phase: median / highest", quarters(after_warm)),
         ("server peak RSS (VmHWM)", f"{end['hwm_mib']:.0f} MiB"),
         ("threads: idle → after warm-up → end", f"{idle['threads']} → {warm.get('threads')} → {end['threads']}"),
         ("open descriptors: idle → after warm-up → end", f"{idle['fds']} → {warm.get('fds')} → {end['fds']}"),
