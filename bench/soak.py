@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import queue
+import shlex
 import socket
 import struct
 import subprocess
@@ -442,7 +443,7 @@ def main(argv=None) -> int:
         ("scans that waited for the memory budget", f"{waits}"),
     ]
     ok = alive and not lost and worst <= args.tolerance and corrupt_answered == len(corrupt)
-    command = "python bench/soak.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python bench/soak.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     context = (f"Server: `cdl-lambda serve --no-supervisor` (default `--max-concurrent 2`, memory limit "
                f"{args.memory_limit or 'default'}) on 127.0.0.1, the shipped network, dictionary and chain, "
                f"parameters {json.dumps(parameters) if parameters else 'as shipped'}; torch threads "
