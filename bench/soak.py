@@ -256,8 +256,8 @@ def plot(samples: list[tuple], marks: dict[str, float], path: Path, title: str) 
     rss_max = float(np.ceil(rss.max() / 200) * 200)
     count_max = float(max(threads.max(), fds.max(), 10) * 1.25)
     x_of = lambda v: left + (width - left - right) * v / t_max  # noqa: E731 - one-line axis maps
-    y_rss = lambda v: height - bottom - (height - top - bottom) * v / rss_max  # noqa: E731
-    y_cnt = lambda v: height - bottom - (height - top - bottom) * v / count_max  # noqa: E731
+    y_rss = lambda v: height - bottom - (height - top - bottom) * v / rss_max  # noqa: E731 - one-line axis maps
+    y_cnt = lambda v: height - bottom - (height - top - bottom) * v / count_max  # noqa: E731 - one-line axis maps
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     for k in range(6):
         v = rss_max * k / 5
