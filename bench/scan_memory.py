@@ -29,8 +29,8 @@ import ismrmrd
 from bench.report import publish
 from bench.soak import Kind, free_port, good_scan, header_xml, make_kind, proc_status, start_server, \
     synthetic_acquisitions
-from gadgets import memory_budget
-from recon.weights import WeightsRegistry
+from cdl_lambda.gadgets import memory_budget
+from cdl_lambda.recon.weights import WeightsRegistry
 
 
 def kind_of(name: str) -> Kind:

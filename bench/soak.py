@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 import ismrmrd
 
-from gadgets.client import Peer
-from gadgets.wire import MSG_ERROR, MSG_IMAGE, encode_close, encode_config_file, encode_item, encode_text, MSG_HEADER
+from cdl_lambda.gadgets.client import Peer
+from cdl_lambda.gadgets.wire import MSG_ERROR, MSG_IMAGE, encode_close, encode_config_file, encode_item, encode_text, MSG_HEADER
 
 EXAMPLE = ROOT / "gadgets" / "examples" / "shepp_logan_128_4coils.h5"
 
@@ -95,7 +95,7 @@ def synthetic_acquisitions(matrix: int, coils: int, slices: int = 1, seed: int =
 
 
 def example_scan() -> tuple[str, list[bytes]]:
-    from gadgets.replay import read_recording
+    from cdl_lambda.gadgets.replay import read_recording
     header, _, acquisitions = read_recording(EXAMPLE)
     return header.decode(), [encode_item(acq) for acq in acquisitions]
 
@@ -208,7 +208,7 @@ def free_port() -> int:
 def start_server(port: int, workdir: Path, extra: list[str]) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     with open(workdir / "server.log", "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "gadgets.cli", "serve", "--no-supervisor", "--port",
+        server = subprocess.Popen([sys.executable, "-m", "cdl_lambda.gadgets.cli", "serve", "--no-supervisor", "--port",
                                    str(port), *extra], env=env, stdout=log, stderr=log)
     deadline = time.monotonic() + 300
     while True:

@@ -75,7 +75,7 @@ class ScanSize:
 def scan_size(header, max_open_images: int | None = None) -> ScanSize:
     """The :class:`ScanSize` of an ISMRMRD header (``ismrmrd.xsd.ismrmrdHeader``); InputError when the header
     lacks what the reconstruction needs (the same check the scan makes)."""
-    from gadgets.buffer import read_encoding
+    from cdl_lambda.gadgets.buffer import read_encoding
 
     enc = read_encoding(header)
     ny, nx = (int(v) for v in enc.image_matrix)
@@ -208,8 +208,8 @@ def connection_bytes(gadget, connection) -> tuple[int, str]:
     """(estimated bytes, a label) for the scan on ``connection``, with the reconstructor its chain selects (loaded
     now if it was not: the handler would load it next). A header or chain the handler will refuse gets the
     estimate of a small scan: the handler reports the actual error."""
-    from gadgets.chains import ChainRegistry
-    from gadgets.settings import Parameters, properties_of
+    from cdl_lambda.gadgets.chains import ChainRegistry
+    from cdl_lambda.gadgets.settings import Parameters, properties_of
 
     filters, batch, open_images = DEFAULT_FILTERS, 1, None
     try:
@@ -262,7 +262,7 @@ def budget_from_arguments(args) -> MemoryBudget:
     """The server's budget: ``--memory-limit`` (None: :func:`default_limit`), the server's baseline counted in.
     Also puts every thread on one allocator heap (:func:`recon.device.keep_freed_memory_for_reuse`): call it before
     the server starts threads."""
-    from recon.device import keep_freed_memory_for_reuse
+    from cdl_lambda.recon.device import keep_freed_memory_for_reuse
 
     keep_freed_memory_for_reuse()
     limit = getattr(args, "memory_limit", None)

@@ -10,8 +10,8 @@ from pathlib import Path
 import ismrmrd
 import pytest
 
-from gadgets import memory_budget
-from gadgets.memory_budget import MemoryBudget, MemoryBudgetError, MiB, ScanSize, scan_bytes, scan_size
+from cdl_lambda.gadgets import memory_budget
+from cdl_lambda.gadgets.memory_budget import MemoryBudget, MemoryBudgetError, MiB, ScanSize, scan_bytes, scan_size
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "gadgets" / "examples" / "shepp_logan_128_4coils.h5"
 
@@ -89,7 +89,7 @@ def test_a_scan_that_would_pass_the_limit_waits_with_a_log_line_until_memory_is_
     first.start()
     first.entered.wait()
     second = Holder(budget, 60)
-    with caplog.at_level(logging.INFO, logger="gadgets.memory_budget"):
+    with caplog.at_level(logging.INFO, logger="cdl_lambda.gadgets.memory_budget"):
         second.start()
         wait_until(lambda: budget.waiting == 1, "the second scan queues")
         assert not second.entered.is_set() and budget.in_use == 60
@@ -195,7 +195,7 @@ def test_memory_sizes_parse_and_a_bad_one_is_named():
 
 
 def test_serve_refuses_to_start_with_a_limit_that_leaves_nothing_for_scans(caplog):
-    from gadgets.cli import main
+    from cdl_lambda.gadgets.cli import main
     with caplog.at_level(logging.ERROR):
         assert main(["serve", "--port", "0", "--no-supervisor", "--memory-limit", "300M"]) == 2
     assert any("leaves nothing for scans" in r.getMessage() for r in caplog.records), caplog.text
