@@ -28,6 +28,7 @@ from cdl_lambda.gadgets.chains import ChainRegistry
 from cdl_lambda.gadgets.client import port_of
 from cdl_lambda.gadgets.devices import check_available, device_argument
 from cdl_lambda.gadgets.handler import CDLLambdaGadget
+from cdl_lambda.gadgets import memory_budget
 from cdl_lambda.gadgets.settings import Parameters, ReconstructorCache
 from cdl_lambda.gadgets.transport import DRAIN_SECONDS, drain_and_close
 from cdl_lambda.gadgets.connection import RobustConnection
@@ -42,7 +43,7 @@ class Server:
     def __init__(self, host: str = "127.0.0.1", port: int = 18000, cache: ReconstructorCache | None = None,
                  registry: ChainRegistry | None = None, max_concurrent: int = 2, idle_timeout: float | None = 600.0,
                  listener: socket.socket | None = None, overrides: dict | None = None, listen: bool = True,
-                 connection_class=RobustConnection):
+                 connection_class=RobustConnection, budget: memory_budget.MemoryBudget | None = None):
         self.connection_class = connection_class  # MRDServerConnection: OpenRecon/FIRE conventions (--openrecon)
         self.gadget = CDLLambdaGadget(cache or ReconstructorCache(), registry, overrides)
         self.idle_timeout = idle_timeout
@@ -55,6 +56,7 @@ class Server:
         self.stopping = threading.Event()
         self.threads: list[threading.Thread] = []
         self.served = 0
+        self.budget = budget  # scans wait here when they would pass the memory limit (None: no limit)
 
     @property
     def cache(self) -> ReconstructorCache:
@@ -77,7 +79,7 @@ class Server:
                     drain_and_close(sock, min(self.idle_timeout or DRAIN_SECONDS, DRAIN_SECONDS))
                     return
                 log.info("connection from %s: config %r", address, connection.config_name)
-                self.gadget.handle(connection)
+                memory_budget.serve_within(self.budget, self.gadget, connection)
             finally:
                 self.served += 1
 
@@ -139,6 +141,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="a gadget property for every scan, over the chain's (e.g. slice_errors=report on the "
                              "workers of chains/cdl_lambda_distributed.xml, whose properties Gadgetron 4.7.2 drops)")
+    memory_budget.add_arguments(parser)
     parser.add_argument("--no-supervisor", action="store_true",
                         help="serve in this process (no restart after a native crash)")
     parser.add_argument("--openrecon", action="store_true",
@@ -203,6 +206,7 @@ def main(args) -> int:
         overrides = {**server_parameters(getattr(args, "param", [])), **overrides}
         if getattr(args, "device", None):
             check_available(args.device)
+        budget = memory_budget.budget_from_arguments(args)
         registry = check_startup(args.chains)
         if args.preload:
             registry.check_name(args.preload)
@@ -214,7 +218,7 @@ def main(args) -> int:
         return supervise(args, listener)
     server = Server(args.host, args.port, registry=registry, max_concurrent=args.max_concurrent,
                     idle_timeout=args.idle_timeout or None, listener=listener, overrides=overrides,
-                    connection_class=connection_class(args))
+                    connection_class=connection_class(args), budget=budget)
     if args.preload:
         chain = registry.select(args.preload)
         server.cache.get(Parameters.from_sources(chain.parameters, overrides))  # what its scans will ask for
@@ -247,6 +251,7 @@ def supervise(args, listener: socket.socket | None = None) -> int:
     command += ["--device", args.device] if getattr(args, "device", None) else []
     command += [f"--param={item}" for item in getattr(args, "param", [])]
     command += ["--openrecon"] if getattr(args, "openrecon", False) else []
+    command += ["--memory-limit", str(args.memory_limit)] if getattr(args, "memory_limit", None) is not None else []
     deaths: list[float] = []
     worker = None
     stopping = threading.Event()

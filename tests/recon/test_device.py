@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,3 +49,44 @@ def test_reconstruction_reuses_freed_buffers_instead_of_faulting_pages_in():
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     code_buffer_pages = 32 * 160 * 160 * 8 // resource.getpagesize()
     assert faults < 8 * code_buffer_pages, faults  # untuned: about 17 × code_buffer_pages
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_every_thread_allocates_from_one_heap_once_tuned():
+    """glibc gives each new thread an arena of its own; with trimming off each would keep its thread's largest
+    working set for good, so the tuning puts every thread on the main heap (counted with ``malloc_info``)."""
+    script = textwrap.dedent("""
+        import ctypes, re, sys, threading
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+        if sys.argv[1] == "tuned":
+            from cdl_lambda.recon.device import keep_freed_memory_for_reuse
+            assert keep_freed_memory_for_reuse()
+        together = threading.Barrier(6)
+        def work():
+            block = libc.malloc(1 << 20)
+            together.wait()  # all six hold a block at once
+            libc.free(block)
+        threads = [threading.Thread(target=work) for _ in range(6)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        text, size = ctypes.c_char_p(), ctypes.c_size_t()
+        libc.open_memstream.restype = ctypes.c_void_p
+        stream = libc.open_memstream(ctypes.byref(text), ctypes.byref(size))
+        libc.malloc_info(0, ctypes.c_void_p(stream))
+        libc.fclose(ctypes.c_void_p(stream))
+        print(len(re.findall("<heap nr=", ctypes.string_at(text, size.value).decode())))
+    """)
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["PYTHONPATH"] = str(root)
+
+    def heaps(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", script, mode], env=env, cwd=root, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.split()[-1])
+
+    assert heaps("tuned") == 1
+    assert heaps("untuned") > 1  # the check can fail: without the tuning the threads get arenas of their own

@@ -512,11 +512,14 @@ def test_native_crash_of_the_worker_is_survived(tmp_path, accelerated_file):
 
 
 @pytest.mark.slow
-def test_soak_100_scans_and_sustained_rate(tmp_path):
-    """The long checks of bench/soak.py (a few minutes): no failed scan, no lost acquisition, no fd growth."""
+def test_soak_concurrent_clients_with_bad_peers(tmp_path):
+    """A small run of bench/soak.py (a few minutes): 4 clients at once, two sizes, two bad peers; every good scan
+    brings back its images, equal to a single client's, and the corrupt peer gets an ERROR."""
     sys.path.insert(0, str(ROOT / "bench"))
     import soak
     out = tmp_path / "soak.md"
-    assert soak.main(["--scans", "100", "--long-slices", "300", "--weights", "builtin", "--out", str(out)]) == 0
+    assert soak.main(["--scans", "16", "--clients", "4", "--mix", "64x2:3,64x4:1", "--bad", "2", "--warmup", "4",
+                      "--param", "iterations=4", "--out", str(out), "--plot", str(tmp_path / "soak.png")]) == 0
     text = out.read_text()
-    assert "0 failed, 0 acquisitions lost" in text and "(yes)" in text
+    assert "0 scan(s) lost or failed" in text and "corrupt peers answered with an ERROR | 1 / 1" in text
+    assert (tmp_path / "soak.png").stat().st_size > 0
