@@ -43,6 +43,8 @@ class ReconResult:
     coil_maps: np.ndarray | None
     noise_std: np.ndarray | None = None          # (slices,) σ per complex k-space sample
     residual_to_noise: np.ndarray | None = None  # (slices,) ‖A x* − y‖ / (σ √M)
+    iterations_used: np.ndarray | None = None    # (slices,) solver iterations (stopping rule, ≤ the cap)
+    final_relative_change: np.ndarray | None = None  # (slices,) the stopping measure at the last iteration
 
 
 def default_calibration_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -151,7 +153,7 @@ class Reconstructor:
         return sigma
 
     def _reconstruct_locked(self, kspace, mask, maps, dictionary, slices, sigma) -> ReconResult:
-        images, zero_filled, lambdas, ratios = [], [], [], []
+        images, zero_filled, lambdas, ratios, used, changes = [], [], [], [], [], []
         for start in range(0, slices, self.batch_size):
             part = slice(start, start + self.batch_size)
             batch_mask = mask if mask.ndim == 2 else mask[part]
@@ -163,10 +165,13 @@ class Reconstructor:
             zero_filled.append(out.zero_filled.cpu())
             lambdas.append(out.lambda_maps.float().cpu())
             ratios.append(out.residual_to_noise.float().cpu())
+            used.append(out.iterations_used.cpu())
+            changes.append(out.final_relative_change.float().cpu())
         return ReconResult(image=torch.cat(images).numpy(), zero_filled=torch.cat(zero_filled).numpy(),
                            lambda_maps=torch.cat(lambdas).numpy(),
                            coil_maps=None if maps is None else maps.cpu().numpy(),
-                           noise_std=sigma.cpu().numpy(), residual_to_noise=torch.cat(ratios).numpy())
+                           noise_std=sigma.cpu().numpy(), residual_to_noise=torch.cat(ratios).numpy(),
+                           iterations_used=torch.cat(used).numpy(), final_relative_change=torch.cat(changes).numpy())
 
 
 
@@ -204,6 +209,8 @@ class SliceOutcome:
     noise_std: float | None = None
     noise_source: str = ""
     residual_to_noise: float | None = None
+    iterations_used: int | None = None
+    final_relative_change: float | None = None
 
 
 def noise_levels(slices: Sequence[SliceKSpace]) -> tuple[np.ndarray, list[str]]:
@@ -256,7 +263,9 @@ def _outcomes(done: tuple[ReconResult, list[str]], count: int, device: str, note
     return [SliceOutcome(image=result.image[i], zero_filled=result.zero_filled[i],
                          lambda_maps=None if result.lambda_maps is None else result.lambda_maps[i],
                          device=device, note=note, noise_std=item(result.noise_std, i), noise_source=sources[i],
-                         residual_to_noise=item(result.residual_to_noise, i)) for i in range(count)]
+                         residual_to_noise=item(result.residual_to_noise, i),
+                         iterations_used=None if result.iterations_used is None else int(result.iterations_used[i]),
+                         final_relative_change=item(result.final_relative_change, i)) for i in range(count)]
 
 
 def release_gpu_memory() -> None:
