@@ -20,6 +20,7 @@ Writes a Markdown table and a PNG figure.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -42,7 +43,7 @@ from recon.solvers import fista
 from recon.weights import WeightsRegistry
 
 CASES = {128: (1, 2, 3, 4), 256: (2, 3)}
-CAPS = {"fista": 256, "admm": 128}
+CAPS = {128: {"fista": 256, "admm": 128}, 256: {"fista": 128, "admm": 64}}
 BART_ITERATIONS = (10, 20, 30, 50, 100)
 SCORED = sorted({1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256})
 
@@ -99,7 +100,7 @@ def run_case(size: int, acceleration: int, model: CDLLambda, dictionary, threads
             if solver == "admm":
                 problem = Problem(d_hat, lam, s.op.adjoint(residual), normal=s.op.normal)
                 recorder.start = time.perf_counter()
-                model.admm(problem, CAPS[solver], 0.0, callback=recorder)
+                model.admm(problem, CAPS[size][solver], 0.0, callback=recorder)
             else:
                 step = model.step_factor / dictionary.lipschitz((size, size))
                 b_hat = _fft.fft2(s.op.adjoint(residual))
@@ -110,13 +111,13 @@ def run_case(size: int, acceleration: int, model: CDLLambda, dictionary, threads
                     return _fft.ifft2(torch.addcmul(z_hat, res.unsqueeze(1), step * d_hat.conj(), value=-1))
 
                 recorder.start = time.perf_counter()
-                fista(forward_step, step * lam, torch.zeros_like(lam, dtype=x0.dtype), CAPS[solver],
+                fista(forward_step, step * lam, torch.zeros_like(lam, dtype=x0.dtype), CAPS[size][solver],
                       callback=recorder, compiled=model.compiled)
             scored = {}
             for n, codes in recorder.kept.items():
                 q = MC.score(_fft.from_native(image_of(codes) * s.support)[0].numpy(), scan.reference)
                 scored[n] = (objective(codes), q["ssim"], q["nrmse"])
-            runs[solver] = {"seconds": np.array(recorder.seconds) + setup, "change": np.array(recorder.change),
+            runs[solver] = {"seconds": (np.array(recorder.seconds) + setup).tolist(), "change": recorder.change,
                             "scored": scored}
     bart_points = []
     if bart.available():
@@ -140,7 +141,7 @@ def table(results: list[dict]) -> list[str]:
     for res in results:
         best = min(v[0] for run in res["runs"].values() for v in run["scored"].values())
         for solver, run in res["runs"].items():
-            for n in (16, 32, 64, 128, 256):
+            for n in (16, 32, 64, 128, 256):  # the scored iterations present in this run
                 if n not in run["scored"]:
                     continue
                 obj, ssim, nrmse = run["scored"][n]
@@ -193,6 +194,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bart-l1", type=float, default=0.01, help="λ of pics -l1")
     parser.add_argument("--out", default="docs/bench_convergence.md")
     parser.add_argument("--figure", default="docs/figures/convergence.png")
+    parser.add_argument("--cache", default="runs/convergence.json", help="measured cases, kept between calls")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -200,10 +202,21 @@ def main(argv=None) -> int:
     loaded = registry.network(args.network)
     dictionary = registry.dictionary()
     model = CDLLambda(loaded.network, beta=loaded.beta).eval()
+    cache = Path(args.cache)
+    done = json.loads(cache.read_text()) if cache.exists() else {}
     results = []
     for size in args.sizes:
         for acceleration in CASES[size]:
-            results.append(run_case(size, acceleration, model, dictionary, args.threads, args.bart_l1))
+            key = f"{loaded.name}|{size}|{acceleration}"
+            if key not in done:  # each case is kept as soon as it is measured: a later failure loses nothing
+                done[key] = run_case(size, acceleration, model, dictionary, args.threads, args.bart_l1)
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                cache.write_text(json.dumps(done))
+            result = json.loads(json.dumps(done[key]))  # a copy: the cache keeps plain lists
+            for run in result["runs"].values():
+                run["seconds"], run["change"] = np.array(run["seconds"]), np.array(run["change"])
+                run["scored"] = {int(n): v for n, v in run["scored"].items()}
+            results.append(result)
             print(f"done {size}² R={acceleration}", file=sys.stderr, flush=True)
     figure(results, Path(args.figure))
     stops = ["| size | R | FISTA: first iteration with rel. change ≤ 1e-2 / 3e-3 | ADMM: ≤ 1e-2 / 3e-3 |",

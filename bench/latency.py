@@ -86,10 +86,10 @@ def run_case(size, coils, num_filters, kernel_size, device, repeats, iterations=
             model(kspace, mask, dictionary, coil_maps=maps, iterations=t)
 
     total = timed(lambda: reconstruct(iterations), device, repeats)
+    cg_steps = list(model.admm.cg_steps)  # of the last full solve (the next call, with no iterations, resets them)
     without_loop = timed(lambda: reconstruct(0), device, repeats)
     per_iteration = (total - without_loop) / iterations
 
-    cg_steps = model.admm.cg_steps
     mean_cg = sum(cg_steps) / len(cg_steps) if solver == "admm" and cg_steps else 0.0
     codes = torch.randn(batch, num_filters, *shape, dtype=torch.complex64, device=device)
     coil_images = torch.randn(batch, max(coils, 1), *shape, dtype=torch.complex64, device=device)
