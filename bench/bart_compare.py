@@ -28,11 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import publish
-from lab import bart
-from lab.evaluation import multicoil as MC
-from lab.images import load_split
-from recon import coils
-from recon.pipeline import Reconstructor, default_calibration_mask
+from cdl_lambda.lab import bart
+from cdl_lambda.lab.evaluation import multicoil as MC
+from cdl_lambda.lab.images import load_split
+from cdl_lambda.recon import coils
+from cdl_lambda.recon.pipeline import Reconstructor, default_calibration_mask
 
 
 def best_of(fn, repeats: int) -> float:

@@ -30,8 +30,8 @@ def synthetic_scan(slices: int, size: int, coils: int, seed: int = 0):
     """(k-space (slices, coils, n, n) complex64, mask (n, n), coil maps (slices, coils, n, n)): smooth random
     objects, Gaussian coil profiles with Σ|c|² = 1, R = 3 random lines with 24 calibration lines."""
     import torch
-    from recon.fft import fft2c
-    from recon.sampling import random_line_mask
+    from cdl_lambda.recon.fft import fft2c
+    from cdl_lambda.recon.sampling import random_line_mask
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
     images = []
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="docs/bench_batch.md")
     args = parser.parse_args(argv)
     import torch
-    from recon.pipeline import Reconstructor
+    from cdl_lambda.recon.pipeline import Reconstructor
     torch.set_num_threads(args.threads)
     kspace, mask, maps = synthetic_scan(max(args.batches), args.size, args.coils)
     rows = ["| batch size | s / slice | × one slice | minor page faults / slice | kernel time (s) / slice |",

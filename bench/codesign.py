@@ -29,10 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import publish
-from lab.evaluation import multicoil as MC
-from lab.images import load_source, load_split
-from recon.model import CDLLambda
-from recon.weights import WeightsRegistry
+from cdl_lambda.lab.evaluation import multicoil as MC
+from cdl_lambda.lab.images import load_source, load_split
+from cdl_lambda.recon.model import CDLLambda
+from cdl_lambda.recon.weights import WeightsRegistry
 
 ACCELERATIONS = (2, 3, 4)
 SIZE = 128
@@ -61,7 +61,7 @@ def scans(per_contrast: int) -> list[tuple[str, int, MC.Scan]]:
 def model_of(network: str, solver: str, iterations: int, tolerance: float) -> CDLLambda:
     """The named shipped network, or the network of a training checkpoint, with the given solver settings."""
     if Path(network).suffix == ".ckpt":
-        from lab.train import load_trained
+        from cdl_lambda.lab.train import load_trained
         trained, _ = load_trained(network)
         lambda_net, beta = trained.lambda_net, float(trained.split.beta.detach())
     else:

@@ -33,14 +33,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import publish
-from lab import bart
-from lab.evaluation import multicoil as MC
-from lab.images import load_split
-from recon import fft as _fft
-from recon.admm import Problem
-from recon.model import CDLLambda
-from recon.solvers import fista
-from recon.weights import WeightsRegistry
+from cdl_lambda.lab import bart
+from cdl_lambda.lab.evaluation import multicoil as MC
+from cdl_lambda.lab.images import load_split
+from cdl_lambda.recon import fft as _fft
+from cdl_lambda.recon.admm import Problem
+from cdl_lambda.recon.model import CDLLambda
+from cdl_lambda.recon.solvers import fista
+from cdl_lambda.recon.weights import WeightsRegistry
 
 CASES = {128: (1, 2, 3, 4), 256: (2, 3)}
 CAPS = {128: {"fista": 256, "admm": 128}, 256: {"fista": 128, "admm": 64}}

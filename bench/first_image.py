@@ -31,12 +31,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import publish
 
-from gadgets.client import Peer
-from gadgets.replay import read_recording, stream
-from lab.acquisition import Scan, Setting
-from lab.images import load_source, SourceUnavailable
-from lab.mrd_writer import write_ismrmrd
-from recon.solvers import compile_cache_dir
+from cdl_lambda.gadgets.client import Peer
+from cdl_lambda.gadgets.replay import read_recording, stream
+from cdl_lambda.lab.acquisition import Scan, Setting
+from cdl_lambda.lab.images import load_source, SourceUnavailable
+from cdl_lambda.lab.mrd_writer import write_ismrmrd
+from cdl_lambda.recon.solvers import compile_cache_dir
 
 
 def magnitudes(slices: int, size: int) -> np.ndarray:
@@ -78,7 +78,7 @@ def free_port() -> int:
 
 def warm_first_image(path: Path, env: dict) -> float:
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "gadgets.cli", "serve", "--port", str(port)], env=env,
+    server = subprocess.Popen([sys.executable, "-m", "cdl_lambda.gadgets.cli", "serve", "--port", str(port)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)
@@ -103,7 +103,8 @@ def cold_first_image(path: Path, env: dict) -> float:
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "gadgetron", str(port), "gadgets.handler", "CDLLambdaGadget"],
+    process = subprocess.Popen([sys.executable, "-m", "gadgetron", str(port), "cdl_lambda.gadgets.handler",
+                                "CDLLambdaGadget"],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         listener.settimeout(600)
@@ -121,8 +122,8 @@ def cold_first_image(path: Path, env: dict) -> float:
 
 def reconstruction_alone(scan: Scan) -> float:
     import torch
-    from recon.pipeline import Reconstructor
-    from recon.fft import fft2c
+    from cdl_lambda.recon.pipeline import Reconstructor
+    from cdl_lambda.recon.fft import fft2c
     rec = Reconstructor()
     clean = fft2c(torch.from_numpy(scan.coil_maps[:1] * scan.image[:1, None])).numpy()
     kspace = (clean * scan.mask).astype(np.complex64)

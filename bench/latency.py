@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import publish
 
-from recon.device import choose_device, keep_freed_memory_for_reuse
-from recon.dictionary import Dictionary
-from recon.fft import fft2c
-from recon.lambda_nets import LambdaNetV3
-from recon.model import CDLLambda
-from recon.sampling import central_window_mask, equispaced_line_mask
+from cdl_lambda.recon.device import choose_device, keep_freed_memory_for_reuse
+from cdl_lambda.recon.dictionary import Dictionary
+from cdl_lambda.recon.fft import fft2c
+from cdl_lambda.recon.lambda_nets import LambdaNetV3
+from cdl_lambda.recon.model import CDLLambda
+from cdl_lambda.recon.sampling import central_window_mask, equispaced_line_mask
 
 CASES = {  # name, image size, coils, K, k_f
     "160x1": ("160² single coil, K=32, 9×9", 160, 1, 32, 9),

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import publish
 
 from bench.latency import run_case
-from recon.device import choose_device, keep_freed_memory_for_reuse
+from cdl_lambda.recon.device import choose_device, keep_freed_memory_for_reuse
 
 SWEEPS = {  # name: list of (size, coils, K, T)
     "K": [(128, 1, k, 32) for k in (8, 16, 32, 64)],

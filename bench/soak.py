@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 import ismrmrd
 
-from gadgets.wire import MSG_ERROR, MSG_IMAGE, encode_item
-from gadgets.client import Peer
+from cdl_lambda.gadgets.wire import MSG_ERROR, MSG_IMAGE, encode_item
+from cdl_lambda.gadgets.client import Peer
 
 SCANNER_RATE = 200  # readouts per second: a fast gradient echo (TR 5 ms); low-field sequences are slower
 
@@ -128,7 +128,7 @@ def start_server(weights: str, port: int, workdir: Path) -> subprocess.Popen:
     elif weights != "shipped":
         env["CDL_LAMBDA_WEIGHTS"] = weights
     with open(workdir / "server.log", "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "gadgets.cli", "serve", "--no-supervisor", "--port",
+        server = subprocess.Popen([sys.executable, "-m", "cdl_lambda.gadgets.cli", "serve", "--no-supervisor", "--port",
                                    str(port), "--idle-timeout", "120"], env=env, stdout=log, stderr=log)
     deadline = time.monotonic() + 180
     while True:

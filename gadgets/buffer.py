@@ -20,7 +20,7 @@ from typing import NamedTuple
 import ismrmrd
 import numpy as np
 
-from gadgets.errors import InputError
+from cdl_lambda.gadgets.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from gadgets.errors import ChainError
-from gadgets.settings import NAME_PATTERN
+from cdl_lambda.gadgets.errors import ChainError
+from cdl_lambda.gadgets.settings import NAME_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def default_chains_dir() -> Path:
     env = os.environ.get("CDL_LAMBDA_CHAINS")
     if env:
         return Path(env)
-    from recon.weights import shipped_data_dir
+    from cdl_lambda.recon.weights import shipped_data_dir
     return shipped_data_dir("chains")
 
 
@@ -123,7 +123,7 @@ class ChainRegistry:
     def chain_files(self) -> list[str]:
         """The chain XML files in the registry's folder and the shipped ones (names a client may send, like
         ``cdl_lambda.xml``, the name ``cdl-lambda replay`` sends by default)."""
-        from recon.weights import shipped_data_dir
+        from cdl_lambda.recon.weights import shipped_data_dir
         names = set()
         for folder in {self.root, shipped_data_dir("chains")}:
             try:

@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from gadgets import replay, server
+from cdl_lambda.gadgets import replay, server
 
 PRODUCT = {
     # name: (module, one-line help)
@@ -32,7 +32,7 @@ def lab_command(name: str):
     """``(add_arguments, main)`` of a lab subcommand; exits with status 2 and one line naming the missing package
     when the lab extra is not installed."""
     try:
-        from lab import cli as lab_cli
+        from cdl_lambda.lab import cli as lab_cli
     except ModuleNotFoundError as error:
         sys.stderr.write(f"cdl-lambda {name}: the Python package `{error.name}` is missing; the research commands "
                          f'need the lab extra: pip install ".[lab]"\n')

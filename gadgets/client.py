@@ -8,9 +8,9 @@ import struct
 
 import ismrmrd
 
-from gadgets.errors import ProtocolError
-from gadgets.transport import BoundedSocket
-from gadgets.wire import (MSG_ACQUISITION, MSG_CLOSE, MSG_CONFIG_TEXT, MSG_ERROR, MSG_HEADER, MSG_IMAGE,
+from cdl_lambda.gadgets.errors import ProtocolError
+from cdl_lambda.gadgets.transport import BoundedSocket
+from cdl_lambda.gadgets.wire import (MSG_ACQUISITION, MSG_CLOSE, MSG_CONFIG_TEXT, MSG_ERROR, MSG_HEADER, MSG_IMAGE,
                           MSG_IMAGE_ARRAY, MSG_RECON_DATA, MSG_TEXT, MSG_WAVEFORM, U64 as _u64, encode_close,
                           encode_config_file, encode_item, encode_text, read_acquisition, read_image,
                           read_image_array, read_recon_data, read_text)

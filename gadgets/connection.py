@@ -26,9 +26,10 @@ from types import SimpleNamespace
 
 from gadgetron.external.readers import read_waveform
 
-from gadgets.errors import ProtocolError
-from gadgets.transport import DRAIN_SECONDS, BoundedSocket, drain_and_close
-from gadgets.wire import (MSG_ACQUISITION, MSG_BUCKET, MSG_CLOSE, MSG_CONFIG_FILE, MSG_CONFIG_TEXT, MSG_ERROR,
+from cdl_lambda.gadgets.errors import ProtocolError
+from cdl_lambda.gadgets.transport import DRAIN_SECONDS, BoundedSocket, drain_and_close
+from cdl_lambda.gadgets.wire import (MSG_ACQUISITION, MSG_BUCKET, MSG_CLOSE, MSG_CONFIG_FILE, MSG_CONFIG_TEXT,
+                                     MSG_ERROR,
                           MSG_HEADER, MSG_IMAGE, MSG_IMAGE_ARRAY, MSG_RECON_DATA, MSG_TEXT, MSG_WAVEFORM,
                           encode_close, encode_error, encode_item, encode_text, parse_ismrmrd_header,
                           parse_xml_safely, read_acquisition, read_bucket, read_checked, read_config_file_name,

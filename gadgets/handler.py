@@ -1,6 +1,6 @@
 """The CDL-Λ gadget: one handler for Gadgetron's active mode, the warm server and offline replay.
 
-Gadgetron targets (``<execute name="gadgets.handler" target=… type="python"/>``):
+Gadgetron targets (``<execute name="cdl_lambda.gadgets.handler" target=… type="python"/>``):
 
 - ``CDLLambdaGadget`` — raw acquisitions in (1008), ``ismrmrd.Image`` s out (1022); also accepts ReconData (1023) from
   ``BucketToBufferGadget`` and answers it with an ImageArray (1024, complex64);
@@ -23,10 +23,10 @@ import logging
 import time
 from dataclasses import replace
 
-from gadgets.chains import ChainRegistry
-from gadgets.connection import RobustConnection
-from gadgets.scan import ScanSession
-from gadgets.settings import Parameters, ReconstructorCache, properties_of
+from cdl_lambda.gadgets.chains import ChainRegistry
+from cdl_lambda.gadgets.connection import RobustConnection
+from cdl_lambda.gadgets.scan import ScanSession
+from cdl_lambda.gadgets.settings import Parameters, ReconstructorCache, properties_of
 
 log = logging.getLogger(__name__)
 
@@ -97,5 +97,5 @@ class _Closed:
 
 
 def cdl_lambda(connection) -> None:
-    """Function target for ``<execute name="gadgets.handler" target="cdl_lambda" type="python"/>``."""
+    """Function target for ``<execute name="cdl_lambda.gadgets.handler" target="cdl_lambda" type="python"/>``."""
     CDLLambdaGadget().handle(connection)

@@ -18,7 +18,7 @@ import ismrmrd
 import numpy as np
 from PIL import Image
 
-from gadgets.wire import ImageArray
+from cdl_lambda.gadgets.wire import ImageArray
 
 SERIES_OFFSETS = {"image": 0, "zero_filled": 1, "lambda": 2}
 DESCRIPTIONS = {"image": "CDL-Lambda", "zero_filled": "zero-filled", "lambda": "Lambda maps"}

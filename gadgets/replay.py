@@ -23,9 +23,9 @@ import h5py
 import ismrmrd
 import numpy as np
 
-from gadgets.image_output import png_bytes
-from gadgets.wire import MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, MSG_TEXT
-from gadgets.client import Peer
+from cdl_lambda.gadgets.image_output import png_bytes
+from cdl_lambda.gadgets.wire import MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, MSG_TEXT
+from cdl_lambda.gadgets.client import Peer
 
 log = logging.getLogger(__name__)
 EXAMPLE = Path(__file__).resolve().parent / "examples" / "shepp_logan_128_4coils.h5"
@@ -163,7 +163,7 @@ def replay(path: str | Path, server: str | None = None, config: str | None = Non
             peer = Peer.connect(*parse_address(server))
         else:
             if local_server is None:
-                from gadgets.server import Server
+                from cdl_lambda.gadgets.server import Server
                 own = local_server = Server("127.0.0.1", 0)
                 own.start(max_connections=1)
             peer = Peer.connect("127.0.0.1", local_server.port)
@@ -224,7 +224,7 @@ def check_device(name: str | None) -> None:
     """UsageError when ``name`` is not auto/cpu/cuda[:N] or asks for CUDA where there is none."""
     if name in (None, "auto", "cpu"):
         return
-    from recon.device import choose_device
+    from cdl_lambda.recon.device import choose_device
     try:
         choose_device(name)
     except (ValueError, RuntimeError) as error:
@@ -251,7 +251,7 @@ def check_request(args, parameters: dict) -> None:
     """Everything that can be checked before the reconstruction starts: the gadget properties (names and values),
     the server address; when reconstructing here (a remote server has its own registry, weights and devices) the
     weights folder, the chain name and the device."""
-    from gadgets.settings import Parameters
+    from cdl_lambda.gadgets.settings import Parameters
     try:
         Parameters.from_sources(parameters)
     except ValueError as error:
@@ -259,8 +259,8 @@ def check_request(args, parameters: dict) -> None:
     if args.server:
         parse_address(args.server)
     else:
-        from gadgets.chains import ChainRegistry
-        from recon.weights import WeightsRegistry
+        from cdl_lambda.gadgets.chains import ChainRegistry
+        from cdl_lambda.recon.weights import WeightsRegistry
         try:
             WeightsRegistry()
             ChainRegistry().check_name(args.chain)

@@ -15,14 +15,14 @@ import logging
 import ismrmrd
 import numpy as np
 
-from gadgets import image_output
-from gadgets.buffer import AcquisitionBuffer, read_encoding
-from gadgets.errors import InputError
-from gadgets.settings import Parameters
-from gadgets.slices import SliceInput, from_group, from_recon_bit
-from gadgets.wire import ImageArray, ReconData
-from recon.pipeline import reconstruct_slices
-from recon.preprocessing import whitening_matrix
+from cdl_lambda.gadgets import image_output
+from cdl_lambda.gadgets.buffer import AcquisitionBuffer, read_encoding
+from cdl_lambda.gadgets.errors import InputError
+from cdl_lambda.gadgets.settings import Parameters
+from cdl_lambda.gadgets.slices import SliceInput, from_group, from_recon_bit
+from cdl_lambda.gadgets.wire import ImageArray, ReconData
+from cdl_lambda.recon.pipeline import reconstruct_slices
+from cdl_lambda.recon.preprocessing import whitening_matrix
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ import sys
 import threading
 import time
 
-from gadgets.chains import ChainRegistry
-from gadgets.handler import CDLLambdaGadget
-from gadgets.settings import Parameters, ReconstructorCache
-from gadgets.transport import DRAIN_SECONDS, drain_and_close
-from gadgets.connection import RobustConnection
-from gadgets.wire import encode_close, encode_error
+from cdl_lambda.gadgets.chains import ChainRegistry
+from cdl_lambda.gadgets.handler import CDLLambdaGadget
+from cdl_lambda.gadgets.settings import Parameters, ReconstructorCache
+from cdl_lambda.gadgets.transport import DRAIN_SECONDS, drain_and_close
+from cdl_lambda.gadgets.connection import RobustConnection
+from cdl_lambda.gadgets.wire import encode_close, encode_error
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def add_arguments(parser) -> None:
 def check_startup(chains_dir=None) -> ChainRegistry:
     """The chain registry, after every weights file the manifest lists was verified against its sha256 and every
     chain's parameters were checked; raises ValueError (WeightsError, ChainError, InputError) naming the problem."""
-    from recon.weights import WeightsRegistry
+    from cdl_lambda.recon.weights import WeightsRegistry
 
     weights = WeightsRegistry()
     verified = weights.verify_all()
@@ -169,7 +169,7 @@ def main(args) -> int:
     overrides = {"device": args.device} if getattr(args, "device", None) else {}
     try:
         if overrides:
-            from gadgets.replay import UsageError, check_device
+            from cdl_lambda.gadgets.replay import UsageError, check_device
             try:
                 check_device(args.device)
             except UsageError as error:
@@ -209,7 +209,7 @@ def supervise(args, listener: socket.socket | None = None) -> int:
     status; more than :data:`MAX_RESTARTS` deaths within :data:`RESTART_WINDOW_S` seconds end it with status 1."""
     listener = listener or listen(args.host, args.port)
     host, port = listener.getsockname()[:2]
-    command = [sys.executable, "-m", "gadgets.cli"] + (["-v"] if getattr(args, "verbose", False) else []) + [
+    command = [sys.executable, "-m", "cdl_lambda.gadgets.cli"] + (["-v"] if getattr(args, "verbose", False) else []) + [
         "serve", "--listen-fd", str(listener.fileno()), "--host", host, "--port", str(port),
         "--max-concurrent", str(args.max_concurrent), "--idle-timeout", str(args.idle_timeout)]
     command += ["--chains", str(args.chains)] if args.chains else []

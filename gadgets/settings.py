@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field, fields
 
-from gadgets.errors import InputError
+from cdl_lambda.gadgets.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class ReconstructorCache:
             if key not in self._items:
                 factory = self._factory
                 if factory is None:
-                    from recon.pipeline import Reconstructor as factory  # noqa: N813 - torch import on first use
+                    from cdl_lambda.recon.pipeline import Reconstructor as factory  # noqa: N813 - torch import on first use
                 start = time.perf_counter()
                 self._items[key] = factory(**arguments)
                 self.loads += 1

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gadgets.buffer import COUNTERS, GroupKey, SliceGroup
-from gadgets.errors import InputError
-from recon.preprocessing import prepare_kspace
+from cdl_lambda.gadgets.buffer import COUNTERS, GroupKey, SliceGroup
+from cdl_lambda.gadgets.errors import InputError
+from cdl_lambda.recon.preprocessing import prepare_kspace
 
 
 @dataclass

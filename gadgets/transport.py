@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import socket
 
-from gadgets.errors import ProtocolError
-from gadgets.wire import MAX_MESSAGE_BYTES, U16 as _u16
+from cdl_lambda.gadgets.errors import ProtocolError
+from cdl_lambda.gadgets.wire import MAX_MESSAGE_BYTES, U16 as _u16
 
 
 class BoundedSocket:

@@ -29,7 +29,7 @@ from gadgetron.types import acquisition_bucket as _gbucket
 from gadgetron.types.image_array import ImageArray, read_image_array, write_image_array
 from gadgetron.types.recon_data import ReconData, read_recon_data, write_recon_data
 
-from gadgets.errors import PeerError, ProtocolError
+from cdl_lambda.gadgets.errors import PeerError, ProtocolError
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ import dataclasses
 import numpy as np
 import torch
 
-from lab.physics import (birdcage_maps, channel_covariance, complex_image, correlated_noise, kspace_variance,
+from cdl_lambda.lab.physics import (birdcage_maps, channel_covariance, complex_image, correlated_noise, kspace_variance,
                          oversample_readout)
-from recon import fft as _fft
-from recon import sampling
+from cdl_lambda.recon import fft as _fft
+from cdl_lambda.recon import sampling
 
 SETTINGS = ("lowres", "lines")
 

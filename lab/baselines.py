@@ -26,12 +26,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from recon import fft as _fft
-from recon.lambda_nets import UNet, _complex_to_channels
-from recon.lowpass import conjugate_gradient
-from recon.model import NETWORK_INPUT_SCALE, ReconOutput
-from recon.noise import estimate_noise_std
-from recon.operators import make_operator
+from cdl_lambda.recon import fft as _fft
+from cdl_lambda.recon.lambda_nets import UNet, _complex_to_channels
+from cdl_lambda.recon.lowpass import conjugate_gradient
+from cdl_lambda.recon.model import NETWORK_INPUT_SCALE, ReconOutput
+from cdl_lambda.recon.noise import estimate_noise_std
+from cdl_lambda.recon.operators import make_operator
 
 
 def _channels_to_complex(x: torch.Tensor) -> torch.Tensor:

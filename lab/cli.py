@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab import dictionary_learning, images, train as training
-from lab.acquisition import SETTINGS, Scan, Setting
-from lab.evaluation import run as evaluation
-from lab.mrd_writer import Protocol, count_acquisitions, write_ismrmrd
-from recon.weights import default_weights_dir
+from cdl_lambda.lab import dictionary_learning, images, train as training
+from cdl_lambda.lab.acquisition import SETTINGS, Scan, Setting
+from cdl_lambda.lab.evaluation import run as evaluation
+from cdl_lambda.lab.mrd_writer import Protocol, count_acquisitions, write_ismrmrd
+from cdl_lambda.recon.weights import default_weights_dir
 
 log = logging.getLogger(__name__)
 

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lab import images
-from lab.physics import complex_image
-from recon import fft as _fft
-from recon import sampling
+from cdl_lambda.lab import images
+from cdl_lambda.lab.physics import complex_image
+from cdl_lambda.recon import fft as _fft
+from cdl_lambda.recon import sampling
 
 
 def removed_lines_range(n: int, at_320: tuple[int, int] = (40, 119)) -> tuple[int, int]:

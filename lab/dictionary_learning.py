@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lab import images as sources
-from lab.manifest import update_manifest
-from recon.device import choose_device
-from recon.dictionary import Dictionary
-from recon.lowpass import tikhonov_lowpass
-from recon.solvers import fista, gradient_step
+from cdl_lambda.lab import images as sources
+from cdl_lambda.lab.manifest import update_manifest
+from cdl_lambda.recon.device import choose_device
+from cdl_lambda.recon.dictionary import Dictionary
+from cdl_lambda.recon.lowpass import tikhonov_lowpass
+from cdl_lambda.recon.solvers import fista, gradient_step
 
 log = logging.getLogger(__name__)
 

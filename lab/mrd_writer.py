@@ -17,7 +17,7 @@ import ismrmrd
 import ismrmrd.xsd
 import numpy as np
 
-from lab.acquisition import Scan
+from cdl_lambda.lab.acquisition import Scan
 
 GAMMA_BAR_HZ_PER_T = 42.577478518e6
 

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from recon import fft as _fft
-from lab.datasets import removed_lines_range
-from lab.physics import complex_image
-from recon.sampling import central_window_mask
-from recon.espirit import espirit_maps
+from cdl_lambda.recon import fft as _fft
+from cdl_lambda.lab.datasets import removed_lines_range
+from cdl_lambda.lab.physics import complex_image
+from cdl_lambda.recon.sampling import central_window_mask
+from cdl_lambda.recon.espirit import espirit_maps
 
 COIL_CHOICES = (1, 2, 4, 6, 8, 8, 12, 16)
 ACCELERATIONS = (1, 2, 2, 3, 3, 4)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from recon import fft as _fft
+from cdl_lambda.recon import fft as _fft
 
 def _grid(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Normalised coordinates in [-1, 1): ``(v, u)`` for rows and columns, 0 at the centre pixel ``n // 2``."""

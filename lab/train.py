@@ -39,16 +39,16 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from lab import datasets as data
-from lab import multicoil
-from lab.baselines import BASELINES, build_baseline
-from lab.manifest import update_manifest
-from recon.device import choose_device
-from recon.dictionary import Dictionary
-from recon.lambda_nets import NETWORKS, build_lambda_net
-from recon.model import CDLLambda
-from recon.checksum import sha256_of
-from recon.weights import WeightsRegistry, save_network
+from cdl_lambda.lab import datasets as data
+from cdl_lambda.lab import multicoil
+from cdl_lambda.lab.baselines import BASELINES, build_baseline
+from cdl_lambda.lab.manifest import update_manifest
+from cdl_lambda.recon.device import choose_device
+from cdl_lambda.recon.dictionary import Dictionary
+from cdl_lambda.recon.lambda_nets import NETWORKS, build_lambda_net
+from cdl_lambda.recon.model import CDLLambda
+from cdl_lambda.recon.checksum import sha256_of
+from cdl_lambda.recon.weights import WeightsRegistry, save_network
 
 log = logging.getLogger(__name__)
 

@@ -50,8 +50,8 @@ from typing import Callable
 
 import torch
 
-from recon import fft as _fft
-from recon.stopping import SolveInfo, StoppingRule
+from cdl_lambda.recon import fft as _fft
+from cdl_lambda.recon.stopping import SolveInfo, StoppingRule
 
 ImageMap = Callable[[torch.Tensor], torch.Tensor]
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from recon import fft as _fft
-from recon.espirit import espirit_maps
+from cdl_lambda.recon import fft as _fft
+from cdl_lambda.recon.espirit import espirit_maps
 
 
 def noise_covariance(noise: torch.Tensor) -> torch.Tensor:

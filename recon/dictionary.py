@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from recon.checksum import sha256_of_bytes
+from cdl_lambda.recon.checksum import sha256_of_bytes
 
 NORM_TOLERANCE = 1e-3
 

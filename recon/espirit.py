@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from recon import fft as _fft
-from recon.noise import estimate_noise_std
+from cdl_lambda.recon import fft as _fft
+from cdl_lambda.recon.noise import estimate_noise_std
 
 
 def calibration_block(kspace: torch.Tensor, calibration_mask: torch.Tensor, width: int | None = None) -> torch.Tensor:

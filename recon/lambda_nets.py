@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from recon.dictionary import Dictionary
+from cdl_lambda.recon.dictionary import Dictionary
 
 
 class _ConvBlock(nn.Sequential):

@@ -33,15 +33,15 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from recon import fft as _fft
-from recon.dictionary import Dictionary
-from recon.lambda_nets import LambdaNet
-from recon.lowpass import LowPassSplit
-from recon.noise import estimate_noise_std
-from recon.operators import make_operator
-from recon.admm import ADMM, Problem
-from recon.solvers import fista
-from recon.stopping import SolveInfo
+from cdl_lambda.recon import fft as _fft
+from cdl_lambda.recon.dictionary import Dictionary
+from cdl_lambda.recon.lambda_nets import LambdaNet
+from cdl_lambda.recon.lowpass import LowPassSplit
+from cdl_lambda.recon.noise import estimate_noise_std
+from cdl_lambda.recon.operators import make_operator
+from cdl_lambda.recon.admm import ADMM, Problem
+from cdl_lambda.recon.solvers import fista
+from cdl_lambda.recon.stopping import SolveInfo
 
 
 @dataclass

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from recon import fft as _fft
+from cdl_lambda.recon import fft as _fft
 
 MAD_TO_STD = 0.6744897501960817  # median |N(0, 1)|
 

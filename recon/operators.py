@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from recon import fft as _fft
+from cdl_lambda.recon import fft as _fft
 
 
 class SingleCoilOperator:

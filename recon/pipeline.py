@@ -20,13 +20,13 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from recon import coils as _coils
-from recon.device import choose_device, keep_freed_memory_for_reuse
-from recon.dictionary import Dictionary
-from recon.model import DEFAULT_SCALAR_BETA, DEFAULT_SCALAR_LAMBDA, CDLLambda
-from recon.noise import estimate_noise_std
-from recon.solvers import compile_available
-from recon.weights import WeightsRegistry
+from cdl_lambda.recon import coils as _coils
+from cdl_lambda.recon.device import choose_device, keep_freed_memory_for_reuse
+from cdl_lambda.recon.dictionary import Dictionary
+from cdl_lambda.recon.model import DEFAULT_SCALAR_BETA, DEFAULT_SCALAR_LAMBDA, CDLLambda
+from cdl_lambda.recon.noise import estimate_noise_std
+from cdl_lambda.recon.solvers import compile_available
+from cdl_lambda.recon.weights import WeightsRegistry
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import logging
 import numpy as np
 import torch
 
-from recon import coils as _coils
-from recon import fft as _fft
+from cdl_lambda.recon import coils as _coils
+from cdl_lambda.recon import fft as _fft
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from typing import Callable
 
 import torch
 
-from recon import compiled as _compiled
-from recon.compiled import compile_available, compile_cache_dir  # noqa: F401 - re-exported for existing callers
-from recon.stopping import StoppingRule, relative_change
+from cdl_lambda.recon import compiled as _compiled
+from cdl_lambda.recon.compiled import compile_available, compile_cache_dir  # noqa: F401 - re-exported for existing callers
+from cdl_lambda.recon.stopping import StoppingRule, relative_change
 
 Step = Callable[[torch.Tensor], torch.Tensor]
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from recon.checksum import sha256_of, sha256_of_bytes  # noqa: F401 - re-exported
-from recon.dictionary import Dictionary, dct_dictionary
-from recon.lambda_nets import LambdaNet, build_lambda_net
+from cdl_lambda.recon.checksum import sha256_of, sha256_of_bytes  # noqa: F401 - re-exported
+from cdl_lambda.recon.dictionary import Dictionary, dct_dictionary
+from cdl_lambda.recon.lambda_nets import LambdaNet, build_lambda_net
 
 
 class WeightsError(ValueError):

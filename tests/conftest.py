@@ -26,19 +26,19 @@ def simple_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def registry():
-    from gadgets.chains import ChainRegistry
+    from cdl_lambda.gadgets.chains import ChainRegistry
     return ChainRegistry(data=FAST_REGISTRY)
 
 
 @pytest.fixture(scope="session")
 def cache():
-    from gadgets.settings import ReconstructorCache
+    from cdl_lambda.gadgets.settings import ReconstructorCache
     return ReconstructorCache()
 
 
 @pytest.fixture()
 def server(cache, registry):
-    from gadgets.server import Server
+    from cdl_lambda.gadgets.server import Server
     srv = Server("127.0.0.1", 0, cache=cache, registry=registry)
     thread = srv.start()
     yield srv

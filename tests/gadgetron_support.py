@@ -105,7 +105,7 @@ class Run:
 
 def read_output(path: Path) -> tuple[list, bool]:
     """The messages of a Gadgetron output stream, up to its end (a stream cut off by an abort has no CLOSE)."""
-    from gadgets import wire
+    from cdl_lambda.gadgets import wire
     items, closed = [], False
     with open(path, "rb") as f:
         while True:

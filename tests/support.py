@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from recon.dictionary import Dictionary
+from cdl_lambda.recon.dictionary import Dictionary
 
 SHEPP_LOGAN = shutil.which("ismrmrd_generate_cartesian_shepp_logan")
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -71,7 +71,7 @@ def relative_error(image: np.ndarray, reference: np.ndarray) -> float:
 
 def read_file(path: Path):
     """(header bytes, list of acquisitions) of an ISMRMRD file."""
-    from gadgets.replay import read_recording
+    from cdl_lambda.gadgets.replay import read_recording
     header, _, acquisitions = read_recording(path)
     return header, list(acquisitions)
 
@@ -98,7 +98,7 @@ def run_scan(peer, header: bytes, acquisitions, config=None, name=None, nul=Fals
 
 
 def _parse_header(text):
-    from gadgets.wire import parse_ismrmrd_header
+    from cdl_lambda.gadgets.wire import parse_ismrmrd_header
     return parse_ismrmrd_header(text)
 
 
@@ -208,7 +208,7 @@ def bucket_to_buffer(acquisitions, ny: int, trigger: str = "repetition", oversam
     blank header whose ``version`` is 1. 2-D, one slice; noise readouts are left out; readouts cropped by
     ``oversampling`` as RemoveROOversamplingGadget does (a centred crop of each readout's Fourier transform)."""
     from gadgetron.types.recon_data import ReconBit, ReconBuffer, ReconData, SamplingDescription
-    from recon.coils import remove_readout_oversampling
+    from cdl_lambda.recon.coils import remove_readout_oversampling
     groups: dict[int, list] = {}
     for acq in acquisitions:
         if not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lab import bart
-from lab.datasets import Batch
-from lab.train import load_trained
-from recon import fft as _fft
-from recon.dictionary import Dictionary
-from recon.model import CDLLambda
-from recon.weights import WeightsRegistry
+from cdl_lambda.lab import bart
+from cdl_lambda.lab.datasets import Batch
+from cdl_lambda.lab.train import load_trained
+from cdl_lambda.recon import fft as _fft
+from cdl_lambda.recon.dictionary import Dictionary
+from cdl_lambda.recon.model import CDLLambda
+from cdl_lambda.recon.weights import WeightsRegistry
 
 METHOD_IDS = (
     "zero_filled",             # inverse FFT of the zero-filled k-space

@@ -29,16 +29,16 @@ from itertools import product
 import numpy as np
 import torch
 
-from lab import bart, metrics
-from lab.physics import birdcage_maps, channel_covariance, complex_image, correlated_noise
-from recon import coils as _coils
-from recon import fft as _fft
-from recon.lowpass import conjugate_gradient
-from recon.model import CDLLambda
-from recon.operators import MultiCoilOperator
-from recon.pipeline import default_calibration_mask
-from recon.preprocessing import whitening_matrix
-from recon.sampling import equispaced_line_mask
+from cdl_lambda.lab import bart, metrics
+from cdl_lambda.lab.physics import birdcage_maps, channel_covariance, complex_image, correlated_noise
+from cdl_lambda.recon import coils as _coils
+from cdl_lambda.recon import fft as _fft
+from cdl_lambda.recon.lowpass import conjugate_gradient
+from cdl_lambda.recon.model import CDLLambda
+from cdl_lambda.recon.operators import MultiCoilOperator
+from cdl_lambda.recon.pipeline import default_calibration_mask
+from cdl_lambda.recon.preprocessing import whitening_matrix
+from cdl_lambda.recon.sampling import equispaced_line_mask
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ def check_targets(results: dict[str, Result]) -> list[str]:
 
 def write_figure(path, results_images: list[tuple[str, list[np.ndarray]]]) -> None:
     """Rows of magnitude panels (reference first), each row scaled by its reference's maximum."""
-    from lab.evaluation.report import tile, write_png
+    from cdl_lambda.lab.evaluation.report import tile, write_png
     rows = []
     for _, panels in results_images:
         top = float(np.abs(panels[0]).max()) or 1.0

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lab.evaluation.methods import Method
+from cdl_lambda.lab.evaluation.methods import Method
 
 DISPLAY_NAMES = {
     "zero_filled": "zero-filled",
@@ -64,7 +64,7 @@ def write_figure(path: Path, methods: list[Method], volumes, figure_ood: str | N
     """Rows: the middle slice of an in-distribution and of an out-of-distribution volume at σ² = ``noise`` (those
     that exist), target then each method, magnitudes scaled by the target's maximum; then the first Λ maps of
     method ``maps_from`` on the first row's slice. Returns the volumes shown."""
-    from lab.datasets import Batch
+    from cdl_lambda.lab.datasets import Batch
 
     picks = [v for v in (_pick(volumes, "test", noise), _pick(volumes, "ood", noise, figure_ood)) if v is not None]
     rows, lam_maps = [], None

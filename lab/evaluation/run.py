@@ -20,17 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab import bart as lab_bart
-from lab import datasets as data
-from lab import images as lab_images
-from lab import metrics as M
-from lab.evaluation import methods as E
-from lab.evaluation import multicoil as MC
-from lab.evaluation import report, targets
-from lab.train import load_trained
-from recon.dictionary import Dictionary
-from recon.model import CDLLambda
-from recon.weights import WeightsRegistry
+from cdl_lambda.lab import bart as lab_bart
+from cdl_lambda.lab import datasets as data
+from cdl_lambda.lab import images as lab_images
+from cdl_lambda.lab import metrics as M
+from cdl_lambda.lab.evaluation import methods as E
+from cdl_lambda.lab.evaluation import multicoil as MC
+from cdl_lambda.lab.evaluation import report, targets
+from cdl_lambda.lab.train import load_trained
+from cdl_lambda.recon.dictionary import Dictionary
+from cdl_lambda.recon.model import CDLLambda
+from cdl_lambda.recon.weights import WeightsRegistry
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,6 @@ def multicoil_section(settings: Settings, registry: WeightsRegistry, network, be
                    f"out-of-distribution slices ({', '.join(images['ood'])}); classical parameters tuned on "
                    f"{settings.multicoil_slices[0]} slices per validation source ({', '.join(images['val'])}). "
                    f"CDL-Λ V3 averaged over the training dictionaries {', '.join(dicts.train)}; held out: "
-                   f"{', '.join(dicts.held_out)}. Coil maps: ESPIRiT ({'recon.espirit'}) for every method but BART, "
+                   f"{', '.join(dicts.held_out)}. Coil maps: ESPIRiT ({'cdl_lambda.recon.espirit'}) for every method but BART, "
                    "which uses its own `ecalib`.")
     return MC.render_section(results, tuned, figure, caption, description)

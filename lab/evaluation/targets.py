@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lab.evaluation.methods import Method
-from lab.evaluation.report import display_name
+from cdl_lambda.lab.evaluation.methods import Method
+from cdl_lambda.lab.evaluation.report import display_name
 
 NOISE_LEVELS = (0.2, 0.3)
 

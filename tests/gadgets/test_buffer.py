@@ -6,9 +6,9 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from gadgets.buffer import AcquisitionBuffer, read_encoding
-from gadgets.errors import InputError
-from gadgets.wire import parse_ismrmrd_header
+from cdl_lambda.gadgets.buffer import AcquisitionBuffer, read_encoding
+from cdl_lambda.gadgets.errors import InputError
+from cdl_lambda.gadgets.wire import parse_ismrmrd_header
 from support import acquisition, header
 
 
@@ -66,7 +66,7 @@ def test_refused_readouts_name_the_problem():
 def test_header_problems():
     with pytest.raises(InputError, match="radial"):
         read_encoding(header(trajectory="radial"))
-    from gadgets.errors import ProtocolError
+    from cdl_lambda.gadgets.errors import ProtocolError
     with pytest.raises(ProtocolError, match="encodingLimits"):  # required by the schema: a clear refusal
         header(limits=False)
     assert read_encoding(header(nx=64, rx=32)).oversampling == 2

@@ -6,11 +6,11 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from gadgets.errors import InputError
-from gadgets.scan import ScanSession
-from gadgets.settings import Parameters, ReconstructorCache, properties_of
-from gadgets.wire import parse_xml_safely
-from recon import fft as _fft
+from cdl_lambda.gadgets.errors import InputError
+from cdl_lambda.gadgets.scan import ScanSession
+from cdl_lambda.gadgets.settings import Parameters, ReconstructorCache, properties_of
+from cdl_lambda.gadgets.wire import parse_xml_safely
+from cdl_lambda.recon import fft as _fft
 from support import acquisition, header
 
 

@@ -8,7 +8,7 @@ import ismrmrd
 import numpy as np
 from PIL import Image
 
-from gadgets.image_output import build_image, png_bytes, window
+from cdl_lambda.gadgets.image_output import build_image, png_bytes, window
 from support import phantom
 
 
@@ -46,7 +46,7 @@ def test_meta_window_is_the_preview_window():
 def test_residual_far_above_the_noise_is_flagged_in_the_comment():
     from types import SimpleNamespace
 
-    from gadgets.image_output import noise_meta, residual_note
+    from cdl_lambda.gadgets.image_output import noise_meta, residual_note
 
     fitted = SimpleNamespace(residual_to_noise=0.98, noise_std=1.0, noise_source="noise scan (prewhitened)")
     assert residual_note(fitted) == ""

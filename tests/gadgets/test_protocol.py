@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from support import SCAN_CONFIG as CONFIG, read_file, run_scan, write_registry
-from gadgets.wire import MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, encode_text
-from gadgets.client import Peer
-from gadgets.errors import ProtocolError
-from gadgets.connection import RobustConnection
+from cdl_lambda.gadgets.wire import MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, encode_text
+from cdl_lambda.gadgets.client import Peer
+from cdl_lambda.gadgets.errors import ProtocolError
+from cdl_lambda.gadgets.connection import RobustConnection
 from gadgetron.types.recon_data import ReconBit, ReconBuffer, ReconData, SamplingDescription
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +36,8 @@ def test_active_target_under_real_gadgetron_main(accelerated_file, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), CDL_LAMBDA_CHAINS=str(write_registry(tmp_path / "chains")),
                OMP_NUM_THREADS="1",
                GADGETRON_EXTERNAL_LOG_LEVEL="INFO")
-    process = subprocess.Popen([sys.executable, "-m", "gadgetron", str(port), "gadgets.handler", "CDLLambdaGadget"],
+    process = subprocess.Popen([sys.executable, "-m", "gadgetron", str(port), "cdl_lambda.gadgets.handler",
+                                "CDLLambdaGadget"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         listener.settimeout(120)
@@ -70,7 +71,7 @@ def test_server_config_by_name_selects_chain(accelerated_file, server):
 def test_unknown_ids_with_known_framing_are_skipped(accelerated_file, server):
     header, acquisitions = read_file(accelerated_file)
     waveform = ismrmrd.Waveform.from_array(np.zeros((1, 10), np.uint32))
-    from gadgets.wire import encode_item
+    from cdl_lambda.gadgets.wire import encode_item
     extra = [encode_text(5, "hello from the scanner"), encode_item(waveform)]
     replies = run_scan(Peer.connect("127.0.0.1", server.port), header, acquisitions, extra=extra)
     assert len(by_id(replies, MSG_IMAGE)) == 4 and not by_id(replies, MSG_ERROR)

@@ -8,10 +8,10 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from gadgets.scan import ScanSession
-from gadgets.settings import Parameters, ReconstructorCache
-from gadgets.slices import acquired_slots, from_recon_bit
-from gadgets.wire import ImageArray, parse_ismrmrd_header
+from cdl_lambda.gadgets.scan import ScanSession
+from cdl_lambda.gadgets.settings import Parameters, ReconstructorCache
+from cdl_lambda.gadgets.slices import acquired_slots, from_recon_bit
+from cdl_lambda.gadgets.wire import ImageArray, parse_ismrmrd_header
 from support import bucket_to_buffer, ground_truth, make_shepp_logan, read_file, relative_error
 
 PARAMS = Parameters(iterations=8)

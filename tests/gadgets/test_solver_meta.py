@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from gadgets.image_output import noise_meta
+from cdl_lambda.gadgets.image_output import noise_meta
 
 
 def test_meta_carries_iterations_used_and_final_relative_change():

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lab import bart
-from recon import fft
+from cdl_lambda.lab import bart
+from cdl_lambda.recon import fft
 
 needs_bart = pytest.mark.skipif(not bart.available(),
                                 reason="the `bart` command (Debian package bart) is not installed")

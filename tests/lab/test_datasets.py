@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from lab import datasets as data
-from lab import images
-from recon import fft
+from cdl_lambda.lab import datasets as data
+from cdl_lambda.lab import images
+from cdl_lambda.recon import fft
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "colin27_axial_128.npz"
 

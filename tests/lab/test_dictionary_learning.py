@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lab import dictionary_learning as cdl
+from cdl_lambda.lab import dictionary_learning as cdl
 
 from support import phantom
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lab.evaluation import methods as E
-from lab.evaluation import report, run, targets
-from recon.dictionary import dct_dictionary
-from recon.lambda_nets import build_lambda_net
-from recon.model import CDLLambda
+from cdl_lambda.lab.evaluation import methods as E
+from cdl_lambda.lab.evaluation import report, run, targets
+from cdl_lambda.recon.dictionary import dct_dictionary
+from cdl_lambda.recon.lambda_nets import build_lambda_net
+from cdl_lambda.recon.model import CDLLambda
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "colin27_axial_128.npz"
 N = 32

@@ -56,7 +56,7 @@ def test_product_subcommands_run_without_the_lab():
 
 
 def test_every_lab_option_has_help_and_shows_its_default():
-    from gadgets import cli
+    from cdl_lambda.gadgets import cli
 
     for name in cli.LAB:
         parser = cli.build_parser([name])

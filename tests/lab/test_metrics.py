@@ -6,7 +6,7 @@ import pytest
 import torch
 from skimage.measure import blur_effect as skimage_blur_effect
 
-from lab import metrics
+from cdl_lambda.lab import metrics
 
 
 def pattern():

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from lab.evaluation import multicoil as MC
-from recon.lambda_nets import LambdaNetV3
-from recon.model import CDLLambda
+from cdl_lambda.lab.evaluation import multicoil as MC
+from cdl_lambda.recon.lambda_nets import LambdaNetV3
+from cdl_lambda.recon.model import CDLLambda
 from support import phantom, random_dictionary
 
 
@@ -39,7 +39,7 @@ def test_scans_are_prewhitened_and_the_reference_matches_the_truth(evaluated):
     assert {s.setting for s in scans} == {(1, 20), (2, 20)} and {s.split for s in scans} == {"test", "ood"}
     full = next(s for s in scans if s.acceleration == 1)
     # white unit noise after prewhitening: the readout-detail estimate reads about 1
-    from recon.noise import estimate_noise_std
+    from cdl_lambda.recon.noise import estimate_noise_std
     assert 0.9 < float(estimate_noise_std(full.kspace, full.mask)) < 1.25  # a sharp phantom reads high (recon.noise)
     sense1 = np.abs(MC.sense1(full))
     assert MC.score(sense1, full.reference)["nrmse"] < 0.2  # SNR 20 at full sampling

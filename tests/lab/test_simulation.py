@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lab import acquisition, images, mrd_writer, physics
-from recon import coils, fft
+from cdl_lambda.lab import acquisition, images, mrd_writer, physics
+from cdl_lambda.recon import coils, fft
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "colin27_axial_128.npz"
 N = 48  # small matrix: fast tests
@@ -207,7 +207,7 @@ def test_simulation_is_deterministic_given_a_seed(tmp_path, magnitudes):
 def test_simulate_command_writes_files(tmp_path):
     if not images.available("brainweb"):
         pytest.skip("Debian package insighttoolkit5-examples (BrainWeb slices) is not installed")
-    from gadgets import cli
+    from cdl_lambda.gadgets import cli
 
     out = tmp_path / "out"
     rc = cli.main(["simulate", "--source", "brainweb", "--setting", "lines", "--matrix", "32", "--coils", "2",

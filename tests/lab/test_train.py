@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from lab import datasets as data
-from lab import train
-from lab.manifest import update_manifest
-from recon.weights import WeightsRegistry
+from cdl_lambda.lab import datasets as data
+from cdl_lambda.lab import train
+from cdl_lambda.lab.manifest import update_manifest
+from cdl_lambda.recon.weights import WeightsRegistry
 
 from support import phantom, random_dictionary
 

@@ -3,8 +3,8 @@ configured solver, cap and stopping rule."""
 
 import torch
 
-from lab.train import TrainConfig, build_model
-from recon.weights import WeightsRegistry
+from cdl_lambda.lab.train import TrainConfig, build_model
+from cdl_lambda.recon.weights import WeightsRegistry
 
 
 def test_fine_tuning_starts_from_the_shipped_network_with_the_configured_solver():

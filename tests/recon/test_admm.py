@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from support import complex_randn, phantom, random_dictionary, synthetic_maps
-from recon import fft
-from recon.admm import ADMM, Problem, cg_until
-from recon.fft import fft2c
-from recon.lambda_nets import LambdaNetV3
-from recon.model import CDLLambda
-from recon.operators import MultiCoilOperator, SingleCoilOperator
-from recon.sampling import central_window_mask, equispaced_line_mask
-from recon.solvers import fista, gradient_step
+from cdl_lambda.recon import fft
+from cdl_lambda.recon.admm import ADMM, Problem, cg_until
+from cdl_lambda.recon.fft import fft2c
+from cdl_lambda.recon.lambda_nets import LambdaNetV3
+from cdl_lambda.recon.model import CDLLambda
+from cdl_lambda.recon.operators import MultiCoilOperator, SingleCoilOperator
+from cdl_lambda.recon.sampling import central_window_mask, equispaced_line_mask
+from cdl_lambda.recon.solvers import fista, gradient_step
 
 SHAPE = (12, 12)
 K = 4

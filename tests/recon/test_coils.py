@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from support import complex_randn, phantom, synthetic_maps
-from recon import coils
-from recon.fft import fft1c, fft2c, ifft1c
-from recon.sampling import equispaced_line_mask
+from cdl_lambda.recon import coils
+from cdl_lambda.recon.fft import fft1c, fft2c, ifft1c
+from cdl_lambda.recon.sampling import equispaced_line_mask
 
 
 def test_prewhitening_gives_identity_noise_covariance():

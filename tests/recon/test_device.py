@@ -8,11 +8,11 @@ import resource
 import pytest
 import torch
 
-from recon.device import choose_device, keep_freed_memory_for_reuse
-from recon.dictionary import Dictionary
-from recon.fft import fft2c
-from recon.model import CDLLambda
-from recon.sampling import equispaced_line_mask
+from cdl_lambda.recon.device import choose_device, keep_freed_memory_for_reuse
+from cdl_lambda.recon.dictionary import Dictionary
+from cdl_lambda.recon.fft import fft2c
+from cdl_lambda.recon.model import CDLLambda
+from cdl_lambda.recon.sampling import equispaced_line_mask
 
 
 def test_auto_picks_cuda_only_when_present_and_explicit_cuda_without_it_is_refused():

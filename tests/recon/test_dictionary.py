@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from support import complex_randn, random_dictionary
-from recon.dictionary import Dictionary, DictionaryError, dct_dictionary
+from cdl_lambda.recon.dictionary import Dictionary, DictionaryError, dct_dictionary
 
 
 def test_synthesis_is_true_circular_convolution():

@@ -6,10 +6,10 @@ import shutil
 import pytest
 import torch
 
-from recon import coils
-from recon.noise import estimate_noise_std
-from recon.operators import MultiCoilOperator
-from recon.pipeline import default_calibration_mask
+from cdl_lambda.recon import coils
+from cdl_lambda.recon.noise import estimate_noise_std
+from cdl_lambda.recon.operators import MultiCoilOperator
+from cdl_lambda.recon.pipeline import default_calibration_mask
 from support import ground_truth, make_shepp_logan, read_kspace, relative_error, true_coil_maps
 
 
@@ -45,7 +45,7 @@ def test_sense1_with_estimated_maps_within_two_percent_of_true_maps(tmp_path):
 
 @pytest.mark.skipif(shutil.which("bart") is None, reason="bart (Debian package) is not installed")
 def test_espirit_agrees_with_bart_ecalib(tmp_path):
-    from lab import bart
+    from cdl_lambda.lab import bart
 
     path = make_shepp_logan(tmp_path / "sl.h5", matrix=96, coils=6, oversampling=1, acceleration=2,
                             calibration=24, noise=0.05, noise_scan=False)

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from support import phantom, random_dictionary
-from recon.fft import fft2c
-from recon.lambda_nets import LambdaNetV1, LambdaNetV2, LambdaNetV3, build_lambda_net
-from recon.model import CDLLambda
-from recon.sampling import central_window_mask
+from cdl_lambda.recon.fft import fft2c
+from cdl_lambda.recon.lambda_nets import LambdaNetV1, LambdaNetV2, LambdaNetV3, build_lambda_net
+from cdl_lambda.recon.model import CDLLambda
+from cdl_lambda.recon.sampling import central_window_mask
 
 SHAPE = (32, 32)
 

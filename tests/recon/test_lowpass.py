@@ -2,10 +2,10 @@
 
 import torch
 
-from recon import fft
-from recon.lowpass import data_consistent_lowpass, gradient_normal, laplacian_eigenvalues, tikhonov_lowpass
-from recon.operators import MultiCoilOperator, SingleCoilOperator
-from recon.sampling import equispaced_line_mask
+from cdl_lambda.recon import fft
+from cdl_lambda.recon.lowpass import data_consistent_lowpass, gradient_normal, laplacian_eigenvalues, tikhonov_lowpass
+from cdl_lambda.recon.operators import MultiCoilOperator, SingleCoilOperator
+from cdl_lambda.recon.sampling import equispaced_line_mask
 from support import complex_randn, phantom, synthetic_maps
 
 SHAPE = (48, 48)

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from support import phantom, random_dictionary
-from recon.device import choose_device
-from recon.dictionary import dct_dictionary
-from recon.fft import fft2c, ifft2c
-from recon.lambda_nets import LambdaNetV3
-from recon.model import CDLLambda
-from recon.pipeline import Reconstructor, default_calibration_mask
-from recon.sampling import equispaced_line_mask
+from cdl_lambda.recon.device import choose_device
+from cdl_lambda.recon.dictionary import dct_dictionary
+from cdl_lambda.recon.fft import fft2c, ifft2c
+from cdl_lambda.recon.lambda_nets import LambdaNetV3
+from cdl_lambda.recon.model import CDLLambda
+from cdl_lambda.recon.pipeline import Reconstructor, default_calibration_mask
+from cdl_lambda.recon.sampling import equispaced_line_mask
 from support import synthetic_maps
 
 SHAPE = (48, 48)
@@ -112,8 +112,8 @@ def test_device_choice():
 
 
 def test_compiled_fista_kernel_matches_eager(monkeypatch):
-    from recon import compiled
-    from recon.compiled import compile_available
+    from cdl_lambda.recon import compiled
+    from cdl_lambda.recon.compiled import compile_available
     monkeypatch.setattr(compiled, "COMPILE_MIN_WORK", 0)  # compile even this small solve
     if not compile_available(torch.device("cpu")):
         pytest.skip("no C++ compiler for torch.compile")

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from recon import fft
-from recon.pipeline import Reconstructor
-from recon.sampling import equispaced_line_mask
+from cdl_lambda.recon import fft
+from cdl_lambda.recon.pipeline import Reconstructor
+from cdl_lambda.recon.sampling import equispaced_line_mask
 from support import FIXTURES, synthetic_maps
 
 

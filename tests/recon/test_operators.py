@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from support import complex_randn, random_dictionary
-from recon import fft
-from recon.lowpass import laplacian_eigenvalues, tikhonov_lowpass
-from recon.operators import MultiCoilOperator, SingleCoilOperator
-from recon.sampling import central_window_mask, equispaced_line_mask, random_line_mask
+from cdl_lambda.recon import fft
+from cdl_lambda.recon.lowpass import laplacian_eigenvalues, tikhonov_lowpass
+from cdl_lambda.recon.operators import MultiCoilOperator, SingleCoilOperator
+from cdl_lambda.recon.sampling import central_window_mask, equispaced_line_mask, random_line_mask
 
 SHAPE = (20, 24)
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from support import complex_randn, phantom, random_dictionary
-from recon import fft
-from recon.operators import SingleCoilOperator
-from recon.sampling import central_window_mask
-from recon.solvers import fista, gradient_step, soft_threshold
+from cdl_lambda.recon import fft
+from cdl_lambda.recon.operators import SingleCoilOperator
+from cdl_lambda.recon.sampling import central_window_mask
+from cdl_lambda.recon.solvers import fista, gradient_step, soft_threshold
 
 SHAPE = (12, 12)
 
@@ -76,7 +76,7 @@ def test_fista_rejects_non_convergent_inertia(problem):
 def test_untracked_steps_reuse_buffers_and_give_the_same_codes():
     """The no-graph steps write into buffers allocated once per solve; the iterates are bit-identical to steps
     that allocate their results."""
-    from recon.solvers import _real_threshold, _shrink_extrapolate, fista
+    from cdl_lambda.recon.solvers import _real_threshold, _shrink_extrapolate, fista
     torch.manual_seed(3)
     target = torch.randn(2, 4, 16, 16, dtype=torch.complex64)
     threshold = 0.05 * torch.rand(2, 4, 16, 16)
@@ -97,7 +97,7 @@ def test_a_new_process_compiles_with_a_log_line_and_no_deprecation_warning(tmp_p
     import os
     import subprocess
     import sys
-    from recon.solvers import compile_available
+    from cdl_lambda.recon.solvers import compile_available
     if not compile_available(torch.device("cpu")):
         pytest.skip("no C++ compiler for torch.compile")
     code = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"

@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from recon.fft import fft2c
-from recon.model import CDLLambda
-from recon.sampling import central_window_mask
-from recon.weights import WeightsError, WeightsRegistry, default_weights_dir, safe_join
+from cdl_lambda.recon.fft import fft2c
+from cdl_lambda.recon.model import CDLLambda
+from cdl_lambda.recon.sampling import central_window_mask
+from cdl_lambda.recon.weights import WeightsError, WeightsRegistry, default_weights_dir, safe_join
 
 from support import phantom
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import ismrmrd
 import pytest
 
-from gadgets import cli
-from gadgets.client import Peer
-from gadgets.server import Server
+from cdl_lambda.gadgets import cli
+from cdl_lambda.gadgets.client import Peer
+from cdl_lambda.gadgets.server import Server
 from support import make_shepp_logan, read_file, SHEPP_LOGAN
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +24,7 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 
 
 def _cli(*argv, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "gadgets.cli", *argv], env=env or ENV, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cdl_lambda.gadgets.cli", *argv], env=env or ENV, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -87,7 +87,8 @@ def test_a_successful_replay_replaces_the_output_and_its_previews(tmp_path, monk
 
 
 def test_ctrl_c_ends_a_replay_with_status_130_and_no_traceback(tmp_path):
-    process = subprocess.Popen([sys.executable, "-m", "gadgets.cli", "replay", "--out", str(tmp_path / "o.h5"),
+    process = subprocess.Popen([sys.executable, "-m", "cdl_lambda.gadgets.cli", "replay", "--out",
+                                str(tmp_path / "o.h5"),
                                 "--no-progress", "--param", "iterations=5000"], env=ENV, stderr=subprocess.PIPE,
                                text=True)
     lines = []

@@ -51,7 +51,7 @@ def test_chain_parses_and_names_existing_targets(path):
             assert external.find("connect").get("port").isdigit()
         chain = external.find("./configuration/property[@name='chain']")
         if chain is not None:
-            from gadgets.chains import ChainRegistry
+            from cdl_lambda.gadgets.chains import ChainRegistry
             assert chain.get("value") in ChainRegistry(ROOT / "chains").chains
 
 

@@ -10,10 +10,10 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gadgets.buffer import IGNORED_FLAGS, AcquisitionBuffer, read_encoding
-from gadgets.wire import MSG_HEADER, encode_close, encode_config_file, encode_error, encode_item, encode_text
-from gadgets.errors import PeerError, ProtocolError
-from gadgets.connection import RobustConnection
+from cdl_lambda.gadgets.buffer import IGNORED_FLAGS, AcquisitionBuffer, read_encoding
+from cdl_lambda.gadgets.wire import MSG_HEADER, encode_close, encode_config_file, encode_error, encode_item, encode_text
+from cdl_lambda.gadgets.errors import PeerError, ProtocolError
+from cdl_lambda.gadgets.connection import RobustConnection
 from support import acquisition, header, header_xml
 
 STREAM_EXAMPLES = 400

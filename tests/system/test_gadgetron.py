@@ -48,7 +48,7 @@ def warm_server(build, tmp_path_factory):
     port = gs.free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "gadgets.cli", "serve", "--port", str(port)],
+        process = subprocess.Popen([sys.executable, "-m", "cdl_lambda.gadgets.cli", "serve", "--port", str(port)],
                                    stdout=out, stderr=subprocess.STDOUT, env=gs.environment(), cwd=gs.ROOT)
     try:
         deadline = time.time() + 120

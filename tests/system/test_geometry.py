@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gadgets.buffer import read_encoding, readout_oversampling
-from gadgets.errors import InputError
-from gadgets.replay import replay
-from gadgets.wire import parse_ismrmrd_header
+from cdl_lambda.gadgets.buffer import read_encoding, readout_oversampling
+from cdl_lambda.gadgets.errors import InputError
+from cdl_lambda.gadgets.replay import replay
+from cdl_lambda.gadgets.wire import parse_ismrmrd_header
 from support import make_shepp_logan, phantom, read_file
 
 
@@ -34,7 +34,7 @@ def _assert_on_recon_space(path, iterations=2):
 
 @pytest.mark.parametrize("kind, coils", [("lowres", 1), ("lines", 4)])
 def test_every_simulate_setting_comes_back_on_the_recon_space(tmp_path, kind, coils):
-    from lab import acquisition, mrd_writer
+    from cdl_lambda.lab import acquisition, mrd_writer
     magnitudes = np.abs(phantom(48, 48).numpy())
     setting = acquisition.Setting(kind=kind, matrix=(48, 48), coils=coils, noise_level=0.01, calib_lines=12,
                                   acceleration=2.0)

@@ -3,9 +3,9 @@ default network), against the phantom of Debian's ismrmrd_generate_cartesian_she
 
 from __future__ import annotations
 
-from gadgets.replay import replay
-from recon import fft
-from recon.coils import remove_readout_oversampling
+from cdl_lambda.gadgets.replay import replay
+from cdl_lambda.recon import fft
+from cdl_lambda.recon.coils import remove_readout_oversampling
 from support import ground_truth, make_shepp_logan, read_kspace, relative_error, true_coil_maps
 
 

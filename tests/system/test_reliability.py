@@ -27,14 +27,14 @@ import yaml
 
 from support import FAST_REGISTRY, read_file
 from support import run_scan as play_scan
-from gadgets import cli
-from gadgets.scan import ScanSession
-from gadgets.settings import Parameters, ReconstructorCache
-from gadgets.wire import MSG_ERROR, MSG_IMAGE, encode_item
-from gadgets.client import Peer
-from gadgets.replay import replay
-from gadgets.server import Server
-from recon.pipeline import ReconResult
+from cdl_lambda.gadgets import cli
+from cdl_lambda.gadgets.scan import ScanSession
+from cdl_lambda.gadgets.settings import Parameters, ReconstructorCache
+from cdl_lambda.gadgets.wire import MSG_ERROR, MSG_IMAGE, encode_item
+from cdl_lambda.gadgets.client import Peer
+from cdl_lambda.gadgets.replay import replay
+from cdl_lambda.gadgets.server import Server
+from cdl_lambda.recon.pipeline import ReconResult
 from support import acquisition, header, header_xml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -410,7 +410,7 @@ def test_count_in_equals_count_reconstructed(warm):
 
 # --------------------------------------------------------------------------------- weights at start-up
 def _weights_dir(tmp_path: Path, tamper: str | None) -> Path:
-    from recon.dictionary import dct_dictionary
+    from cdl_lambda.recon.dictionary import dct_dictionary
     folder = tmp_path / "weights"
     (folder / "dictionaries").mkdir(parents=True)
     sha = dct_dictionary(5).save(folder / "dictionaries" / "dct5.pt")
@@ -440,7 +440,7 @@ def test_serve_refuses_to_start_with_bad_weights(tamper, tmp_path, monkeypatch, 
 
 
 def test_startup_check_passes_with_good_weights(tmp_path, monkeypatch):
-    from gadgets.server import check_startup
+    from cdl_lambda.gadgets.server import check_startup
     monkeypatch.setenv("CDL_LAMBDA_WEIGHTS", str(_weights_dir(tmp_path, None)))
     assert check_startup(None).default
 
@@ -470,7 +470,7 @@ def test_native_crash_of_the_worker_is_survived(tmp_path, accelerated_file):
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), CDL_LAMBDA_CHAINS=str(chains), OMP_NUM_THREADS="1",
                CDL_LAMBDA_WEIGHTS=str(_weights_dir(tmp_path, None)), TORCHDYNAMO_DISABLE="1")
-    supervisor = subprocess.Popen([sys.executable, "-m", "gadgets.cli", "serve", "--port", str(port),
+    supervisor = subprocess.Popen([sys.executable, "-m", "cdl_lambda.gadgets.cli", "serve", "--port", str(port),
                                    "--idle-timeout", "30"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     header, acquisitions = read_file(accelerated_file)
     try:

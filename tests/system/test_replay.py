@@ -6,8 +6,8 @@ import ismrmrd
 import numpy as np
 
 from support import ground_truth, relative_error, write_registry
-from gadgets import cli
-from gadgets.replay import png_bytes, replay, write_images
+from cdl_lambda.gadgets import cli
+from cdl_lambda.gadgets.replay import png_bytes, replay, write_images
 
 
 def test_replay_accelerated_file_counters_geometry_quality(accelerated_file, server):

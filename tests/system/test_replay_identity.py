@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gadgets.replay import EXAMPLE, replay
+from cdl_lambda.gadgets.replay import EXAMPLE, replay
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "replay_example_fast.npz"
 RELATIVE_TOLERANCE = 1e-4   # of the image maximum; see the module docstring

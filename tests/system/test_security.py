@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
-from gadgets.chains import ChainError, ChainRegistry
-from gadgets.errors import ProtocolError
-from gadgets.wire import parse_ismrmrd_header, parse_xml_safely, read_image
-from recon.weights import WeightsError, WeightsRegistry
+from cdl_lambda.gadgets.chains import ChainError, ChainRegistry
+from cdl_lambda.gadgets.errors import ProtocolError
+from cdl_lambda.gadgets.wire import parse_ismrmrd_header, parse_xml_safely, read_image
+from cdl_lambda.recon.weights import WeightsError, WeightsRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted((ROOT / "gadgets").glob("*.py")) + sorted((ROOT / "recon").glob("*.py"))
@@ -31,7 +31,7 @@ def _calls(path: Path):
 def test_default_bind_is_localhost():
     import argparse
 
-    from gadgets import server
+    from cdl_lambda.gadgets import server
     parser = argparse.ArgumentParser()
     server.add_arguments(parser)
     assert parser.parse_args([]).host == "127.0.0.1"
@@ -151,8 +151,8 @@ def test_paths_cannot_escape_the_weights_folder(tmp_path):
 
 
 def test_names_from_chains_and_the_network_are_never_paths(tmp_path):
-    from gadgets.errors import InputError
-    from gadgets.settings import Parameters
+    from cdl_lambda.gadgets.errors import InputError
+    from cdl_lambda.gadgets.settings import Parameters
     registry = ChainRegistry(data={"chains": {"plain": {}}})
     for name in ("../../etc/passwd", "/etc/passwd", "registry.yaml", "plain/../../x"):
         with pytest.raises(ChainError, match="unknown chain"):  # a config name only ever names a chain

@@ -8,12 +8,12 @@ import socket
 import pytest
 
 from support import FAST_REGISTRY, read_file, run_scan
-from gadgets.chains import ChainError, ChainRegistry
-from gadgets.settings import ReconstructorCache
-from gadgets.wire import MSG_ERROR, MSG_IMAGE
-from gadgets.client import Peer
-from gadgets.server import Server
-from gadgets.replay import replay
+from cdl_lambda.gadgets.chains import ChainError, ChainRegistry
+from cdl_lambda.gadgets.settings import ReconstructorCache
+from cdl_lambda.gadgets.wire import MSG_ERROR, MSG_IMAGE
+from cdl_lambda.gadgets.client import Peer
+from cdl_lambda.gadgets.server import Server
+from cdl_lambda.gadgets.replay import replay
 
 
 def test_two_scans_in_a_row_do_not_reload_weights(accelerated_file, registry):
@@ -50,7 +50,7 @@ def test_binds_localhost_by_default():
 
 
 def test_registry_selection_by_name_rule_and_default():
-    from gadgets.wire import parse_ismrmrd_header
+    from cdl_lambda.gadgets.wire import parse_ismrmrd_header
     data = dict(FAST_REGISTRY, rules=FAST_REGISTRY["rules"] + [
         {"when": {"protocol_name": "*brain*", "field_strength_T": [0.01, 0.2]}, "chain": "cdl-lambda-research"}])
     registry = ChainRegistry(data=data)
