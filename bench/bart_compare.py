@@ -1,15 +1,16 @@
 """CDL-Λ against BART on the same prewhitened multi-coil slice: seconds per slice and image quality.
 
 A 256², 8-coil scan as lab.evaluation.scans simulates it (birdcage array, correlated channel noise and a noise
-pre-scan, prewhitened; R = 2 outside 16 calibration lines; image SNR 20) is reconstructed by
-recon.pipeline.Reconstructor with the shipped default network (T = 64) — timed as a whole and in its parts (ESPIRiT
-coil maps; CDL-Λ given the maps: CG low-pass part, NET_Θ, FISTA) — and by BART's ``ecalib`` + ``pics`` with
-ℓ1-wavelets and with total variation (``ecalib -m1 -c 0.95`` maps, ``pics -S -i 30``), λ as tuned on the
-validation split under the protocol (docs/evaluation.md; ``--bart-l1`` / ``--bart-tv`` override), with
-OMP_NUM_THREADS = the torch threads. Quality: SSIM / NRMSE / PSNR against the true image
-(lab.evaluation.protocol.score, no rescaling). Writes docs/bench_bart.md.
+pre-scan, prewhitened; R = 2 (``--accelerations``) outside 16 calibration lines; image SNR 20) is reconstructed by
+recon.pipeline.Reconstructor with the shipped default network (T = 64 the cap) and each solver of ``--solvers``
+(FISTA; ADMM with its stopping rule, ``--tolerance``) — timed as a whole and in its parts (ESPIRiT
+coil maps; CDL-Λ given the maps: CG low-pass part, NET_Θ, the solve) — and by BART's ``ecalib`` + ``pics`` with
+ℓ1-wavelets and with total variation, λ as tuned on the validation split under the protocol
+(docs/evaluation.md; ``--bart-l1`` / ``--bart-tv`` override), with OMP_NUM_THREADS = the torch threads. Quality:
+SSIM / NRMSE / PSNR against the true image (lab.evaluation.protocol.score, no rescaling). Writes
+docs/bench_bart.md.
 
-    python bench/bart_compare.py --threads 2 --repeats 3
+    python bench/bart_compare.py --threads 2 --repeats 3 [--accelerations 2 3] [--solvers fista admm]
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import publish
 from cdl_lambda.lab import bart
-from cdl_lambda.lab.evaluation import mc_methods, scans
+from cdl_lambda.lab.evaluation import scans
 from cdl_lambda.lab.evaluation.protocol import score
 from cdl_lambda.lab.images import load_split
 from cdl_lambda.recon import coils
@@ -52,52 +53,69 @@ def main(argv=None) -> int:
     parser.add_argument("--bart-l1", type=float, default=0.01, help="λ of pics -l1 (tuned: docs/evaluation.md)")
     parser.add_argument("--bart-tv", type=float, default=0.03, help="λ of pics -R T (tuned: docs/evaluation.md)")
     parser.add_argument("--out", default="docs/bench_bart.md")
+    parser.add_argument("--accelerations", type=int, nargs="+", default=[2])
+    parser.add_argument("--solvers", nargs="+", choices=("fista", "admm"), default=None,
+                        help="solvers to time (default: the model's default only)")
+    parser.add_argument("--tolerance", type=float, default=0.01, help="the ADMM stopping rule")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
     magnitude = next(iter(load_split("test", (args.size, args.size)).values()))
-    scan = scans.simulate_scan(magnitude[len(magnitude) // 2], 2, 20, seed=0)
-    kspace, mask = scan.kspace[None].numpy(), scan.mask.numpy()
     reconstructor = Reconstructor(iterations=64, device="cpu", batch_size=1)
-    calibration = default_calibration_mask(scan.mask)
-    maps = coils.estimate_coil_maps(scan.kspace, calibration, noise_std=1.0)[None].numpy()
-    reconstructor.reconstruct(kspace, mask, coil_maps=maps, noise_std=1.0)  # warm-up (and compile)
+    solvers = args.solvers or [reconstructor.model.solver]
+    sections = []
+    for acceleration in args.accelerations:
+        scan = scans.simulate_scan(magnitude[len(magnitude) // 2], acceleration, 20, seed=0)
+        kspace, mask = scan.kspace[None].numpy(), scan.mask.numpy()
+        calibration = default_calibration_mask(scan.mask)
+        maps = coils.estimate_coil_maps(scan.kspace, calibration, noise_std=1.0)[None].numpy()
+        images, parts = {}, [("ESPIRiT coil maps", best_of(lambda: coils.estimate_coil_maps(scan.kspace, calibration,
+                                                                                             1.0), args.repeats))]
+        for solver in solvers:
+            reconstructor.model.solver = solver
+            reconstructor.model.tolerance = args.tolerance if solver == "admm" else 0.0
+            reconstructor.reconstruct(kspace, mask, coil_maps=maps, noise_std=1.0)  # warm-up (and compile)
+            result = reconstructor.reconstruct(kspace, mask)
+            used = None if result.iterations_used is None else int(result.iterations_used[0])
+            rule = f"stopping rule {args.tolerance:g}, cap 64" if solver == "admm" else "64 iterations"
+            name = (f"CDL-Λ + {solver.upper()} (whole slice: noise level, ESPIRiT maps, CG low-pass, NET_Θ, "
+                    f"{rule}{f', {used} used' if used else ''})")
 
-    def whole():
-        return reconstructor.reconstruct(kspace, mask).image[0]
+            def whole():
+                return reconstructor.reconstruct(kspace, mask).image[0]
 
-    images = {"CDL-Λ (whole slice: noise level, ESPIRiT maps, CG low-pass, NET_Θ, 64 FISTA iterations)": whole}
-    if bart.available():
-        def bart_run(image, lam):
-            def run():
-                scan.cache.clear()  # ecalib inside the timed call
-                return image(scan, {"lam": lam, "maps": "cropped"})
-            return run
-        images[f"BART ecalib + pics ℓ1-wavelet (λ {args.bart_l1:g})"] = bart_run(mc_methods.bart_l1_image, args.bart_l1)
-        images[f"BART ecalib + pics TV (λ {args.bart_tv:g})"] = bart_run(mc_methods.bart_tv_image, args.bart_tv)
-    rows = []
-    for name, fn in images.items():
-        quality = score(fn(), scan.reference)
-        rows.append((name, best_of(fn, args.repeats), quality))
-    parts = [("ESPIRiT coil maps", best_of(lambda: coils.estimate_coil_maps(scan.kspace, calibration, 1.0),
-                                           args.repeats)),
-             ("CDL-Λ given the maps", best_of(lambda: reconstructor.reconstruct(kspace, mask, coil_maps=maps,
-                                                                                noise_std=1.0), args.repeats))]
-    table = ["| method | seconds per slice | SSIM | NRMSE | PSNR (dB) |", "|---|---|---|---|---|"]
-    table += [f"| {name} | {seconds:.2f} | {q['ssim']:.3f} | {q['nrmse']:.3f} | {q['psnr']:.1f} |"
-              for name, seconds, q in rows]
-    table += ["", "| part of CDL-Λ | seconds |", "|---|---|"] + [f"| {n} | {s:.2f} |" for n, s in parts]
+            images[name] = (whole, score(result.image[0], scan.reference), best_of(whole, args.repeats))
+            parts.append((f"CDL-Λ + {solver.upper()} given the maps",
+                          best_of(lambda: reconstructor.reconstruct(kspace, mask, coil_maps=maps, noise_std=1.0),
+                                  args.repeats)))
+        if bart.available():
+            for label, regularisation in ((f"BART ecalib + pics ℓ1-wavelet (λ {args.bart_l1:g})",
+                                           ("-l1", "-r", str(args.bart_l1))),
+                                          (f"BART ecalib + pics TV (λ {args.bart_tv:g})",
+                                           ("-R", f"T:3:0:{args.bart_tv}"))):
+                def with_bart(r=regularisation):
+                    return bart.pics_multicoil(scan.kspace.numpy(), r)
+
+                images[label] = (with_bart, score(with_bart(), scan.reference), best_of(with_bart, args.repeats))
+        table = [f"### R = {acceleration}", "", "| method | seconds per slice | SSIM | NRMSE | PSNR (dB) |",
+                 "|---|---|---|---|---|"]
+        table += [f"| {name} | {seconds:.2f} | {q['ssim']:.3f} | {q['nrmse']:.3f} | {q['psnr']:.1f} |"
+                  for name, (_, q, seconds) in images.items()]
+        table += ["", "| part of CDL-Λ | seconds |", "|---|---|"] + [f"| {n} | {s:.2f} |" for n, s in parts]
+        sections += table + [""]
     text = "\n".join([
         "# CDL-Λ and BART on one prewhitened multi-coil slice",
         "",
-        f"`python bench/bart_compare.py --threads {args.threads} --repeats {args.repeats}` on "
+        f"`python bench/bart_compare.py --threads {args.threads} --repeats {args.repeats} --accelerations "
+        f"{' '.join(map(str, args.accelerations))} --solvers {' '.join(solvers)}` on "
         f"{platform.processor() or platform.machine()},"
-        f" {args.threads} torch threads, best of {args.repeats}; {args.size}², 8 coils, R = 2, network "
-        f"{reconstructor.identity['network']}, dictionary {reconstructor.identity['dictionary']}.",
+        f" {args.threads} torch threads and OMP_NUM_THREADS for BART, best of {args.repeats}; {args.size}², 8 coils; "
+        f"network {reconstructor.identity['network']}, dictionary {reconstructor.identity['dictionary']}; BART pics "
+        f"with its default iterations; load average {os.getloadavg()[0]:.1f} at the end (a shared, loaded machine: "
+        "compare rows of one run).",
         "",
-        *table,
-        "",
+        *sections,
     ])
     publish(text, args.out)
     return 0

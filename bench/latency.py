@@ -1,15 +1,20 @@
-"""Per-slice latency of one CDL-Λ reconstruction (V3, T = 64) and its ratio to the FFT floor.
+"""Per-slice latency of one CDL-Λ reconstruction (V3, T = 64 iterations) and its ratio to the FFT floor, per solver.
 
-For each case: ms per slice (network + split + T FISTA iterations), ms per FISTA iteration, and that iteration time
-divided by the time of the FFTs one iteration must do, 2K + 2C + 2 FFTs of the image size (C = 1 for a single
-coil), measured in the same run with the same torch FFT calls. Writes a Markdown table (default docs/bench_latency.md).
+For each case and solver: ms per slice (network + split + T iterations), ms per iteration, and that iteration time
+divided by the time of the FFTs one iteration must do, measured in the same run with the same torch FFT calls:
+FISTA 2K + 2C + 2 FFTs of the image size (C = 1 for a single coil); ADMM 2K + 2 plus 2C per CG step, with the mean
+CG steps of that solve (none for a single coil). The iteration count is fixed here (no stopping rule) so that the
+per-iteration cost is what is measured; docs/bench_convergence.md has how many iterations the rule takes. Writes a
+Markdown table (default docs/bench_latency.md).
 
-    python bench/latency.py [--device auto|cpu|cuda] [--threads N] [--repeats 3] [--out docs/bench_latency.md]
+    python bench/latency.py [--device auto|cpu|cuda] [--threads N] [--repeats 3] [--batch 1]
+        [--cases 160x1 256x8] [--solvers fista admm] [--out docs/bench_latency.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -29,10 +34,11 @@ from cdl_lambda.recon.lambda_nets import LambdaNetV3
 from cdl_lambda.recon.model import CDLLambda
 from cdl_lambda.recon.sampling import central_window_mask, equispaced_line_mask
 
-CASES = [  # name, image size, coils, K, k_f
-    ("160² single coil, K=32, 9×9", 160, 1, 32, 9),
-    ("256² 8 coils, K=32, 9×9", 256, 8, 32, 9),
-]
+CASES = {  # name, image size, coils, K, k_f
+    "160x1": ("160² single coil, K=32, 9×9", 160, 1, 32, 9),
+    "128x8": ("128² 8 coils, K=32, 9×9", 128, 8, 32, 9),
+    "256x8": ("256² 8 coils, K=32, 9×9", 256, 8, 32, 9),
+}
 
 
 def synchronize(device: torch.device) -> None:
@@ -58,11 +64,13 @@ def random_dictionary(num_filters: int, kernel_size: int) -> Dictionary:
     return Dictionary(filters / filters.flatten(1).norm(dim=1)[:, None, None], name="bench")
 
 
-def run_case(size, coils, num_filters, kernel_size, device, repeats, iterations=64, batch=1, compiled=True):
+def run_case(size, coils, num_filters, kernel_size, device, repeats, iterations=64, batch=1, compiled=True,
+             solver="fista"):
     torch.manual_seed(0)
     shape = (size, size)
     dictionary = random_dictionary(num_filters, kernel_size)
-    model = CDLLambda(LambdaNetV3(base_channels=16), iterations=iterations, compiled=compiled).to(device).eval()
+    model = CDLLambda(LambdaNetV3(base_channels=16), iterations=iterations, compiled=compiled, solver=solver,
+                      tolerance=0.0).to(device).eval()
     image = torch.randn(batch, *shape, dtype=torch.complex64, device=device)
     if coils == 1:
         mask = central_window_mask(shape, (size // 2, size // 2)).to(device)
@@ -78,22 +86,31 @@ def run_case(size, coils, num_filters, kernel_size, device, repeats, iterations=
             model(kspace, mask, dictionary, coil_maps=maps, iterations=t)
 
     total = timed(lambda: reconstruct(iterations), device, repeats)
+    cg_steps = list(model.admm.cg_steps)  # of the last full solve (the next call, with no iterations, resets them)
     without_loop = timed(lambda: reconstruct(0), device, repeats)
     per_iteration = (total - without_loop) / iterations
 
+    mean_cg = sum(cg_steps) / len(cg_steps) if solver == "admm" and cg_steps else 0.0
     codes = torch.randn(batch, num_filters, *shape, dtype=torch.complex64, device=device)
     coil_images = torch.randn(batch, max(coils, 1), *shape, dtype=torch.complex64, device=device)
     one = torch.randn(batch, *shape, dtype=torch.complex64, device=device)
 
-    def fft_floor():
-        with torch.inference_mode():
-            for _ in range(8):
-                torch.fft.fft2(codes, norm="ortho"), torch.fft.ifft2(codes, norm="ortho")
-                torch.fft.fft2(coil_images, norm="ortho"), torch.fft.ifft2(coil_images, norm="ortho")
-                torch.fft.fft2(one, norm="ortho"), torch.fft.ifft2(one, norm="ortho")
+    def fft_floor(fn):
+        def repeated():
+            with torch.inference_mode():
+                for _ in range(8):
+                    fn()
+        return timed(repeated, device, repeats) / 8
 
-    floor = timed(fft_floor, device, repeats) / 8
-    return total / batch, per_iteration / batch, floor / batch
+    codes_and_image = fft_floor(lambda: (torch.fft.fft2(codes, norm="ortho"), torch.fft.ifft2(codes, norm="ortho"),
+                                         torch.fft.fft2(one, norm="ortho"), torch.fft.ifft2(one, norm="ortho")))
+    coil_pair = fft_floor(lambda: (torch.fft.fft2(coil_images, norm="ortho"),
+                                   torch.fft.ifft2(coil_images, norm="ortho")))
+    if solver == "admm":
+        floor = codes_and_image + (mean_cg * coil_pair if coils > 1 else 0.0)
+    else:
+        floor = codes_and_image + coil_pair
+    return total / batch, per_iteration / batch, floor / batch, mean_cg
 
 
 def main(argv=None) -> int:
@@ -104,25 +121,35 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="slices per forward pass")
     parser.add_argument("--out", default="docs/bench_latency.md")
     parser.add_argument("--no-compile", action="store_true", help="run FISTA's element-wise work uncompiled")
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["160x1", "256x8"])
+    parser.add_argument("--solvers", nargs="+", choices=("fista", "admm"), default=["fista", "admm"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     keep_freed_memory_for_reuse()  # as recon.pipeline.Reconstructor does on the CPU
     device = choose_device(args.device)
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{platform.processor() or 'CPU'}, {args.threads} threads")
-    rows = ["| case | batch | ms / slice | ms / FISTA iteration | FFT floor ms / iteration | ratio |",
-            "|---|---|---|---|---|---|"]
-    for name, size, coils, k, kf in CASES:
-        per_slice, per_iteration, floor = run_case(size, coils, k, kf, device, args.repeats, batch=args.batch,
-                                                   compiled=not args.no_compile)
-        rows.append(f"| {name} | {args.batch} | {per_slice * 1e3:.1f} | {per_iteration * 1e3:.2f} | "
-                    f"{floor * 1e3:.2f} | {per_iteration / floor:.2f} |")
-        print(rows[-1], file=sys.stderr)
-    text = (f"# CDL-Λ latency (V3, T = 64)\n\nDevice: {where}; torch {torch.__version__}.\n"
+    rows = ["| case | solver | batch | ms / slice (T = 64) | ms / iteration | CG steps / iteration | "
+            "FFT floor ms / iteration | ratio |", "|---|---|---|---|---|---|---|---|"]
+    for case in args.cases:
+        name, size, coils, k, kf = CASES[case]
+        for solver in args.solvers:
+            per_slice, per_iteration, floor, mean_cg = run_case(size, coils, k, kf, device, args.repeats,
+                                                                batch=args.batch, compiled=not args.no_compile,
+                                                                solver=solver)
+            cg = f"{mean_cg:.2f}" if solver == "admm" and coils > 1 else "—"
+            rows.append(f"| {name} | {solver} | {args.batch} | {per_slice * 1e3:.1f} | {per_iteration * 1e3:.2f} | "
+                        f"{cg} | {floor * 1e3:.2f} | {per_iteration / floor:.2f} |")
+            print(rows[-1], file=sys.stderr)
+    load = os.getloadavg()[0]
+    text = (f"# CDL-Λ latency (V3, T = 64 iterations)\n\nDevice: {where}; torch {torch.__version__}; load average "
+            f"{load:.1f} at the end (a shared machine: compare rows of one run).\n"
             f"Command: `python bench/latency.py --device {args.device} --threads {args.threads} "
-            f"--batch {args.batch}{' --no-compile' if args.no_compile else ''}`\n\n" + "\n".join(rows)
-            + "\n\nThe FFT floor is the time of the 2K + 2C + 2 "
-            "FFTs one iteration must do (C = 1 for one coil), measured in the same run.\n")
+            f"--batch {args.batch} --cases {' '.join(args.cases)} --solvers {' '.join(args.solvers)}"
+            f"{' --no-compile' if args.no_compile else ''}`\n\n" + "\n".join(rows)
+            + "\n\nThe FFT floor is the time of the FFTs one iteration must do, measured in the same run: FISTA "
+            "2K + 2C + 2 (C = 1 for one coil), ADMM 2K + 2 plus 2C per CG step of its x-update (the mean over the "
+            "solve).\n")
     publish(text, args.out)
     return 0
 

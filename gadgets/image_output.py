@@ -209,6 +209,9 @@ def noise_meta(outcome) -> dict:
         meta["CDL_NoiseStd"] = f"{outcome.noise_std:.6g}"
     if getattr(outcome, "residual_to_noise", None) is not None:
         meta["CDL_ResidualToNoise"] = f"{outcome.residual_to_noise:.4f}"
+    if getattr(outcome, "iterations_used", None) is not None:  # the solver's stopping rule
+        meta["CDL_IterationsUsed"] = str(int(outcome.iterations_used))
+        meta["CDL_FinalRelativeChange"] = f"{outcome.final_relative_change:.3g}"
     return meta
 
 

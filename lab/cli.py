@@ -154,6 +154,11 @@ TRAIN_HELP = {
     "seed": "seed of data, initialisation and dictionary sampling",
     "time_limit_min": "stop after this many minutes (validating and checkpointing first)",
     "weights_dir": "weights folder (default: the shipped weights/)",
+    "solver": "the solver trained through: admm or fista",
+    "tolerance": "its stopping rule: relative change at which a slice stops (0: always run --iterations)",
+    "val_iterations": "iteration cap at validation (the deployed one)",
+    "init_network": "fine-tune: start from this shipped network (name in the weights manifest)",
+    "checkpoint_every": "also write the checkpoint every N steps (0: only at validation)",
 }
 
 

@@ -80,6 +80,11 @@ class TrainConfig:
     seed: int = 0
     time_limit_min: float | None = None
     weights_dir: str | None = None
+    solver: str = "fista"          # the solver trained through (recon.model.SOLVERS)
+    tolerance: float = 0.0         # its stopping rule (0: always the cap, ``iterations``)
+    val_iterations: int = 64       # the cap at validation (the deployed one)
+    init_network: str | None = None  # start from this shipped network (fine-tuning) instead of the scalar-λ start
+    checkpoint_every: int = 0      # also write the checkpoint every this many steps (0: only at validation)
 
 
 # ---- models ----------------------------------------------------------------------------------------------------
@@ -94,11 +99,20 @@ def build_model(config: TrainConfig, num_filters: int | None = None) -> nn.Modul
     if config.method in ("v1", "v2"):
         net_config["num_filters"] = num_filters
     network = build_lambda_net(net_config)
-    with torch.no_grad():  # start where soft-thresholding neither keeps all noise nor kills every code
-        fraction = min(max(config.initial_lambda / config.upper_bound, 1e-3), 1 - 1e-3)
-        network.unet.head.bias.fill_(math.log(fraction / (1 - fraction)))
-    return CDLLambda(network, beta=config.beta, iterations=config.iterations,
-                     grad_iterations=config.grad_iterations)
+    beta = config.beta
+    if config.init_network:  # fine-tuning: the shipped network's weights and β
+        loaded = WeightsRegistry(config.weights_dir).network(config.init_network)
+        if loaded.network.config() != network.config():
+            raise ValueError(f"--init-network {config.init_network}: its architecture {loaded.network.config()} "
+                             f"differs from the configured {network.config()}")
+        network.load_state_dict(loaded.network.state_dict())
+        beta = loaded.beta
+    else:
+        with torch.no_grad():  # start where soft-thresholding neither keeps all noise nor kills every code
+            fraction = min(max(config.initial_lambda / config.upper_bound, 1e-3), 1 - 1e-3)
+            network.unet.head.bias.fill_(math.log(fraction / (1 - fraction)))
+    return CDLLambda(network, beta=beta, iterations=config.iterations, grad_iterations=config.grad_iterations,
+                     solver=config.solver, tolerance=config.tolerance)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -138,12 +152,12 @@ def reconstruct(model: nn.Module, batch, dictionary: Dictionary | None, **kwargs
 
 
 @torch.no_grad()
-def validate(model: nn.Module, examples, dictionaries: list[Dictionary]) -> float:
+def validate(model: nn.Module, examples, dictionaries: list[Dictionary], iterations: int = 64) -> float:
     """Mean loss over the validation batches (a Batch or a list of them) and, for CDL-Λ, the validation
-    dictionaries, at the deployed T = 64 iterations."""
+    dictionaries, at the deployed iteration cap (with the model's stopping rule)."""
     model.eval()
     batches = examples if isinstance(examples, list) else [examples]
-    extra = {"iterations": 64} if hasattr(model, "lambda_net") else {}
+    extra = {"iterations": iterations} if hasattr(model, "lambda_net") else {}
     losses = [float(image_loss(reconstruct(model, b, d, **extra).image, b.target))
               for d in (dictionaries or [None]) for b in batches]
     model.train()
@@ -230,7 +244,8 @@ class Trainer:
                         break
                     continue
                 record = {"step": self.step, "seconds": round(self.seconds, 1), "train_loss": round(train_loss, 6),
-                          "val_loss": round(validate(self.model, self.validation, self.val_dicts), 6)}
+                          "val_loss": round(validate(self.model, self.validation, self.val_dicts,
+                                                     config.val_iterations), 6)}
                 if self.beta() is not None:
                     record["beta"] = round(self.beta(), 4)
                 self.history.append(record)
@@ -238,6 +253,8 @@ class Trainer:
                 log.info("%s", record)
                 if checkpoint:
                     self.save(checkpoint)
+            elif checkpoint and config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                self.save(checkpoint)
             if last:
                 break
         bar.close()
@@ -287,7 +304,8 @@ def load_trained(path, device="cpu") -> tuple[nn.Module, dict]:
     else:
         settings = payload.get("settings") or {}
         model = CDLLambda(build_lambda_net(payload["config"]), beta=payload.get("beta", 1.0),
-                          iterations=settings.get("iterations", 64))
+                          iterations=settings.get("iterations", 64), solver=settings.get("solver", "fista"),
+                          tolerance=settings.get("tolerance", 0.0))
         model.lambda_net.load_state_dict(payload["state_dict"])
     return model.to(device).eval(), payload
 
@@ -309,7 +327,10 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
                 "steps": state["step"], "batch_size": config.batch_size, "cpu_minutes": round(state["seconds"] / 60, 1),
                 "lr": config.lr, "weight_decay": config.weight_decay, "beta_lr": config.beta_lr,
                 "iterations": config.iterations, "grad_iterations": config.grad_iterations,
-                "base_channels": config.base_channels, "stages": config.stages, "seed": config.seed}
+                "base_channels": config.base_channels, "stages": config.stages, "seed": config.seed,
+                "solver": config.solver, "tolerance": config.tolerance}
+    if config.init_network:
+        training["fine_tuned_from"] = config.init_network
     if note:
         training["note"] = note
     last = state["history"][-1] if state["history"] else {}
@@ -321,7 +342,8 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
         training["dictionaries"] = ("random per batch from the manifest's split=train family"
                                     if config.method == "v3" else config.dictionary)
         sha = save_network(path, model.lambda_net, float(model.split.beta.detach()),
-                           settings={"iterations": config.iterations, "size": config.size})
+                           settings={"iterations": config.iterations, "size": config.size,
+                                     "solver": config.solver, "tolerance": config.tolerance})
         entry = {"name": name, "file": f"{buffer_dir}/{name}.pt", "version": config.method, "sha256": sha,
                  "beta": round(float(model.split.beta.detach()), 4), "training": training, "metrics": metrics}
         default = {"network": name} if set_default else {}

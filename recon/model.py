@@ -1,4 +1,4 @@
-"""CDL-Λ: (PH) low-pass split → NET_Θ infers Λ → FISTA on the weighted convolutional synthesis problem (PR).
+"""CDL-Λ: (PH) low-pass split → NET_Θ infers Λ → a convex solver on the weighted convolutional synthesis problem (PR).
 
     x_L = argmin_x ½‖A x − y‖² + (β/2)‖∇x‖²,   y′ = y − A x_L,
     s* = argmin_s ½‖A D s − y′‖² + Σ_k ‖Λ_k ⊙ Re s_k‖₁ + ‖Λ_k ⊙ Im s_k‖₁,   x* = x_L + D s*.
@@ -17,14 +17,18 @@ input's units. The final data residual relative to the noise, ‖A x* − y‖ /
 For several coils the coil maps are support-cropped (zero outside the object): the image is zero there
 (x* ⊙ 1[Σ|c|² > 0]) rather than reconstructed from noise.
 
-One FISTA gradient costs 2K FFTs (codes ↔ Fourier) plus 2C + 2 for a C-coil operator (none for a single coil,
-where A D s = S Σ_k d̂_k ŝ_k directly in k-space). Step τ = c / L with L = max_ω Σ_k |d̂_k(ω)|² ≥ ‖A D‖².
+Solvers (``solver``): ADMM (:mod:`recon.admm`: x = D s and u = s split off, the codes solved exactly per
+frequency, the image by warm-started CG) or FISTA (:mod:`recon.solvers`). One FISTA gradient costs 2K FFTs
+(codes ↔ Fourier) plus 2C + 2 for a C-coil operator (none for a single coil, where A D s = S Σ_k d̂_k ŝ_k directly
+in k-space); step τ = c / L with L = max_ω Σ_k |d̂_k(ω)|² ≥ ‖A D‖². Both stop each slice by a tolerance
+(:mod:`recon.stopping`) under the ``iterations`` cap and report the iterations used and the final relative change.
 Inputs and outputs use the centred layout; internally everything runs in the native FFT layout.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -35,7 +39,9 @@ from cdl_lambda.recon.lambda_nets import LambdaNet
 from cdl_lambda.recon.lowpass import LowPassSplit
 from cdl_lambda.recon.noise import noise_level
 from cdl_lambda.recon.operators import make_operator
+from cdl_lambda.recon.admm import ADMM, Problem
 from cdl_lambda.recon.solvers import fista
+from cdl_lambda.recon.stopping import SolveInfo
 
 
 @dataclass
@@ -49,6 +55,8 @@ class ReconOutput:
     lambda_maps: torch.Tensor
     noise_std: torch.Tensor
     residual_to_noise: torch.Tensor
+    iterations_used: torch.Tensor | None = None       # (B,) solver iterations each slice took (≤ the cap)
+    final_relative_change: torch.Tensor | None = None  # (B,) the stopping measure at the last iteration
 
 
 DEFAULT_SCALAR_LAMBDA = 1.0  # noise units; with β = DEFAULT_SCALAR_BETA the best pair on the validation split
@@ -56,18 +64,31 @@ DEFAULT_SCALAR_BETA = 3.0
 NETWORK_INPUT_SCALE = 0.25   # the network sees x₀ / (4σ): inputs of a few units at SNR 5–50
 
 
+SOLVERS = ("admm", "fista")
+
+
 class CDLLambda(nn.Module):
     """The CDL-Λ reconstruction. ``lambda_net=None`` gives the classical baseline with one scalar λ for all
     filters and pixels (``scalar_lambda``, in noise units). ``cg_iterations``: conjugate-gradient steps of the
-    multi-coil low-pass part. ``compiled`` fuses the FISTA element-wise work with ``torch.compile`` where no
-    gradient is built."""
+    multi-coil low-pass part.
+
+    Solver: ``"admm"`` (:mod:`recon.admm`, the structure-aware splitting) or ``"fista"`` (:mod:`recon.solvers`);
+    ``iterations`` is the cap and ``tolerance`` the stopping rule (0: always run the cap): FISTA stops an item when
+    the relative change of its codes ‖s⁺ − s‖/‖s⁺‖ is at most ``tolerance``, ADMM when its relative primal residual
+    and change are. ``compiled`` fuses FISTA's element-wise work with ``torch.compile`` where no gradient is
+    built."""
 
     def __init__(self, lambda_net: LambdaNet | None = None, beta: float = 1.0, iterations: int = 64,
                  grad_iterations: int = 8, step_factor: float = 0.99, inertia: float = 3.0,
-                 scalar_lambda: float = DEFAULT_SCALAR_LAMBDA, cg_iterations: int = 12, compiled: bool = False):
+                 scalar_lambda: float = DEFAULT_SCALAR_LAMBDA, cg_iterations: int = 12, compiled: bool = False,
+                 solver: str = "fista", tolerance: float = 0.0, admm: ADMM | None = None):
         super().__init__()
         if not 0 < step_factor < 1:
             raise ValueError(f"step_factor must be in (0, 1), got {step_factor}")
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}: one of {', '.join(SOLVERS)}")
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be ≥ 0, got {tolerance}")
         self.lambda_net = lambda_net
         self.split = LowPassSplit(beta)
         self.iterations = iterations
@@ -77,6 +98,9 @@ class CDLLambda(nn.Module):
         self.scalar_lambda = scalar_lambda
         self.cg_iterations = cg_iterations
         self.compiled = compiled
+        self.solver = solver
+        self.tolerance = tolerance
+        self.admm = admm or ADMM()
 
     def lambda_maps(self, x0_centred: torch.Tensor, dictionary: Dictionary) -> torch.Tensor:
         """Λ ``(B, K, ny, nx)`` in noise units from the zero-filled image in noise units (centred layout)."""
@@ -93,6 +117,22 @@ class CDLLambda(nn.Module):
         same shape; mask ``(ny, nx)`` or ``(B, ny, nx)``; noise_std: σ per batch item (None: estimated)."""
         iterations = self.iterations if iterations is None else iterations
         grad_iterations = self.grad_iterations if grad_iterations is None else grad_iterations
+        scan = self._scan_in_noise_units(kspace, mask, coil_maps, noise_std)      # checks, σ, native layout
+        x0 = scan.op.adjoint(scan.y)
+        x_low = self._low_pass(scan, x0)                                           # (PH)
+        lam = self.lambda_maps(_fft.from_native(x0), dictionary).to(x0.real.dtype)  # Λ = NET_Θ(x₀, D)
+        codes, info = self._solve(scan, x_low, _fft.to_native(lam), dictionary,    # (PR)
+                                  iterations, grad_iterations)
+        image = x_low + _fft.ifft2(dictionary.synthesize_fourier(_fft.fft2(codes)))  # x* = x_L + D s*
+        if scan.support is not None:
+            image, x_low = image * scan.support, x_low * scan.support
+        return self._output(scan, image, x0, x_low, lam, info)
+
+    # ---- the steps of forward ------------------------------------------------------------------------------
+    @staticmethod
+    def _scan_in_noise_units(kspace, mask, coil_maps, noise_std) -> SimpleNamespace:
+        """Check the input, find σ, and return the scan in noise units and native layout: ``y``, the operator
+        ``op``, ``sigma`` (B,), ``maps`` and the maps' ``support`` (None for a single coil)."""
         multi = coil_maps is not None
         if kspace.ndim != (4 if multi else 3):
             raise ValueError(f"k-space must be {'(B, C, ny, nx) with coil maps' if multi else '(B, ny, nx)'}, "
@@ -106,25 +146,36 @@ class CDLLambda(nn.Module):
             noise_std = noise_level(kspace if multi else kspace.unsqueeze(1), sample_mask)[0]
         sigma = torch.as_tensor(noise_std, dtype=kspace.real.dtype, device=kspace.device).reshape(-1)
         sigma = sigma.expand(batch).clamp_min(torch.finfo(sigma.dtype).tiny)
-
-        native_mask = _fft.to_native(mask)
         maps = _fft.to_native(coil_maps.to(kspace.dtype)) if multi else None
-        op = make_operator(native_mask, maps, centred=False)
+        op = make_operator(_fft.to_native(mask), maps, centred=False)
         y = _fft.to_native(kspace) / sigma.view(-1, *(1,) * (kspace.ndim - 1))
-        x0 = op.adjoint(y)
-        if multi:
-            x_low = self.split.data_consistent(op, x0, self.cg_iterations)
-        else:
-            x_low = self.split(x0)
-        residual_data = y - op.forward(x_low)
-        b_hat = residual_data if not multi else _fft.fft2(op.adjoint(residual_data))
+        support = (maps.abs().pow(2).sum(dim=-3) > 0).to(y.real.dtype) if multi else None
+        return SimpleNamespace(y=y, op=op, sigma=sigma, multi=multi, support=support)
 
-        x0_centred = _fft.from_native(x0)
-        lam = self.lambda_maps(x0_centred, dictionary).to(x0.real.dtype)
-        lam_native = _fft.to_native(lam)
+    def _low_pass(self, scan, x0: torch.Tensor) -> torch.Tensor:
+        """x_L: the paper's filter for one coil, the data-consistent CG solve for several."""
+        if scan.multi:
+            return self.split.data_consistent(scan.op, x0, self.cg_iterations)
+        return self.split(x0)
 
-        shape = tuple(x0.shape[-2:])
-        d_hat = dictionary.spectra(shape, x0.device, x0.dtype)
+    def _solve(self, scan, x_low, lam, dictionary: Dictionary, iterations: int,
+               grad_iterations: int) -> tuple[torch.Tensor, SolveInfo]:
+        """s* of (PR) for y′ = y − A x_L with the chosen solver, its cap and stopping rule."""
+        residual_data = scan.y - scan.op.forward(x_low)
+        shape = tuple(x_low.shape[-2:])
+        d_hat = dictionary.spectra(shape, x_low.device, x_low.dtype)
+        if self.solver == "admm":
+            problem = Problem(d_hat, lam, scan.op.adjoint(residual_data),
+                              normal=scan.op.normal if scan.multi else None,
+                              mask=None if scan.multi else scan.op.mask, y_hat=None if scan.multi else residual_data)
+            return self.admm(problem, iterations, self.tolerance, grad_iterations)
+        return self._fista(scan, residual_data, lam, dictionary, d_hat, iterations, grad_iterations)
+
+    def _fista(self, scan, residual_data, lam, dictionary, d_hat, iterations, grad_iterations):
+        """FISTA with the step τ = c / ‖D‖² (≥ 1/‖A D‖² since ‖A‖ ≤ 1), fused in the Fourier domain."""
+        op = scan.op
+        b_hat = _fft.fft2(op.adjoint(residual_data)) if scan.multi else residual_data
+        shape = tuple(d_hat.shape[-2:])
         step = self.step_factor / dictionary.lipschitz(shape)
         step_conj = step * d_hat.conj()
 
@@ -134,19 +185,21 @@ class CDLLambda(nn.Module):
             residual = op.normal_fourier(dictionary.synthesize_fourier(z_hat)) - b_hat
             return _fft.ifft2(torch.addcmul(z_hat, residual.unsqueeze(1), step_conj, value=-1))
 
-        codes0 = torch.zeros(batch, dictionary.num_filters, *shape, dtype=x0.dtype, device=x0.device)
-        codes = fista(forward_step, step * lam_native, codes0, iterations, grad_iterations, self.inertia,
-                      compiled=self.compiled)
-        image = x_low + _fft.ifft2(dictionary.synthesize_fourier(_fft.fft2(codes)))
-        if multi:
-            support = (maps.abs().pow(2).sum(dim=-3) > 0).to(image.real.dtype)
-            image, x_low = image * support, x_low * support
-        with torch.no_grad():
-            residual = op.forward(image) - y
-            measured = op.mask.expand(y.shape).sum(dim=tuple(range(1, y.ndim))).clamp_min(1)
-            ratio = (residual.abs().pow(2).sum(dim=tuple(range(1, y.ndim))) / measured).sqrt()
+        codes0 = torch.zeros(residual_data.shape[0], dictionary.num_filters, *shape, dtype=d_hat.dtype,
+                             device=d_hat.device)
+        return fista(forward_step, step * lam, codes0, iterations, grad_iterations, self.inertia,
+                     compiled=self.compiled, tolerance=self.tolerance, with_info=True)
 
-        rescale = sigma[:, None, None]
-        return ReconOutput(image=_fft.from_native(image) * rescale, zero_filled=x0_centred * rescale,
-                           low_pass=_fft.from_native(x_low) * rescale, lambda_maps=lam, noise_std=sigma,
-                           residual_to_noise=ratio)
+    @staticmethod
+    def _output(scan, image, x0, x_low, lam, info: SolveInfo) -> ReconOutput:
+        """Back to the centred layout and the input's units, with the data residual relative to the noise."""
+        y = scan.y
+        with torch.no_grad():
+            residual = scan.op.forward(image) - y
+            measured = scan.op.mask.expand(y.shape).sum(dim=tuple(range(1, y.ndim))).clamp_min(1)
+            ratio = (residual.abs().pow(2).sum(dim=tuple(range(1, y.ndim))) / measured).sqrt()
+        rescale = scan.sigma[:, None, None]
+        return ReconOutput(image=_fft.from_native(image) * rescale, zero_filled=_fft.from_native(x0) * rescale,
+                           low_pass=_fft.from_native(x_low) * rescale, lambda_maps=lam, noise_std=scan.sigma,
+                           residual_to_noise=ratio, iterations_used=info.iterations,
+                           final_relative_change=info.relative_change)

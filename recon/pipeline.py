@@ -87,6 +87,8 @@ class ReconResult:
     coil_maps: np.ndarray | None
     noise_std: np.ndarray | None = None          # (slices,) σ per complex k-space sample
     residual_to_noise: np.ndarray | None = None  # (slices,) ‖A x* − y‖ / (σ √M)
+    iterations_used: np.ndarray | None = None    # (slices,) solver iterations (stopping rule, ≤ the cap)
+    final_relative_change: np.ndarray | None = None  # (slices,) the stopping measure at the last iteration
 
 
 class Reconstructor:
@@ -184,7 +186,9 @@ class Reconstructor:
                            zero_filled=torch.cat([p.zero_filled for p in parts]).cpu().numpy(),
                            lambda_maps=torch.cat([p.lambda_maps.float() for p in parts]).cpu().numpy(),
                            coil_maps=None if maps is None else maps.cpu().numpy(), noise_std=sigma.cpu().numpy(),
-                           residual_to_noise=torch.cat([p.residual_to_noise.float() for p in parts]).cpu().numpy())
+                           residual_to_noise=torch.cat([p.residual_to_noise.float() for p in parts]).cpu().numpy(),
+                           iterations_used=_joined([p.iterations_used for p in parts]),
+                           final_relative_change=_joined([p.final_relative_change for p in parts]))
 
 
 # ------------------------------------------------------------------------------------------------------- the door
@@ -229,7 +233,8 @@ class SliceOutcome:
     noise_std: float | None = None
     noise_source: str = ""
     residual_to_noise: float | None = None
-    iterations: int | None = None
+    iterations_used: int | None = None          # the solver's iterations (its stopping rule, at most the cap)
+    final_relative_change: float | None = None  # the stopping measure at the last iteration
     status: str = ""
     device: str = "cpu"
     note: str = ""
@@ -301,6 +306,11 @@ def _failed(data: SliceData, error: Exception, partitions: Sequence[int] | None 
             for z in (range(max(data.partitions, 1)) if partitions is None else partitions)]
 
 
+def _joined(parts: list) -> np.ndarray | None:
+    """Per-batch ``(B,)`` tensors joined into one array; None when the model did not report them."""
+    return None if any(p is None for p in parts) else torch.cat(list(parts)).cpu().numpy()
+
+
 def _scalar(values, i: int) -> int | float | None:
     if values is None:
         return None
@@ -321,7 +331,9 @@ def _solve(reconstructor, batch: list[PreparedSlice], note: str = "") -> list[Sl
     return [SliceOutcome(source=one.source, partition=one.partition, image=image[i], zero_filled=zero_filled[i],
                          lambda_maps=None if lambdas is None else lambdas[i], noise_std=one.noise_std,
                          noise_source=one.noise_source, residual_to_noise=_scalar(ratios, i),
-                         iterations=_scalar(getattr(out, "iterations", None), i), status=one.source.status,
+                         iterations_used=_scalar(getattr(out, "iterations_used", None), i),
+                         final_relative_change=_scalar(getattr(out, "final_relative_change", None), i),
+                         status=one.source.status,
                          device=device, note="; ".join(n for n in (one.note, note) if n))
             for i, one in enumerate(batch)]
 

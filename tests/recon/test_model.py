@@ -112,9 +112,9 @@ def test_device_choice():
 
 
 def test_compiled_fista_kernel_matches_eager(monkeypatch):
-    from cdl_lambda.recon import solvers
-    from cdl_lambda.recon.solvers import compile_available
-    monkeypatch.setattr(solvers, "COMPILE_MIN_WORK", 0)  # compile even this small solve
+    from cdl_lambda.recon import compiled
+    from cdl_lambda.recon.compiled import compile_available
+    monkeypatch.setattr(compiled, "COMPILE_MIN_WORK", 0)  # compile even this small solve
     if not compile_available(torch.device("cpu")):
         pytest.skip("no C++ compiler for torch.compile")
     x = phantom(*SHAPE).unsqueeze(0)

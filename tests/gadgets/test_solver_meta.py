@@ -1,0 +1,18 @@
+"""The image meta says where the solver's stopping rule stopped (and nothing when the outcome does not know)."""
+
+from types import SimpleNamespace
+
+from cdl_lambda.gadgets.image_output import noise_meta
+
+
+def test_meta_carries_iterations_used_and_final_relative_change():
+    outcome = SimpleNamespace(noise_source="noise scan", noise_std=1.0, residual_to_noise=1.02, iterations_used=37,
+                              final_relative_change=0.009312)
+    meta = noise_meta(outcome)
+    assert meta["CDL_IterationsUsed"] == "37"
+    assert float(meta["CDL_FinalRelativeChange"]) == 0.00931
+
+
+def test_meta_leaves_the_keys_out_when_unknown():
+    meta = noise_meta(SimpleNamespace(noise_source="", noise_std=None, residual_to_noise=None))
+    assert "CDL_IterationsUsed" not in meta and "CDL_FinalRelativeChange" not in meta
