@@ -118,8 +118,10 @@ class ScanSession:
         ``one``; logged at WARNING unless ok."""
         found = self.assessments.get(id(source)) or Assessment()
         assessment = Assessment(found.status, list(found.reasons), found.measured_lines, found.expected_lines)
+        iterations = getattr(outcome, "iterations_used", None)
         reason = residual_reason(getattr(outcome, "residual_to_noise", None),
-                                 getattr(outcome, "noise_source", "") == NOISE_FROM_SCAN)
+                                 getattr(outcome, "noise_source", "") == NOISE_FROM_SCAN,
+                                 self.params.iterations if iterations is None else int(iterations))
         if reason:
             assessment.add(reason)
         if assessment.status != OK:

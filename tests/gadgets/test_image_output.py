@@ -56,6 +56,8 @@ def test_residual_far_from_the_noise_marks_the_slice_incomplete_when_the_noise_w
     assert "2.90x the noise" in residual_reason(2.9) and "do not fit" in residual_reason(2.9)
     assert "follows the noise" in residual_reason(RESIDUAL_BAND[0] - 0.05)
     assert residual_reason(float("nan")) and residual_reason(2.9, noise_measured=False) == ""
+    # a solve stopped before it could reach the noise is not judged on its residual; a converged one is
+    assert residual_reason(1.31, iterations=2) == "" and "do not fit" in residual_reason(1.31, iterations=8)
 
 
 def test_display_window_serves_soft_tissue_not_the_bright_ring():

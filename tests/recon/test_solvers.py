@@ -101,7 +101,7 @@ def test_a_new_process_compiles_with_a_log_line_and_no_deprecation_warning(tmp_p
     if not compile_available(torch.device("cpu")):
         pytest.skip("no C++ compiler for torch.compile")
     code = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
-            "from recon import compiled, solvers; compiled.COMPILE_MIN_WORK = 0\n"
+            "from cdl_lambda.recon import compiled, solvers; compiled.COMPILE_MIN_WORK = 0\n"
             "x = torch.randn(1, 2, 8, 8, dtype=torch.complex64)\n"
             "with torch.no_grad(): solvers.fista(lambda z: z - 0.5 * (z - x), torch.full((1, 2, 8, 8), 0.1), "
             "torch.zeros_like(x), 3, compiled=True)\n")
