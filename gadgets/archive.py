@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from cdl_lambda.gadgets import replay as single
+from cdl_lambda.gadgets.settings import parse_param_items
 
 log = logging.getLogger(__name__)
 SUFFIXES = (".h5",)
@@ -62,15 +63,7 @@ def check_folder(out: Path) -> None:
 
 
 def parameters_of(args) -> dict:
-    parameters = {}
-    for item in args.param:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise single.UsageError(f"--param {item!r} is not NAME=VALUE")
-        parameters[name.strip()] = value.strip()
-    if args.device:
-        parameters["device"] = args.device
-    return parameters
+    return parse_param_items(args.param, args.device)
 
 
 def reconstruct_one(source: Path, target: Path, args, parameters: dict, local_server) -> tuple[bool, str]:

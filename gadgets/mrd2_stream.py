@@ -45,19 +45,14 @@ def main(args) -> int:
 
     from cdl_lambda.gadgets import mrd2
     from cdl_lambda.gadgets.client import Peer
-    from cdl_lambda.gadgets.replay import DEFAULT_CONFIG, UsageError, check_request
+    from cdl_lambda.gadgets.replay import DEFAULT_CONFIG, check_request
+    from cdl_lambda.gadgets.settings import parse_param_items
     from cdl_lambda.gadgets.wire import MSG_ERROR, MSG_IMAGE
 
     output = _protected_stdout()
     parameters = {}
     try:
-        for item in args.param:
-            name, sep, value = item.partition("=")
-            if not sep:
-                raise UsageError(f"--param {item!r} is not NAME=VALUE")
-            parameters[name.strip()] = value.strip()
-        if args.device:
-            parameters["device"] = args.device
+        parameters = parse_param_items(args.param, args.device)
         check_request(argparse.Namespace(server=None, chain=args.chain), parameters)
         opened = mrd2.open_mrd2(args.input)
         header_xml, _, acquisitions = mrd2.read_mrd2(args.input, opened)

@@ -27,6 +27,7 @@ from cdl_lambda.gadgets.errors import UsageError
 from cdl_lambda.gadgets.image_output import png_bytes
 from cdl_lambda.gadgets.output_files import OutputError, check_output, save
 from cdl_lambda.gadgets.provenance import ignored_parameters
+from cdl_lambda.gadgets.settings import parse_param_items
 from cdl_lambda.gadgets.wire import MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, MSG_TEXT
 from cdl_lambda.gadgets.client import Peer, port_of
 
@@ -363,13 +364,7 @@ def _main(args) -> int:
     try:
         if not path.exists() and str(path) != "-":
             raise UsageError(f"input file {path} does not exist")
-        for item in args.param:
-            name, sep, value = item.partition("=")
-            if not sep:
-                raise UsageError(f"--param {item!r} is not NAME=VALUE")
-            parameters[name.strip()] = value.strip()
-        if args.device:
-            parameters["device"] = args.device
+        parameters = parse_param_items(args.param, args.device)
         check_request(args, parameters)
         out = Path(args.out)
         previews = None if args.no_previews else (

@@ -29,7 +29,7 @@ from cdl_lambda.gadgets.client import port_of
 from cdl_lambda.gadgets.devices import check_available, device_argument
 from cdl_lambda.gadgets.handler import CDLLambdaGadget
 from cdl_lambda.gadgets import memory_budget
-from cdl_lambda.gadgets.settings import Parameters, ReconstructorCache
+from cdl_lambda.gadgets.settings import Parameters, ReconstructorCache, parse_param_items
 from cdl_lambda.gadgets.transport import DRAIN_SECONDS, drain_and_close
 from cdl_lambda.gadgets.connection import RobustConnection
 from cdl_lambda.gadgets.wire import encode_close, encode_error
@@ -153,12 +153,7 @@ def add_arguments(parser) -> None:
 def server_parameters(items: list[str]) -> dict:
     """``{name: value}`` of ``--param NAME=VALUE`` items, checked as gadget properties (ValueError naming the bad
     one)."""
-    parameters = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"--param {item!r} is not NAME=VALUE")
-        parameters[name.strip()] = value.strip()
+    parameters = parse_param_items(items)
     Parameters.from_sources(parameters)
     return parameters
 

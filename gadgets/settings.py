@@ -127,3 +127,18 @@ class ReconstructorCache:
                 self.loads += 1
                 log.info("loaded reconstructor %s in %.2f s", dict(key), time.perf_counter() - start)
             return self._items[key]
+
+
+def parse_param_items(items: list[str], device: str | None = None) -> dict:
+    """``{name: value}`` of command-line ``--param NAME=VALUE`` items (and ``--device`` as ``device``);
+    :class:`gadgets.errors.UsageError` naming an item that is not NAME=VALUE."""
+    from cdl_lambda.gadgets.errors import UsageError
+    parameters = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--param {item!r} is not NAME=VALUE")
+        parameters[name.strip()] = value.strip()
+    if device:
+        parameters["device"] = device
+    return parameters
