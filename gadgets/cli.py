@@ -9,13 +9,13 @@ import argparse
 import logging
 import sys
 
-from cdl_lambda.gadgets import dicom_export, mrd2_stream, replay, server, site_dictionary
+from cdl_lambda.gadgets import dicom_export, mrd2_stream, replay, serve, site_dictionary
 from cdl_lambda.gadgets.provenance import software_version
 
 PRODUCT = {
     # name: (module, one-line help)
     "replay": (replay, "stream a recorded ISMRMRD file through the gadget and write the images"),
-    "serve": (server, "warm server: keep torch and the weights loaded, serve scan after scan"),
+    "serve": (serve, "warm server: keep torch and the weights loaded, serve scan after scan"),
     "stream": (mrd2_stream, "MRD 2 stream on stdin → images as an MRD 2 stream on stdout (a Unix pipe node)"),
     "export-dicom": (dicom_export, "write an ISMRMRD images file as DICOM, one series per image series"),
     "dictionary": (site_dictionary, "import a site's own dictionary (.npy/.pt/.mat), list the dictionaries"),

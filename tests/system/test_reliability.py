@@ -446,7 +446,7 @@ def test_serve_refuses_to_start_with_bad_weights(tamper, tmp_path, monkeypatch, 
 
 
 def test_startup_check_passes_with_good_weights(tmp_path, monkeypatch):
-    from cdl_lambda.gadgets.server import check_startup
+    from cdl_lambda.gadgets.serve import check_startup
     monkeypatch.setenv("CDL_LAMBDA_WEIGHTS", str(_weights_dir(tmp_path, None)))
     assert check_startup(None).default
 

@@ -31,7 +31,7 @@ def _calls(path: Path):
 def test_default_bind_is_localhost():
     import argparse
 
-    from cdl_lambda.gadgets import server
+    from cdl_lambda.gadgets import serve as server
     parser = argparse.ArgumentParser()
     server.add_arguments(parser)
     assert parser.parse_args([]).host == "127.0.0.1"
