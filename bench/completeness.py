@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import publish  # noqa: E402 - after the path set-up
-from cdl_lambda.gadgets.replay import read_recording  # noqa: E402 - after the path set-up
+from cdl_lambda.gadgets.recording import read_recording  # noqa: E402 - after the path set-up
 from cdl_lambda.gadgets.scan import ScanSession  # noqa: E402 - after the path set-up
 from cdl_lambda.gadgets.settings import Parameters, ReconstructorCache  # noqa: E402 - after the path set-up
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from bench.report import publish
 
 from cdl_lambda.gadgets.client import Peer
-from cdl_lambda.gadgets.replay import read_recording, stream
+from cdl_lambda.gadgets.recording import read_recording, stream
 from cdl_lambda.lab.acquisition import Scan, Setting
 from cdl_lambda.lab.images import load_source, SourceUnavailable
 from cdl_lambda.lab.mrd_writer import write_ismrmrd

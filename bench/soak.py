@@ -96,7 +96,7 @@ def synthetic_acquisitions(matrix: int, coils: int, slices: int = 1, seed: int =
 
 
 def example_scan() -> tuple[str, list[bytes]]:
-    from cdl_lambda.gadgets.replay import read_recording
+    from cdl_lambda.gadgets.recording import read_recording
     header, _, acquisitions = read_recording(EXAMPLE)
     return header.decode(), [encode_item(acq) for acq in acquisitions]
 

@@ -377,7 +377,7 @@ def main(args) -> int:
         check_folder(args.folder)
         images, header = read_images(args.images, args.group)
         if args.header:
-            from cdl_lambda.gadgets.replay import read_recording
+            from cdl_lambda.gadgets.recording import read_recording
             from cdl_lambda.gadgets.wire import parse_ismrmrd_header
             header = parse_ismrmrd_header(read_recording(args.header)[0])
     except ValueError as error:

@@ -13,7 +13,7 @@ streaming ``ismrmrd`` objects.
 - Images: header fields (``col_dir``/``line_dir`` = ``read_dir``/``phase_dir``), data ``(channels, z, y, x)`` in
   both, meta as string/int/float lists.
 
-Reading: :func:`read_mrd2` gives what :func:`gadgets.replay.read_recording` gives (header XML, count or None,
+Reading: :func:`read_mrd2` gives what :func:`gadgets.recording.read_recording` gives (header XML, count or None,
 iterator of ``ismrmrd.Acquisition``), from a ``.mrd`` file or ``-`` (stdin), without reading it all first.
 """
 
@@ -294,10 +294,10 @@ def open_mrd2(path):
 
 
 def read_input(path, dataset: str = "dataset"):
-    """:func:`read_mrd2` for an MRD 2 path (``.mrd``, ``-``), else :func:`gadgets.replay.read_recording`."""
+    """:func:`read_mrd2` for an MRD 2 path (``.mrd``, ``-``), else :func:`gadgets.recording.read_recording`."""
     if is_mrd2_path(path):
         return read_mrd2(path)
-    from cdl_lambda.gadgets.replay import read_recording
+    from cdl_lambda.gadgets.recording import read_recording
     return read_recording(path, dataset)
 
 
@@ -332,7 +332,7 @@ def save_mrd2(result, out: Path, previews: Path | None) -> dict[int, int]:
     leaves the old output as it was), then the PNG previews; returns the image count per series."""
     import os
     import tempfile
-    from cdl_lambda.gadgets.replay import write_previews
+    from cdl_lambda.gadgets.output_files import write_previews
     handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(handle)
     try:
@@ -342,7 +342,7 @@ def save_mrd2(result, out: Path, previews: Path | None) -> dict[int, int]:
         if os.path.exists(temporary):
             os.unlink(temporary)
     if previews is not None:
-        log.info("previews: %d PNG in %s", len(write_previews(result, previews)), previews)
+        write_previews(result.images, previews, out)
     counts: dict[int, int] = {}
     for image in result.images:
         counts[int(image.image_series_index)] = counts.get(int(image.image_series_index), 0) + 1
@@ -363,7 +363,7 @@ def write_mrd2_images(images: list, header_xml: bytes | None, target) -> int:
 def convert_file(source, target) -> int:
     """An ISMRMRD 1 raw file (HDF5) as an MRD 2 stream file (``-``: stdout); returns the acquisitions written."""
     import mrd
-    from cdl_lambda.gadgets.replay import read_recording
+    from cdl_lambda.gadgets.recording import read_recording
     xml, _, acquisitions = read_recording(source)
     count = 0
 

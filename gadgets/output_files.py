@@ -111,16 +111,22 @@ def save(images, out: Path, group: str = "dataset", previews: Path | None = None
     data, counts = hdf5_bytes(images, group)
     replace_file(out, data)
     if previews is not None:
-        try:
-            previews.mkdir(exist_ok=True)
-            for old in previews.iterdir():
-                if PREVIEW_NAME.match(old.name):
-                    old.unlink()
-            for image in images:
-                name = f"image_{int(image.image_series_index)}_{int(image.image_index):04d}.png"
-                replace_file(previews / name, png_bytes(image.data[0, 0]))
-        except OSError as error:
-            raise OutputError(f"{out} was written, but the previews in {previews} were not: "
-                              f"{error.strerror or error}") from None
-        log.info("previews: %d PNG in %s", len(images), previews)
+        write_previews(images, previews, out)
     return counts
+
+
+def write_previews(images, previews: Path, out: Path) -> None:
+    """Replace the previews of the old output ``out`` in ``previews`` by one 8-bit PNG per image (first channel,
+    first partition: ``image_<series>_<index>.png``); OutputError when they cannot be written."""
+    try:
+        previews.mkdir(exist_ok=True)
+        for old in previews.iterdir():
+            if PREVIEW_NAME.match(old.name):
+                old.unlink()
+        for image in images:
+            name = f"image_{int(image.image_series_index)}_{int(image.image_index):04d}.png"
+            replace_file(previews / name, png_bytes(image.data[0, 0]))
+    except OSError as error:
+        raise OutputError(f"{out} was written, but the previews in {previews} were not: "
+                          f"{error.strerror or error}") from None
+    log.info("previews: %d PNG in %s", len(images), previews)

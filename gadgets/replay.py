@@ -18,15 +18,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
-import ismrmrd
-import numpy as np
 
 from cdl_lambda.gadgets.devices import check_available, device_argument
 from cdl_lambda.gadgets.errors import UsageError
-from cdl_lambda.gadgets.image_output import png_bytes
 from cdl_lambda.gadgets.output_files import OutputError, check_output, save
 from cdl_lambda.gadgets.provenance import ignored_parameters
+from cdl_lambda.gadgets.recording import expected_images
 from cdl_lambda.gadgets.settings import parse_param_items
 from cdl_lambda.gadgets.wire import MSG_ERROR, MSG_IMAGE, MSG_IMAGE_ARRAY, MSG_TEXT
 from cdl_lambda.gadgets.client import Peer, port_of
@@ -34,7 +31,6 @@ from cdl_lambda.gadgets.client import Peer, port_of
 log = logging.getLogger(__name__)
 EXAMPLE = Path(__file__).resolve().parent / "examples" / "shepp_logan_128_4coils.h5"
 DEFAULT_CONFIG = "cdl_lambda.xml"
-CHUNK = 256
 
 
 @dataclass
@@ -52,50 +48,6 @@ class ReplayResult:
         for image in self.images:
             groups.setdefault(int(image.image_series_index), []).append(image)
         return groups
-
-
-def read_recording(path: str | Path, dataset: str = "dataset"):
-    """(header XML bytes, acquisition count, iterator of acquisitions) of an ISMRMRD file; ValueError on a file that
-    is missing, truncated or not ISMRMRD.
-
-    Read with h5py in blocks of ``CHUNK`` records rather than ``ismrmrd.Dataset.read_acquisition`` one record at a
-    time: a long scan streams without a Python call per HDF5 read, and a truncated file or a record whose sample
-    count disagrees with its header is named (which record, what it holds) instead of failing inside the reader.
-    The records are still decoded by ``ismrmrd.Acquisition`` (and files are written with ``ismrmrd.Dataset``)."""
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as error:
-        raise ValueError(f"cannot read {path}: not a readable HDF5 file ({error})") from None
-    if dataset not in handle or "xml" not in handle[dataset]:
-        handle.close()
-        raise ValueError(f"{path} has no ISMRMRD dataset {dataset!r} with an XML header")
-    group = handle[dataset]
-    header = group["xml"][0]
-    header = header.encode() if isinstance(header, str) else bytes(header)
-    count = group["data"].shape[0] if "data" in group else 0
-
-    def acquisitions():
-        try:
-            for start in range(0, count, CHUNK):
-                try:
-                    block = group["data"][start:start + CHUNK]
-                except (OSError, KeyError) as error:
-                    raise ValueError(f"{path}: acquisitions {start}… are unreadable (truncated file?): {error}") \
-                        from None
-                for record in block:
-                    acq = ismrmrd.Acquisition(record["head"])
-                    values = record["data"].view(np.complex64)
-                    if values.size != acq.active_channels * acq.number_of_samples:
-                        raise ValueError(f"{path}: acquisition {acq.scan_counter} holds {values.size} samples, its "
-                                         f"header says {acq.active_channels}×{acq.number_of_samples}")
-                    acq.data[:] = values.reshape(acq.active_channels, acq.number_of_samples)
-                    if acq.traj.size:
-                        acq.traj[:] = record["traj"].reshape(acq.number_of_samples, acq.trajectory_dimensions)
-                    yield acq
-        finally:
-            handle.close()
-
-    return header, count, acquisitions()
 
 
 def stream(peer: Peer, header: bytes, acquisitions, config: str, parameters: dict | None = None,
@@ -155,27 +107,6 @@ def stream(peer: Peer, header: bytes, acquisitions, config: str, parameters: dic
     return result
 
 
-def expected_images(path: str | Path, dataset: str = "dataset") -> int | None:
-    """How many 2-D images the file's acquisitions should give (distinct slice/contrast/phase/repetition/set/average
-    counters of its non-noise readouts, times its partitions), for the progress bar; None when unreadable."""
-    try:
-        with h5py.File(path, "r") as handle:
-            heads = handle[dataset]["data"].fields("head")[:]
-            xml = handle[dataset]["xml"][0]
-    except (OSError, KeyError, ValueError):
-        return None
-    imaging = (heads["flags"] & (1 << (ismrmrd.ACQ_IS_NOISE_MEASUREMENT - 1))) == 0
-    idx = heads["idx"][imaging]
-    keys = {tuple(row) for row in zip(*(idx[name] for name in ("slice", "contrast", "phase", "repetition", "set",
-                                                                "average")))}
-    try:
-        from cdl_lambda.gadgets.encoding import read_encoding
-        partitions = read_encoding(ismrmrd.xsd.CreateFromDocument(xml)).nz
-    except Exception:  # noqa: BLE001 - only the progress bar's total depends on it
-        partitions = 1
-    return len(keys) * partitions or None
-
-
 def replay(path: str | Path, server: str | None = None, config: str | None = None, parameters: dict | None = None,
            progress: bool = False, dataset: str = "dataset", local_server=None) -> ReplayResult:
     """Stream ``path`` through the gadget: in-process over a socket pair, through the same connection code a warm
@@ -218,30 +149,6 @@ def replay(path: str | Path, server: str | None = None, config: str | None = Non
                 one.close()
         if handler is not None:
             handler.join(timeout=5)
-
-
-# ------------------------------------------------------------------------------------------------------ output
-def write_images(result: ReplayResult, out: str | Path, group: str = "dataset") -> dict[int, int]:
-    """Append images to ``out`` under ``<group>/image_<series>`` (ismrmrd.Dataset layout); returns counts."""
-    counts: dict[int, int] = {}
-    with ismrmrd.Dataset(str(out), group, create_if_needed=True) as target:
-        for image in result.images:
-            series = int(image.image_series_index)
-            target.append_image(f"image_{series}", image)
-            counts[series] = counts.get(series, 0) + 1
-    return counts
-
-
-def write_previews(result: ReplayResult, folder: str | Path) -> list[Path]:
-    """One PNG per returned image (first channel, first partition): ``image_<series>_<index>.png``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for image in result.images:
-        path = folder / f"image_{int(image.image_series_index)}_{int(image.image_index):04d}.png"
-        path.write_bytes(png_bytes(image.data[0, 0]))
-        paths.append(path)
-    return paths
 
 
 # --------------------------------------------------------------------------------------------------------- CLI

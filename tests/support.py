@@ -79,7 +79,7 @@ def relative_error(image: np.ndarray, reference: np.ndarray) -> float:
 
 def read_file(path: Path):
     """(header bytes, list of acquisitions) of an ISMRMRD file."""
-    from cdl_lambda.gadgets.replay import read_recording
+    from cdl_lambda.gadgets.recording import read_recording
     header, _, acquisitions = read_recording(path)
     return header, list(acquisitions)
 

@@ -157,7 +157,8 @@ def test_unknown_weights_and_gadgetron_only_chains_are_refused_up_front(tmp_path
 def test_an_in_process_replay_opens_no_port_and_counts_its_slices(simple_file, accelerated_file, monkeypatch):
     import socket
 
-    from cdl_lambda.gadgets.replay import expected_images, replay
+    from cdl_lambda.gadgets.recording import expected_images
+    from cdl_lambda.gadgets.replay import replay
 
     def refuse(self, *args):
         raise AssertionError("an in-process replay must not listen on a port")

@@ -7,7 +7,9 @@ import numpy as np
 
 from support import ground_truth, relative_error, write_registry
 from cdl_lambda.gadgets import cli
-from cdl_lambda.gadgets.replay import png_bytes, replay, write_images
+from cdl_lambda.gadgets.image_output import png_bytes
+from cdl_lambda.gadgets.output_files import save
+from cdl_lambda.gadgets.replay import replay
 
 
 def test_replay_accelerated_file_counters_geometry_quality(accelerated_file, server):
@@ -59,8 +61,8 @@ def test_replay_and_server_give_bit_identical_images(accelerated_file, server):
 
 def test_write_images_and_png(tmp_path, accelerated_file, server):
     result = replay(accelerated_file, local_server=server)
-    counts = write_images(result, tmp_path / "o.h5")
-    assert counts == {1: 4}
+    counts = save(result.images, tmp_path / "o.h5", previews=tmp_path / "previews")
+    assert counts == {1: 4} and len(list((tmp_path / "previews").glob("image_1_*.png"))) == 4
     assert png_bytes(np.zeros((3, 5), np.float32)).startswith(b"\x89PNG")
 
 
