@@ -80,9 +80,14 @@ class ImageNumbers:
 
 
 def field_of_view(encoding, partitions: int) -> tuple:
-    """(x, y, z) mm of one image: recon x, encoded y, the recon slab divided among a 3-D volume's partitions."""
+    """(x, y, z) mm of one image, the one rule for every image of a scan (reconstructed, placeholder, array): in
+    plane the grid the slices are put on (``encoding.image_fov``) when known, else recon x and encoded y; through
+    plane the recon slab divided among a 3-D volume's partitions."""
     efov, rfov = encoding.encoded_fov, encoding.recon_fov
     z = rfov[2] / partitions if partitions > 1 else rfov[2]
+    image_fov = getattr(encoding, "image_fov", None)
+    if image_fov and all(image_fov[:2]):
+        return (image_fov[0], image_fov[1], z)
     return (rfov[0], efov[1], z)
 
 
@@ -222,8 +227,6 @@ def slice_images(one, outcome, params, *, identity: dict, chain: str, encoding, 
     ``assessment`` says so), then, as ``params`` asks, the zero-filled image and the Λ maps, each in its own series;
     every one carries ``CDL_Status``."""
     fov = field_of_view(encoding, one.partitions)
-    if getattr(encoding, "image_fov", None) and all(encoding.image_fov[:2]):  # the grid the slices were put on
-        fov = (encoding.image_fov[0], encoding.image_fov[1], fov[2])
     common = dict(field_of_view=fov, identity=identity, chain=chain, partition=one.partition,
                   partitions=one.partitions, slice_thickness=fov[2] if one.partitions > 1 else 0.0,
                   note=slice_note(outcome, assessment))

@@ -66,7 +66,8 @@ class TrainConfig:
     grad_iterations: int = 6       # T − T′: differentiated iterations
     base_channels: int = 8
     stages: int = 2
-    data: str = "multicoil"        # "multicoil": scans as the gadget gets them (lab.multicoil); "lowres": the paper's
+    data: str = "multicoil"        # "multicoil": scans as the gadget gets them (lab.multicoil); "lowres": the
+                                   # paper's single-coil central k-space window (lab.datasets)
     upper_bound: float = 6.0       # u_b of Λ = u_b · sigmoid(u), noise units
     initial_lambda: float = 1.0    # Λ at initialisation (sets the U-Net head's bias), noise units
     beta: float = 1.0              # initial β of the (PH) split
