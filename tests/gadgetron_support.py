@@ -338,3 +338,17 @@ def zero_filled_rss(path: Path) -> dict:
     return images
 
 
+def wait_for_port(port: int, process, log, timeout: float = 120) -> None:
+    """Return once something listens on 127.0.0.1:``port``; AssertionError with the tail of ``log`` when
+    ``process`` died first or ``timeout`` seconds passed."""
+    import socket
+    import time
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"process on port {port} did not start: {log.read_text()[-2000:]}") from None
+            time.sleep(0.1)

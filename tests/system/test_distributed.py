@@ -23,7 +23,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 import xml.etree.ElementTree as ET
 
@@ -44,23 +43,11 @@ EAGER = {"TORCHDYNAMO_DISABLE": "1"}
 PIXEL_TOLERANCE = 1e-4
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, log, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if process.poll() is not None or time.time() > deadline:
-                raise AssertionError(f"process on port {port} did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
-
-
 def _start(command: list, log, port: int, **env) -> subprocess.Popen:
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=gs.environment(**env),
                                    cwd=log.parent)
-    _wait_for_port(port, process, log)
+    gs.wait_for_port(port, process, log)
     return process
 
 

@@ -12,10 +12,8 @@ Skips when the build is absent (see ``gadgetron_support``).
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np
@@ -52,15 +50,7 @@ def warm_server(build, tmp_path_factory):
         process = subprocess.Popen([sys.executable, "-m", "cdl_lambda.gadgets.cli", "serve", "--port", str(port)],
                                    stdout=out, stderr=subprocess.STDOUT, env=gs.environment(), cwd=gs.ROOT)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"cdl-lambda serve did not start: {log.read_text()[-2000:]}")
-                time.sleep(0.2)
+        gs.wait_for_port(port, process, log)
         yield port, log
     finally:
         process.terminate()
