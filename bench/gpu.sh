@@ -24,7 +24,7 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
     timeout 180 python -m pip install -q "torch==${TORCH_VERSION}" || echo "torch ${TORCH_VERSION} not installed" >&2
 fi
 python -c "import recon, lab, skimage, scipy, nibabel, pytest" 2>/dev/null ||
-    timeout 120 python -m pip install -q -e ".[lab,test]" || echo "project dependencies not installed" >&2
+    timeout 120 python -m pip install -q -e ".[test]" -e ./lab || echo "project dependencies not installed" >&2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())" \
     | tee -a "$OUT/device.txt"
@@ -56,7 +56,7 @@ print(s / 60 + max(0.5, ($(left) - 60) / 60))")
     config=$(python -c "import torch; c = torch.load('$burst', weights_only=True)['config']; print(' '.join(
         f'--{k.replace(\"_\", \"-\")} {v}' for k, v in c.items() if v is not None and k not in
         ('method', 'time_limit_min', 'validate_every', 'weights_dir')))")
-    timeout $(( $(left) > 30 ? $(left) - 10 : 20 )) python -m gadgets.cli train --resume --device cuda \
+    timeout $(( $(left) > 30 ? $(left) - 10 : 20 )) python -m cdl_lambda.lab.cli train --resume --device cuda \
         --method v3 $config --validate-every 100000 --time-limit-min "$minutes" --checkpoint "$burst" \
         > "$OUT/burst.log" 2>&1 || echo "training burst stopped by its time limit" >&2
     python -c "import torch; s = torch.load('$burst', weights_only=True); print('burst checkpoint at step', s['step'])" \

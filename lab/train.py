@@ -142,7 +142,7 @@ def training_dictionaries(registry: WeightsRegistry, config: TrainConfig) -> tup
     train = [registry.dictionary(n) for n, e in sorted(registry.dictionaries.items()) if e.get("split") == "train"]
     val = [registry.dictionary(n) for n, e in sorted(registry.dictionaries.items()) if e.get("split") != "train"]
     if not train:
-        raise RuntimeError("the weights manifest lists no training dictionaries: run `cdl-lambda learn-dictionary "
+        raise RuntimeError("the weights manifest lists no training dictionaries: run `cdl-lambda-lab learn-dictionary "
                            "--family` first")
     return train, val or train
 

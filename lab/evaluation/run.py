@@ -48,7 +48,7 @@ class Volume:
 
 @dataclass
 class Settings:
-    """What ``cdl-lambda evaluate`` runs (see its ``--help``)."""
+    """What ``cdl-lambda-lab evaluate`` runs (see its ``--help``)."""
 
     size: int = 96
     slices: int = 6
@@ -68,7 +68,7 @@ class Settings:
     output_dir: str = "evaluation"
     name: str = "evaluation"
     threads: int = 1
-    command_line: str = "cdl-lambda evaluate"
+    command_line: str = "cdl-lambda-lab evaluate"
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
