@@ -158,7 +158,7 @@ def run_evaluation(settings: Settings) -> str:
         raise lab_images.SourceUnavailable(
             "the evaluation needs every validation and test image source; missing: " + ", ".join(
                 f"{name} ({lab_images.SOURCES[name].package})" for name in missing)
-            + ' — install them (pip install ".[lab,lab-images]", apt-get install mricron-data '
+            + ' — install them (pip install -e "./lab[images]", apt-get install mricron-data '
               "insighttoolkit5-examples)")
     lam, beta, grid = grid_search_scalar(dicts.default, validation, T, settings.lambdas, settings.betas)
     volumes = load_volumes(size, settings.slices)

@@ -34,7 +34,8 @@ def test_stream_is_a_node_between_mrd_python_tools(tmp_path):
     root-sum-of-squares reconstruction of the same stream."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     pipeline = (f"set -o pipefail; {sys.executable} -m mrd.tools.phantom -m 64 -c 4 -n 0.05 | tee phantom.mrd "
-                f"| {sys.executable} -m gadgets.cli stream --param iterations=8 2>stream.log | tee images.mrd "
+                f"| {sys.executable} -m cdl_lambda.gadgets.cli stream --param iterations=8 2>stream.log "
+                f"| tee images.mrd "
                 f"| {sys.executable} -m mrd.tools.export_png_images -o png_")
     done = subprocess.run(["bash", "-c", pipeline], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
