@@ -45,7 +45,7 @@ GiB = 2**30
 
 # Coefficients of the estimate (see the module docstring); upper bounds of docs/bench_scan_memory.md's peaks.
 FIXED = 128 * MiB        # the allocator's top pad (M_TOP_PAD, 64 MiB) and what does not scale with the scan
-RAW_COPIES = 3           # acquisitions as received, the slice group, the prewhitened SliceInput
+RAW_COPIES = 3           # acquisitions as received, the slice group, the prepared slice on the device
 PER_COIL = 75            # grid-sized complex arrays per coil at the peak (ESPIRiT, the coil operator); measured ≤ 63
 PER_FILTER = 40          # grid-sized complex arrays per filter (FISTA's codes and their copies, NET_Θ); measured ≤ 35
 BASELINE = 700 * MiB     # the warm server itself: torch, the compiler, weights (measured 0.55–0.65 GiB)
