@@ -109,14 +109,21 @@ def main(args, inputs: list[str]) -> int:
     try:
         for number, (source, relative) in enumerate(pairs, 1):
             ok, summary = reconstruct_one(source, out / relative, args, parameters, local_server)
-            print(f"[{number}/{len(pairs)}] {'ok' if ok else 'FAILED'} {source}: {summary}", flush=True)
+            _say(f"[{number}/{len(pairs)}] {'ok' if ok else 'FAILED'} {source}: {summary}")
             if not ok:
                 failed.append(str(source))
     finally:
         if local_server is not None:
             local_server.stop()
     if failed:
-        print(f"{len(failed)} of {len(pairs)} file(s) failed: {', '.join(failed)}", file=sys.stderr, flush=True)
+        _say(f"{len(failed)} of {len(pairs)} file(s) failed: {', '.join(failed)}")
         return 1
-    print(f"all {len(pairs)} file(s) reconstructed into {out}", flush=True)
+    _say(f"all {len(pairs)} file(s) reconstructed into {out}")
     return 0
+
+
+def _say(line: str) -> None:
+    """One summary line to stderr (under Gadgetron stdout belongs to the server; the logger's prefix would only
+    clutter a line a person reads per file)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

@@ -23,6 +23,7 @@ whose ``manifest.yaml`` lists it; the shipped manifest is never edited. ``--para
 from __future__ import annotations
 
 import logging
+import sys
 import os
 from pathlib import Path
 
@@ -176,7 +177,8 @@ def main(args) -> int:
             for name, entry in sorted(registry.dictionaries.items()):
                 origin = "site" if entry.get("origin") == "site" else "shipped"
                 mark = " (default)" if name == default else ""
-                print(f"{name}\t{origin}\tK={entry.get('K', '?')}\tk_f={entry.get('kernel_size', '?')}{mark}")
+                sys.stderr.write(f"{name}\t{origin}\tK={entry.get('K', '?')}\tk_f={entry.get('kernel_size', '?')}"
+                                 f"{mark}\n")
             return 0
     except ValueError as error:
         log.error("%s", error)

@@ -25,3 +25,15 @@ def test_every_noqa_gives_its_reason():
             if match and not re.match(r"\s*-\s*\S", match.group(3)):
                 bare.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not bare, "noqa without a reason:\n" + "\n".join(bare)
+
+
+def test_the_gadgets_never_print_to_stdout():
+    """Under Gadgetron stdout is shared with the server: the gadgets write to stderr or log (the MRD 2 pipe's image
+    stream is written to its own protected file object, not with print)."""
+    import ast
+    found = []
+    for path in (ROOT / "gadgets").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not found, "print() in gadgets/: " + ", ".join(found)

@@ -67,7 +67,7 @@ def test_import_list_and_use_a_site_dictionary(tmp_path, monkeypatch, capsys):
     assert np.allclose(loaded.filters.numpy(), expected, atol=1e-6)
     capsys.readouterr()
     assert cli.main(["dictionary", "list"]) == 0
-    listing = capsys.readouterr().out
+    listing = capsys.readouterr().err
     assert "site-k12\tsite\tK=12\tk_f=13" in listing and "\tshipped\t" in listing and "(default)" in listing
     # a shipped name cannot be taken, nor a site name twice without --force
     shipped_name = next(n for n, e in registry.dictionaries.items() if e.get("origin") != "site")

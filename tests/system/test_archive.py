@@ -38,7 +38,7 @@ def test_archive_replays_every_file_with_one_model_load(archive):
                            "--no-previews", "--no-progress"], capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env=env)
     assert done.returncode == 1, done.stderr[-3000:]
-    lines = done.stdout.strip().splitlines()
+    lines = [line for line in done.stderr.splitlines() if line.startswith("[")]
     assert len(lines) == 4 and [line.split()[0] for line in lines] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
     status = {line.split()[2].rstrip(":"): line.split()[1] for line in lines}
     assert status == {str(archive / "site" / "broken.h5"): "FAILED", str(archive / "site" / "day2" / "two.h5"): "ok",
