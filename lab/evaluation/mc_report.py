@@ -24,6 +24,7 @@ import torch
 
 from cdl_lambda.lab import bart
 from cdl_lambda.lab import images as lab_images
+from cdl_lambda.lab.contrasts import t2_weighted, with_t2_weighted
 from cdl_lambda.lab.evaluation import mc_methods as methods
 from cdl_lambda.lab.evaluation import protocol
 from cdl_lambda.lab.evaluation import scans as mc_scans
@@ -113,11 +114,12 @@ class Outcome:
 
 # ---- images ---------------------------------------------------------------------------------------------------
 def load_images(size: int) -> dict[str, dict[str, np.ndarray]]:
-    """The splits at ``size``²: validation, test (T1), the test head's T2-weighted contrast, out of distribution."""
+    """The splits at ``size``²: validation (the held-out person in T1 and T2-weighted), test (T1), the test head's
+    T2-weighted contrast, out of distribution."""
     shape = (size, size)
     test = lab_images.load_split("test", shape)
-    return {"val": lab_images.load_split("val", shape), "test": test,
-            "t2": {f"{name}-t2w": mc_scans.t2_weighted(stack) for name, stack in test.items()},
+    return {"val": with_t2_weighted(lab_images.load_split("val", shape)), "test": test,
+            "t2": {f"{name}-t2w": t2_weighted(stack) for name, stack in test.items()},
             "ood": lab_images.load_split("ood", shape)}
 
 
@@ -363,7 +365,7 @@ def describe(plan: Plan, outcome: Outcome, network: str, train, held, default) -
             f"{mc_scans.CALIBRATION_LINES} calibration lines, equispaced lines outside them. Scale of this run "
             f"(plan `{plan.name}`): {plan.describe()}. Distinct slices: {counts}. Sources: " + "; ".join(
                 f"{split} {', '.join(names)}" for split, names in sources.items()) +
-            f". The T2-weighted test contrast is the test head remapped (lab.evaluation.scans.t2_weighted). "
+            f". The T2-weighted test contrast is the test head remapped (lab.contrasts.t2_weighted). "
             f"CDL-Λ: network {network} at T = 64 FISTA iterations (as deployed) with "
             + (f"the dictionary {train[0].name}" if len(train) == 1 else
                f"the training dictionaries {', '.join(d.name for d in train)} averaged")

@@ -10,7 +10,7 @@ the noise is white with σ = 1.
 Reference: the true image combined with the true (whitened) maps, |x|·‖W c‖, over the whole field of view.
 
 Splits (:data:`lab.images.SPLITS`): ``val`` (tuning), ``test`` (the held-out T1 head), ``t2`` (the same head with a
-T2-weighted contrast, :func:`t2_weighted`) and ``ood``.
+T2-weighted contrast, :func:`lab.contrasts.t2_weighted`) and ``ood``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from itertools import product
 import numpy as np
 import torch
 
-from cdl_lambda.lab.images import normalise
 from cdl_lambda.lab.physics import birdcage_maps, channel_covariance, complex_image, correlated_noise
 from cdl_lambda.recon import coils as _coils
 from cdl_lambda.recon import fft as _fft
@@ -34,10 +33,6 @@ SNRS = (10, 20)
 CALIBRATION_LINES = 16
 COILS = 8
 SPLIT_SEEDS = {"val": 0, "test": 1, "ood": 2, "t2": 3}  # deterministic across processes (unlike hash() of a str)
-
-# T2-weighted intensities of CSF, grey and white matter relative to CSF (long-TR spin echo, TE ≈ 100 ms at low
-# field); the same ratios as the T2w-like synthesis of the MNI152 validation source in lab.images.
-T2_LEVELS = (1.0, 0.6, 0.35)
 
 
 @dataclass
@@ -107,29 +102,3 @@ def espirit_maps(scan: Scan) -> torch.Tensor:
     if scan.maps is None:
         scan.maps = _coils.estimate_coil_maps(scan.kspace, default_calibration_mask(scan.mask), noise_std=1.0)
     return scan.maps
-
-
-# ---- a T2-weighted test contrast ------------------------------------------------------------------------------
-def tissue_levels(stack: np.ndarray, classes: int = 3, iterations: int = 30) -> np.ndarray:
-    """Centres of ``classes`` intensity classes (1-D k-means, ascending) of the anatomy of a T1 stack: in a T1 head
-    the darkest is CSF, then grey and white matter."""
-    values = stack[stack > 0.1 * np.percentile(stack, 99.5)]
-    centres = np.linspace(*np.percentile(values, [2, 98]), classes)
-    for _ in range(iterations):
-        labels = np.argmin(np.abs(values[:, None] - centres[None]), axis=1)
-        centres = np.array([values[labels == k].mean() if (labels == k).any() else centres[k]
-                            for k in range(classes)])
-    return np.sort(centres)
-
-
-def t2_weighted(t1_stack: np.ndarray) -> np.ndarray:
-    """A T2-weighted contrast of a T1-weighted head stack ``(n, ny, nx)`` by a monotone-per-segment intensity
-    remapping: the T1 intensities of CSF, grey and white matter (:func:`tissue_levels`) map to
-    :data:`T2_LEVELS` (CSF bright, WM dark), linearly in between (partial volumes), background 0 → 0, and intensities
-    above white matter (fat, marrow: bright on T1 and on fast-spin-echo T2) fall back to 0.5. Renormalised like
-    every source (99.5th percentile 1). The anatomy is the T1 head's: this tests contrast, not a new person."""
-    csf, gm, wm = tissue_levels(t1_stack)
-    top = float(t1_stack.max())
-    knots = [0.0, csf, gm, wm, max(top, wm * 1.01)]
-    values = [0.0, T2_LEVELS[0], T2_LEVELS[1], T2_LEVELS[2], 0.5]
-    return normalise(np.interp(t1_stack, knots, values).astype(np.float32))
