@@ -24,10 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from cdl_lambda.recon import fft as _fft
 from cdl_lambda.lab.datasets import removed_lines_range
-from cdl_lambda.lab.physics import complex_image
+from cdl_lambda.lab.contrasts import random_contrast
+from cdl_lambda.lab.physics import bias_field, complex_image
 from cdl_lambda.recon.sampling import central_window_mask
 from cdl_lambda.recon.espirit import espirit_maps
 
@@ -91,11 +93,22 @@ def window_mask(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def augment(mag: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Flips, a rotation by any angle, a field of view from 0.85× to 1.2× the source's, and (half the time) a smooth
+    intensity non-uniformity (:func:`lab.physics.bias_field`)."""
     if rng.random() < 0.5:
         mag = mag[:, ::-1]
     if rng.random() < 0.5:
         mag = mag[::-1]
-    return np.ascontiguousarray(np.rot90(mag, int(rng.integers(4))))
+    n = mag.shape[-1]
+    angle, zoom = rng.uniform(0, 2 * np.pi), rng.uniform(0.85, 1.2)  # zoom > 1: a larger field of view
+    rotation = zoom * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    centre = (np.array(mag.shape) - 1) / 2
+    mag = ndimage.affine_transform(np.ascontiguousarray(mag), rotation, offset=centre - rotation @ centre, order=1,
+                                   mode="constant", cval=0.0)
+    mag = np.clip(mag, 0.0, None)
+    if rng.random() < 0.5:
+        mag = mag * bias_field((n, n), rng)
+    return np.ascontiguousarray(mag, dtype=np.float32)
 
 
 def simulate_batch(mags: np.ndarray, rng: np.random.Generator, coils: int | None = None,
@@ -152,17 +165,25 @@ def simulate_batch(mags: np.ndarray, rng: np.random.Generator, coils: int | None
 
 class TrainingStream:
     """Endless batches: batch t is drawn with the generator seeded by (seed, t), so a resumed run continues
-    exactly. ``images``: magnitude slices ``(N, n, n)``."""
+    exactly. ``images``: magnitude slices ``(N, n, n)``. With ``fractions`` (tissue fractions ``(M, 4, n, n)`` of
+    T1-weighted slices, :func:`lab.contrasts.tissue_fractions`), a batch is, with probability ``synthetic``, a
+    T1-, T2-, PD- or FLAIR-weighted contrast drawn afresh (:func:`lab.contrasts.random_contrast`) instead."""
 
-    def __init__(self, images: np.ndarray, batch_size: int, seed: int = 0):
+    def __init__(self, images: np.ndarray, batch_size: int, seed: int = 0, fractions: np.ndarray | None = None,
+                 synthetic: float = 0.6):
         self.images = np.asarray(images, np.float32)
-        self.batch_size, self.seed, self.count = batch_size, seed, 0
+        self.fractions = None if fractions is None else np.asarray(fractions, np.float32)
+        self.batch_size, self.seed, self.count, self.synthetic = batch_size, seed, 0, synthetic
 
     def __next__(self) -> Batch:
         rng = np.random.default_rng([self.seed, self.count])
         self.count += 1
-        picks = rng.choice(len(self.images), self.batch_size)
-        return simulate_batch(self.images[picks], rng)
+        if self.fractions is not None and rng.random() < self.synthetic:
+            picks = rng.choice(len(self.fractions), self.batch_size)
+            mags = np.stack([random_contrast(self.fractions[p], rng) for p in picks])
+        else:
+            mags = self.images[rng.choice(len(self.images), self.batch_size)]
+        return simulate_batch(mags, rng)
 
     def __iter__(self):
         return self

@@ -39,6 +39,14 @@ def smooth_phase(shape: tuple[int, int], rng: np.random.Generator, amplitude: fl
     return (smooth + rng.uniform(-np.pi, np.pi)).astype(np.float32)
 
 
+def bias_field(shape: tuple[int, int], rng: np.random.Generator, strength: float = 0.3) -> np.ndarray:
+    """A smooth multiplicative intensity non-uniformity ``exp(b)`` ``(ny, nx)`` float32, b a low-order field like
+    :func:`smooth_phase`'s with zero mean and ``|b| ≤ strength`` (0.3: the brightest part of the object up to
+    1.8 × its darkest, as a receive-array profile left in a magnitude image gives)."""
+    field = smooth_phase(shape, rng, amplitude=strength)
+    return np.exp(field - field.mean()).astype(np.float32)
+
+
 def complex_image(magnitude: np.ndarray, rng: np.random.Generator, amplitude: float = np.pi) -> np.ndarray:
     """Complex ground truth ``magnitude · exp(iφ)`` with a :func:`smooth_phase` φ; complex64 ``(ny, nx)``."""
     phase = smooth_phase(magnitude.shape[-2:], rng, amplitude)
