@@ -17,6 +17,7 @@ source       content                                  subject               pack
 colin27      Colin27 T1 (1 mm with skull; 0.5 mm brain) colin27             Debian mricron-data
 brainweb     BrainWeb T1 and PD slices                colin27 (see below)   Debian insighttoolkit5-examples
 mni152       ICBM152 2009a T1 + a T2w-like contrast   mni152 (average)      PyPI nilearn
+mni152-t1    the same T1 template alone               mni152 (average)      PyPI nilearn
 dipy-t1      one coronal T1 slice                     dipy-t1               PyPI dipy
 itk-head     real coronal T1 head, 128×128×62         itk-kmeans            Debian insighttoolkit5-examples
 macaque      INIA19 rhesus macaque T1 template        inia19 (macaque)      Debian mricron-data
@@ -27,13 +28,15 @@ knee         1.5 T spin-echo shoulder/knee, 1024²     pydicom-mr2           PyP
 The BrainWeb phantom's anatomy *is* Colin27 (it was built from the same 27 scans of one person), so BrainWeb
 cannot serve as held-out validation for a model trained on Colin27: it trains with it. ``SPLITS``:
 
-* ``train``: colin27 (axial, coronal and sagittal slices of both volumes), brainweb (same subject, PD contrast).
-* ``val``: mni152 (a population average, other people), dipy-t1 (another person).
+* ``train``: colin27 (axial, coronal and sagittal slices of both volumes), brainweb (same subject, PD contrast),
+  mni152 (a population average of other people, T1 and T2w-like). ``mni152-t1`` is its T1 alone, the source of
+  tissue fractions for synthesised contrasts (:mod:`lab.contrasts`); it is in no split of its own.
+* ``val``: dipy-t1 (another person; the training and the evaluation add its T2-weighted contrast).
 * ``test``: itk-head, a real T1 head of a person in no other split (in distribution: human brain T1).
 * ``ood``: macaque (another species), dipy-epi (another contrast and sequence), knee (another anatomy).
 
-Only one real human volume is large enough to train on, which is the honest limit of packaged data; the test set is
-small (one subject) and results on it should be reported as such.
+Only one real human volume (and one population average) is large enough to train on, which is the honest limit of
+packaged data; the validation and test sets are small (one subject each) and results on them are reported as such.
 """
 
 from __future__ import annotations
@@ -258,6 +261,11 @@ def _load_brainweb(orientations):
     return [(read_png(path)[None], (1.0, 1.0)) for path in _BRAINWEB()]
 
 
+def _load_mni152_t1(orientations):
+    t1, affine = read_nifti(_MNI()[0])
+    return _stacks(t1, affine, orientations)
+
+
 def _load_mni152(orientations):
     t1_path, gm_path, wm_path = _MNI()
     t1, affine = read_nifti(t1_path)
@@ -288,6 +296,8 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
     Source("brainweb", "colin27", "insighttoolkit5-examples (apt)", "BrainWeb T1 and PD slices (Colin27 anatomy)",
            _BRAINWEB, _load_brainweb),
     Source("mni152", "mni152", "nilearn (pip)", "MNI ICBM152 2009a T1 and a T2w-like synthesis", _MNI, _load_mni152),
+    Source("mni152-t1", "mni152", "nilearn (pip)", "MNI ICBM152 2009a T1 alone (for tissue fractions)", _MNI,
+           _load_mni152_t1),
     Source("dipy-t1", "dipy-t1", "dipy (pip)", "coronal T1 slice", _DIPY_T1, _load_dipy_t1),
     Source("itk-head", "itk-kmeans", "insighttoolkit5-examples (apt)", "real coronal T1 head",
            _ITK_HEAD, _nifti_loader(_ITK_HEAD)),
@@ -300,8 +310,8 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
 )}
 
 SPLITS: dict[str, tuple[str, ...]] = {
-    "train": ("colin27", "brainweb"),
-    "val": ("mni152", "dipy-t1"),
+    "train": ("colin27", "brainweb", "mni152"),
+    "val": ("dipy-t1",),
     "test": ("itk-head",),
     "ood": ("macaque", "dipy-epi", "knee"),
 }
