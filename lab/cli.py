@@ -159,6 +159,8 @@ TRAIN_HELP = {
     "val_iterations": "iteration cap at validation (the deployed one)",
     "init_network": "fine-tune: start from this shipped network (name in the weights manifest)",
     "checkpoint_every": "also write the checkpoint every N steps (0: only at validation)",
+    "ssim_weight": "loss = relative squared error + this × (1 − SSIM)",
+    "contrasts": "multicoil: also train on T1/T2/PD/FLAIR contrasts synthesised from tissue fractions",
 }
 
 
@@ -171,6 +173,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         kind = {"int": int, "float": float}.get(str(field.type).split(" ")[0], str)
         if field.name == "time_limit_min":
             kind = float
+        if str(field.type) == "bool":
+            parser.add_argument("--" + field.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                                default=getattr(defaults, field.name), help=TRAIN_HELP[field.name])
+            continue
         parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=getattr(defaults, field.name),
                             help=TRAIN_HELP[field.name])
     parser.add_argument("--checkpoint", default="runs/train.ckpt", help="checkpoint file (written as it trains)")

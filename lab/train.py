@@ -19,10 +19,11 @@ responsive part of the sigmoid) and the U-Net head's bias set so that Λ starts 
 the network starts as the scalar-λ baseline, and a Λ at the bound (saturated sigmoid) or one that zeroes every
 code (no gradient through the soft-threshold) would stall training.
 
-Loss: the relative squared error of the image (:func:`image_loss`). Adam with the network at ``--lr`` (weight
-decay ``--weight-decay``) and the scalar parameters (β of the (PH) split, μ of the unrolled net) at ``--beta-lr``.
-CDL-Λ runs ``--iterations`` FISTA steps (T) and differentiates the last ``--grad-iterations`` (T − T′);
-validation runs the deployed T = 64. Checkpoints hold the model, optimiser, step, history and every random-number
+Loss: the relative squared error of the image, plus ``--ssim-weight`` · (1 − SSIM) (:func:`lab.losses.image_loss`).
+Adam with the network at ``--lr`` (weight decay ``--weight-decay``) and the scalar parameters (β of the (PH) split,
+μ of the unrolled net) at ``--beta-lr``. CDL-Λ runs ``--iterations`` solver steps (T) and differentiates the last
+``--grad-iterations`` (T − T′); validation (relative squared error and SSIM) runs ``--val-iterations``, the deployed
+cap. Checkpoints hold the model, optimiser, step, history and every random-number
 state, so ``--resume`` continues the exact run. ``--export NAME`` writes the trained weights into the weights folder
 with a manifest entry.
 """
@@ -35,6 +36,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
@@ -42,6 +44,9 @@ from tqdm import tqdm
 from cdl_lambda.lab import datasets as data
 from cdl_lambda.lab import distributed
 from cdl_lambda.lab import multicoil
+from cdl_lambda.lab.contrasts import tissue_fractions, with_t2_weighted
+from cdl_lambda.lab.images import ORIENTATIONS, SourceUnavailable, load_source
+from cdl_lambda.lab.losses import image_loss, relative_squared_error, ssim
 from cdl_lambda.lab.baselines import BASELINES, build_baseline
 from cdl_lambda.lab.manifest import update_manifest
 from cdl_lambda.recon.device import choose_device
@@ -86,6 +91,9 @@ class TrainConfig:
     val_iterations: int = 64       # the cap at validation (the deployed one)
     init_network: str | None = None  # start from this shipped network (fine-tuning) instead of the scalar-λ start
     checkpoint_every: int = 0      # also write the checkpoint every this many steps (0: only at validation)
+    ssim_weight: float = 0.0       # loss = relative squared error + ssim_weight · (1 − SSIM) (lab.losses)
+    contrasts: bool = True         # multicoil: also train on T1/T2/PD/FLAIR contrasts synthesised from tissue
+                                   # fractions (lab.contrasts)
 
 
 # ---- models ----------------------------------------------------------------------------------------------------
@@ -124,13 +132,6 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
                              {"params": scalars, "lr": config.beta_lr, "weight_decay": 0.0}])
 
 
-def image_loss(image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Relative squared error ‖x − x_true‖² / ‖x_true‖² per image (real and imaginary parts), averaged over the
-    batch: every SNR and coil count weighs the same."""
-    error = (image - target).abs().pow(2).sum(dim=(-2, -1))
-    return (error / target.abs().pow(2).sum(dim=(-2, -1)).clamp_min(1e-30)).mean()
-
-
 def training_dictionaries(registry: WeightsRegistry, config: TrainConfig) -> tuple[list[Dictionary], list[Dictionary]]:
     """(training dictionaries, validation dictionaries) for the method: the family for v3, the fixed one for v1/v2,
     none for the baselines."""
@@ -153,16 +154,35 @@ def reconstruct(model: nn.Module, batch, dictionary: Dictionary | None, **kwargs
 
 
 @torch.no_grad()
-def validate(model: nn.Module, examples, dictionaries: list[Dictionary], iterations: int = 64) -> float:
-    """Mean loss over the validation batches (a Batch or a list of them) and, for CDL-Λ, the validation
-    dictionaries, at the deployed iteration cap (with the model's stopping rule)."""
+def validate(model: nn.Module, examples, dictionaries: list[Dictionary], iterations: int = 64) -> dict[str, float]:
+    """Mean relative squared error (``loss``) and SSIM (``ssim``) over the validation batches (a Batch or a list of
+    them) and, for CDL-Λ, the validation dictionaries, at the deployed iteration cap (with the model's stopping
+    rule)."""
     model.eval()
     batches = examples if isinstance(examples, list) else [examples]
     extra = {"iterations": iterations} if hasattr(model, "lambda_net") else {}
-    losses = [float(image_loss(reconstruct(model, b, d, **extra).image, b.target))
-              for d in (dictionaries or [None]) for b in batches]
+    errors, similarities = [], []
+    for d in dictionaries or [None]:
+        for b in batches:
+            image = reconstruct(model, b, d, **extra).image
+            errors.append(float(relative_squared_error(image, b.target)))
+            similarities.append(float(ssim(image, b.target)))
     model.train()
-    return sum(losses) / len(losses)
+    return {"loss": sum(errors) / len(errors), "ssim": sum(similarities) / len(similarities)}
+
+
+def contrast_fractions(size: int) -> "torch.Tensor | None":
+    """Tissue fractions (:func:`lab.contrasts.tissue_fractions`) of the T1-weighted training volumes (Colin27 and
+    the MNI152 T1 template, each classified on its own), ``(M, 4, size, size)``; None when neither is installed."""
+    out = []
+    for name in ("colin27", "mni152-t1"):
+        try:
+            stack = load_source(name, (size, size), ORIENTATIONS)
+        except SourceUnavailable as error:  # a missing package only narrows the contrasts trained on
+            log.warning("no synthetic contrasts from %s: %s", name, error)
+            continue
+        out.append(tissue_fractions(stack))
+    return torch.from_numpy(np.concatenate(out)) if out else None
 
 
 # ---- the loop --------------------------------------------------------------------------------------------------
@@ -170,7 +190,8 @@ class Trainer:
     """Holds everything a checkpoint restores: model, optimiser, data stream, dictionary sampler, history."""
 
     def __init__(self, config: TrainConfig, device=None, images: torch.Tensor | None = None,
-                 validation: data.Batch | None = None, registry: WeightsRegistry | None = None):
+                 validation: data.Batch | None = None, registry: WeightsRegistry | None = None,
+                 fractions: torch.Tensor | None = None):
         self.config = config
         self.rank = distributed.current()  # torchrun: this process's rank (lab.distributed); else rank 0 of 1
         self.device = self.rank.device(choose_device(device))
@@ -186,13 +207,16 @@ class Trainer:
             images = torch.cat(list(data.load_images("train", config.size).values()))
         data_seed = self.rank.data_seed(config.seed)  # each process draws its own examples
         if config.data == "multicoil":
-            self.stream = multicoil.TrainingStream(images.numpy(), config.batch_size, seed=data_seed)
+            fractions = contrast_fractions(config.size) if config.contrasts and fractions is None else fractions
+            self.stream = multicoil.TrainingStream(images.numpy(), config.batch_size, seed=data_seed,
+                                                   fractions=None if fractions is None else fractions.numpy())
         else:
             self.stream = data.TrainingStream(images, config.batch_size, seed=data_seed)
         if validation is None:
             val_sets = data.load_images("val", config.size)
-            if config.data == "multicoil":
-                validation = multicoil.validation_batches(torch.cat(list(val_sets.values())).numpy(),
+            if config.data == "multicoil":  # the held-out person in T1 and T2 weighting
+                val_images = with_t2_weighted({k: v.numpy() for k, v in val_sets.items()})
+                validation = multicoil.validation_batches(np.concatenate(list(val_images.values())),
                                                           seed=config.seed + 1)
             else:
                 val_images = torch.cat([data.pick_slices(s, config.validation_slices // 2 or 1)
@@ -215,7 +239,8 @@ class Trainer:
         batch = next(self.stream).to(self.device)
         dictionary = self.next_dictionary()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = image_loss(reconstruct(self.forward_model, batch, dictionary).image, batch.target)
+        loss = image_loss(reconstruct(self.forward_model, batch, dictionary).image, batch.target,
+                          self.config.ssim_weight)
         loss.backward()
         self.optimizer.step()
         self.step += 1
@@ -244,9 +269,9 @@ class Trainer:
                     if last:
                         break
                     continue
+                scores = validate(self.model, self.validation, self.val_dicts, config.val_iterations)
                 record = {"step": self.step, "seconds": round(self.seconds, 1), "train_loss": round(train_loss, 6),
-                          "val_loss": round(validate(self.model, self.validation, self.val_dicts,
-                                                     config.val_iterations), 6)}
+                          "val_loss": round(scores["loss"], 6), "val_ssim": round(scores["ssim"], 4)}
                 if self.beta() is not None:
                     record["beta"] = round(self.beta(), 4)
                 self.history.append(record)
@@ -323,8 +348,11 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
                  "single-coil low-resolution windows" if config.data == "multicoil" else
                  "lab.datasets.LowFieldDataset: central k-space window with 40-119/320 lines removed per side, "
                  "sigma^2 ~ U(0.15, 0.30)")
-    training = {"method": config.method, "data": f"lab.images split 'train' (Colin27 T1 + BrainWeb PD), "
-                f"{config.size}x{config.size}, flips and 90-degree rotations, through {described}",
+    contrasts = (", and 60 % of batches T1 (inversion recovery), T2, PD or FLAIR contrasts synthesised from the "
+                 "tissue fractions of Colin27 and the MNI152 T1 (lab.contrasts)" if config.contrasts else "")
+    training = {"method": config.method, "data": f"lab.images split 'train' (Colin27 T1, BrainWeb T1 and PD, MNI152 "
+                f"T1 and T2-like{contrasts}), {config.size}x{config.size}, flips, rotations, fields of view 0.85-1.2x, "
+                f"bias fields, through {described}", "ssim_weight": config.ssim_weight,
                 "steps": state["step"], "batch_size": config.batch_size, "cpu_minutes": round(state["seconds"] / 60, 1),
                 "lr": config.lr, "weight_decay": config.weight_decay, "beta_lr": config.beta_lr,
                 "iterations": config.iterations, "grad_iterations": config.grad_iterations,
@@ -335,7 +363,8 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
     if note:
         training["note"] = note
     last = state["history"][-1] if state["history"] else {}
-    metrics = {"val_relative_error2": last.get("val_loss"), "final_train_relative_error2": last.get("train_loss")}
+    metrics = {"val_relative_error2": last.get("val_loss"), "val_ssim": last.get("val_ssim"),
+               "final_train_relative_error2": last.get("train_loss")}
     buffer_dir = "networks" if config.method in NETWORKS else "baselines"
     (weights_dir / buffer_dir).mkdir(parents=True, exist_ok=True)
     path = weights_dir / buffer_dir / f"{name}.pt"
