@@ -1,17 +1,18 @@
 """Network and solver judged together on held-out scans: is the image the pair makes better, and do more iterations
 ever make it worse?
 
-Scans (lab.evaluation.multicoil.simulate_scan, 128², 8-coil birdcage array, correlated channel noise prewhitened
-with its noise scan, 16 calibration lines, image SNR 20, R = 2, 3, 4): slices of a held-out person (the ``test``
-split, itk-head, T1) and of a T2-weighted-like contrast (the second stack of the ``mni152`` source: a population
-average, no training subject). ESPIRiT maps from the calibration lines; SSIM / NRMSE of the magnitude against the
-truth, no rescaling (lab.evaluation.multicoil.score).
+Scans (lab.evaluation.scans.simulate_scan, 128², 8-coil birdcage array, correlated channel noise prewhitened with its
+noise scan, 16 calibration lines, image SNR 10 and 20, R = 2, 3, 4) of one split's person in T1 and in a
+T2-weighted contrast (lab.contrasts.t2_weighted): ``--split val`` (dipy-t1, the default: choose networks here) or
+``--split test`` (itk-head: report only). ESPIRiT maps from the calibration lines; SSIM / NRMSE of the magnitude
+against the truth, no rescaling (lab.evaluation.protocol.score).
 
-Configurations: a network (a shipped name or a training checkpoint) with a solver, its iteration cap and tolerance.
-Results of a configuration are cached in ``--cache`` (JSON) by its label, so a later call with a new checkpoint
-only runs that. Writes a Markdown table.
+Configurations: the shipped network with FISTA at T = 32, 64 and 256, and each ``--candidate NETWORK[:SOLVER:CAP:TOL]``
+(a shipped name or a training checkpoint; default solver FISTA at the cap the checkpoint was trained with).
+Results are cached in ``--cache`` (JSON) by label, file time and scan set, so a later call only runs what is new.
+Writes a Markdown table.
 
-    python bench/codesign.py --candidate runs/finetune-admm.ckpt --out docs/bench_codesign.md
+    python bench/codesign.py --candidate runs/campaign-T32.ckpt --candidate runs/campaign-T64.ckpt
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import publish
-from cdl_lambda.lab.evaluation import multicoil as MC
-from cdl_lambda.lab.images import load_source, load_split
+from cdl_lambda.lab.contrasts import with_t2_weighted
+from cdl_lambda.lab.evaluation import scans as S
+from cdl_lambda.lab.evaluation.protocol import score
+from cdl_lambda.lab.images import load_split
 from cdl_lambda.recon.model import CDLLambda
 from cdl_lambda.recon.weights import WeightsRegistry
 
@@ -38,23 +41,26 @@ ACCELERATIONS = (2, 3, 4)
 SIZE = 128
 
 
-def held_out_slices(per_contrast: int) -> dict[str, np.ndarray]:
-    """``{contrast: (n, SIZE, SIZE)}``: evenly spread slices of the held-out person and of the T2-like contrast."""
-    person = next(iter(load_split("test", (SIZE, SIZE)).values()))
-    mni = load_source("mni152", (SIZE, SIZE))
-    t2 = mni[len(mni) // 2:]  # load_source stacks the T1 template, then the T2-like contrast
-    pick = lambda stack: stack[np.linspace(0.3 * len(stack), 0.7 * len(stack), per_contrast).round().astype(int)]  # noqa: E731 - a one-line helper
-    return {"held-out person (T1)": pick(person), "T2-like (MNI152)": pick(t2)}
+SNRS = (10, 20)
 
 
-def scans(per_contrast: int) -> list[tuple[str, int, MC.Scan]]:
+def held_out_slices(split: str, per_contrast: int) -> dict[str, np.ndarray]:
+    """``{contrast: (n, SIZE, SIZE)}``: evenly spread slices of the split's person, T1 and T2-weighted."""
+    stacks = with_t2_weighted(load_split(split, (SIZE, SIZE)))
+    pick = lambda stack: stack[np.unique(np.linspace(0.3 * (len(stack) - 1), 0.7 * (len(stack) - 1),  # noqa: E731 - a one-line helper
+                                                     per_contrast).round().astype(int))]
+    return {name: pick(stack) for name, stack in stacks.items()}
+
+
+def scans(split: str, per_contrast: int) -> list[tuple[str, int, S.Scan]]:
     out = []
-    for c_index, (contrast, stack) in enumerate(held_out_slices(per_contrast).items()):
+    for c_index, (contrast, stack) in enumerate(held_out_slices(split, per_contrast).items()):
         for i, magnitude in enumerate(stack):
             for acceleration in ACCELERATIONS:
-                scan = MC.simulate_scan(magnitude, acceleration, 20, seed=[7, c_index, i, acceleration])
-                MC.espirit_maps(scan)
-                out.append((contrast, acceleration, scan))
+                for snr in SNRS:
+                    scan = S.simulate_scan(magnitude, acceleration, snr, seed=[7, c_index, i, acceleration, snr])
+                    S.espirit_maps(scan)
+                    out.append((contrast, acceleration, scan))
     return out
 
 
@@ -78,18 +84,30 @@ def evaluate(model: CDLLambda, dictionary, items) -> dict:
             out = model(scan.kspace[None], scan.mask, dictionary, coil_maps=scan.maps[None], noise_std=1.0)
         seconds += time.perf_counter() - start
         used.append(int(out.iterations_used[0]))
-        q = MC.score(out.image[0].numpy(), scan.reference)
+        q = score(out.image[0].numpy(), scan.reference)
         rows.setdefault(f"{contrast}|{acceleration}", []).append((q["ssim"], q["nrmse"]))
     means = {k: [float(np.mean([r[0] for r in v])), float(np.mean([r[1] for r in v]))] for k, v in rows.items()}
     return {"means": means, "seconds": seconds / len(items), "iterations": float(np.mean(used))}
 
 
+def candidate_config(text: str) -> tuple[str, str, str, int, float]:
+    """``NETWORK[:SOLVER:CAP:TOL]`` → (label, network, solver, cap, tolerance); a checkpoint's default cap is the T it
+    was trained with."""
+    network, *rest = text.split(":")
+    cap = 64
+    if Path(network).suffix == ".ckpt":
+        cap = int(torch.load(network, map_location="cpu", weights_only=True)["config"]["iterations"])
+    solver, cap, tolerance = (rest[0], int(rest[1]), float(rest[2])) if rest else ("fista", cap, 0.0)
+    stop = f", tol {tolerance:g}" if tolerance else ""
+    return f"{Path(network).name} + {solver.upper()}, T = {cap}{stop}", network, solver, cap, tolerance
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--candidate", help="the fine-tuned network: a checkpoint or a shipped name")
-    parser.add_argument("--baseline", default="cdl-lambda-v3-mc-b8", help="the network it must beat")
-    parser.add_argument("--tolerance", type=float, default=0.01, help="the candidate's stopping rule")
-    parser.add_argument("--cap", type=int, default=64, help="the candidate's iteration cap")
+    parser.add_argument("--candidate", action="append", default=[],
+                        help="NETWORK[:SOLVER:CAP:TOL]: a checkpoint or shipped name (repeatable)")
+    parser.add_argument("--baseline", default="cdl-lambda-v3-mc-b8", help="the shipped network it must beat")
+    parser.add_argument("--split", default="val", choices=("val", "test"), help="whose scans")
     parser.add_argument("--per-contrast", type=int, default=2, help="slices per contrast")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", default="runs/codesign.json")
@@ -97,21 +115,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     dictionary = WeightsRegistry().dictionary()
-    configs = [(f"{args.baseline} + FISTA, T = 64 (shipped)", args.baseline, "fista", 64, 0.0),
-               (f"{args.baseline} + FISTA, T = 256", args.baseline, "fista", 256, 0.0),
-               (f"{args.baseline} + ADMM, tol {args.tolerance:g}, cap {args.cap}", args.baseline, "admm", args.cap,
-                args.tolerance)]
-    if args.candidate:
-        name = Path(args.candidate).name
-        configs += [(f"{name} + ADMM, tol {args.tolerance:g}, cap {args.cap}", args.candidate, "admm", args.cap,
-                     args.tolerance),
-                    (f"{name} + ADMM, tol {args.tolerance / 4:g}, cap {2 * args.cap}", args.candidate, "admm",
-                     2 * args.cap, args.tolerance / 4)]
+    configs = [(f"{args.baseline} + FISTA, T = {t}", args.baseline, "fista", t, 0.0) for t in (32, 64, 256)]
+    configs += [candidate_config(c) for c in args.candidate]
+    items = scans(args.split, args.per_contrast)
     cache_path = Path(args.cache)
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    items = scans(args.per_contrast)
     for label, network, solver, cap, tolerance in configs:
-        key = f"{label}|{network}|{os.path.getmtime(network) if Path(network).exists() else ''}|{len(items)}"
+        stamp = os.path.getmtime(network) if Path(network).exists() else ""
+        key = f"{label}|{network}|{stamp}|{args.split}|{len(items)}"
         if key not in cache:
             cache[key] = evaluate(model_of(network, solver, cap, tolerance), dictionary, items)
             cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,8 +144,9 @@ def main(argv=None) -> int:
         "# Network and solver together, on held-out scans",
         "",
         f"`python bench/codesign.py {' '.join(argv if argv is not None else sys.argv[1:])}`: {len(items)} scans "
-        f"(128², 8 coils, SNR 20, R = {', '.join(map(str, ACCELERATIONS))}; {args.per_contrast} slices each of a "
-        "held-out person and of a T2-like contrast), SSIM / NRMSE against the truth, no rescaling; dictionary "
+        f"(128², 8 coils, SNR {' and '.join(map(str, SNRS))}, R = {', '.join(map(str, ACCELERATIONS))}; up to "
+        f"{args.per_contrast} slices each of the {args.split} split's person in T1 and T2 weighting), SSIM / NRMSE "
+        "against the truth, no rescaling; dictionary "
         f"{dictionary.name}; {args.threads} thread(s), load average {os.getloadavg()[0]:.1f} (shared machine).",
         "",
         *rows,

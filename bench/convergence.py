@@ -1,13 +1,13 @@
 """Convergence of the CDL-Λ solvers against iterations and seconds, next to BART ``pics`` against seconds.
 
-A realistic scan (lab.evaluation.multicoil.simulate_scan: a held-out person's slice, 8-coil birdcage array with
+A realistic scan (lab.evaluation.scans.simulate_scan: a held-out person's slice, 8-coil birdcage array with
 correlated channel noise, prewhitened with its noise scan, 16 calibration lines, image SNR 20) per (size, R);
 ESPIRiT maps, the CG low-pass part and Λ = NET_Θ (the network named, default the shipped one) once; then FISTA and
 ADMM from zero codes, recording at every iteration
   * the objective of (PR) in noise units, ½‖A(x_L + D s) − y‖² + Σ Λ(|Re s| + |Im s|), as the gap to the lowest
     value any run reached,
   * the relative change of the codes ‖s_n − s_{n−1}‖ / ‖s_n‖ (the stopping measure of FISTA),
-  * SSIM / NRMSE of |x_L + D s| against the truth (lab.evaluation.multicoil.score, no rescaling), at a log-spaced
+  * SSIM / NRMSE of |x_L + D s| against the truth (lab.evaluation.protocol.score, no rescaling), at a log-spaced
     subset of iterations,
   * the wall time: maps + low-pass + network once, plus the solve's time up to that iteration (the time the
     recording itself takes is not counted).
@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import publish
 from cdl_lambda.lab import bart
-from cdl_lambda.lab.evaluation import multicoil as MC
+from cdl_lambda.lab.evaluation import scans as S
+from cdl_lambda.lab.evaluation.protocol import score
 from cdl_lambda.lab.images import load_split
 from cdl_lambda.recon import fft as _fft
 from cdl_lambda.recon.admm import Problem
@@ -74,9 +75,9 @@ class Recorder:
 
 def run_case(size: int, acceleration: int, model: CDLLambda, dictionary, threads: int, bart_lambda: float) -> dict:
     magnitude = next(iter(load_split("test", (size, size)).values()))
-    scan = MC.simulate_scan(magnitude[len(magnitude) // 2], acceleration, 20, seed=[size, acceleration])
+    scan = S.simulate_scan(magnitude[len(magnitude) // 2], acceleration, 20, seed=[size, acceleration])
     start = time.perf_counter()
-    maps = MC.espirit_maps(scan)
+    maps = S.espirit_maps(scan)
     with torch.no_grad():
         s = model._scan_in_noise_units(scan.kspace[None], scan.mask, maps[None], 1.0)
         x0 = s.op.adjoint(s.y)
@@ -115,7 +116,7 @@ def run_case(size: int, acceleration: int, model: CDLLambda, dictionary, threads
                       callback=recorder, compiled=model.compiled)
             scored = {}
             for n, codes in recorder.kept.items():
-                q = MC.score(_fft.from_native(image_of(codes) * s.support)[0].numpy(), scan.reference)
+                q = score(_fft.from_native(image_of(codes) * s.support)[0].numpy(), scan.reference)
                 scored[n] = (objective(codes), q["ssim"], q["nrmse"])
             runs[solver] = {"seconds": (np.array(recorder.seconds) + setup).tolist(), "change": recorder.change,
                             "scored": scored}
@@ -125,7 +126,7 @@ def run_case(size: int, acceleration: int, model: CDLLambda, dictionary, threads
             start = time.perf_counter()
             image = bart.pics_multicoil(scan.kspace.numpy(), ("-l1", "-r", str(bart_lambda), "-i", str(n)))
             seconds = time.perf_counter() - start
-            q = MC.score(image, scan.reference)
+            q = score(image, scan.reference)
             bart_points.append((n, seconds, q["ssim"], q["nrmse"]))
     return {"size": size, "R": acceleration, "setup": setup, "runs": runs, "bart": bart_points}
 
