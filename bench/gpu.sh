@@ -8,11 +8,12 @@
 #      run it again and it goes on from where the burst stopped).
 # Results go to $OUT (default docs/gpu/): one Markdown file per step and the burst's log.
 #
-#   bash bench/gpu.sh [checkpoint]          (default checkpoint: runs/finetune-admm.ckpt)
+#   bash bench/gpu.sh [checkpoint]          (default checkpoint: runs/campaign-T32.ckpt; runs/ is git-ignored, so
+#                                            a remote machine needs it carried along)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-docs/gpu}
-CHECKPOINT=${1:-runs/finetune-admm.ckpt}
+CHECKPOINT=${1:-runs/campaign-T32.ckpt}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 mkdir -p "$OUT"
 start=$(date +%s)
@@ -23,7 +24,7 @@ step "environment"
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     timeout 180 python -m pip install -q "torch==${TORCH_VERSION}" || echo "torch ${TORCH_VERSION} not installed" >&2
 fi
-python -c "import recon, lab, skimage, scipy, nibabel, pytest" 2>/dev/null ||
+python -c "import cdl_lambda.recon, cdl_lambda.lab, skimage, scipy, nibabel, pytest" 2>/dev/null ||
     timeout 120 python -m pip install -q -e ".[test]" -e ./lab || echo "project dependencies not installed" >&2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())" \
@@ -53,11 +54,12 @@ if [ -f "$CHECKPOINT" ]; then
     # the run's time limit counts its total seconds, CPU part included: the burst gets what is left of the 8 minutes
     minutes=$(python -c "import torch; s = torch.load('$burst', weights_only=True)['seconds']
 print(s / 60 + max(0.5, ($(left) - 60) / 60))")
-    config=$(python -c "import torch; c = torch.load('$burst', weights_only=True)['config']; print(' '.join(
-        f'--{k.replace(\"_\", \"-\")} {v}' for k, v in c.items() if v is not None and k not in
+    config=$(python -c "import torch; c = torch.load('$burst', weights_only=True)['config']; flag = lambda k, v: (
+        f'--{k}' if v is True else f'--no-{k}' if v is False else f'--{k} {v}'); print(' '.join(
+        flag(k.replace('_', '-'), v) for k, v in c.items() if v is not None and k not in
         ('method', 'time_limit_min', 'validate_every', 'weights_dir')))")
     timeout $(( $(left) > 30 ? $(left) - 10 : 20 )) python -m cdl_lambda.lab.cli train --resume --device cuda \
-        --method v3 $config --validate-every 100000 --time-limit-min "$minutes" --checkpoint "$burst" \
+        --method v3 $config --steps 100000000 --validate-every 100000 --time-limit-min "$minutes" --checkpoint "$burst" \
         > "$OUT/burst.log" 2>&1 || echo "training burst stopped by its time limit" >&2
     python -c "import torch; s = torch.load('$burst', weights_only=True); print('burst checkpoint at step', s['step'])" \
         | tee -a "$OUT/burst.log"
