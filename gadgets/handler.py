@@ -54,9 +54,12 @@ class CDLLambdaGadget:
             params = Parameters.from_sources(chain.parameters, properties_of(connection.config), connection.parameters,
                                              self.overrides)
             log.info("chain %r: %s", chain.name, params)
-            reconstructor = self.cache.get(params)
+            requested = params
+            reconstructor = self.cache.get(requested)
+            if not params.iterations and getattr(reconstructor, "iterations", None):
+                params = replace(params, iterations=reconstructor.iterations)  # 0: the network's own cap, by number
             scan = ScanSession(connection.header, params, reconstructor, chain.name, connection.send,
-                               cpu_fallback=lambda: self.cache.get(replace(params, device="cpu")),
+                               cpu_fallback=lambda: self.cache.get(replace(requested, device="cpu")),
                                peer_gone=connection.peer_gone)
             start = time.perf_counter()
             for item in connection:

@@ -105,6 +105,7 @@ def identity_meta(identity: dict, chain: str) -> dict:
         "CDL_DictionarySHA256": str(identity.get("dictionary_sha256", "")),
         "CDL_Network": str(identity.get("network", "")),
         "CDL_NetworkSHA256": str(identity.get("network_sha256", "")),
+        "CDL_Solver": str(identity.get("solver", "")),
     }
 
 

@@ -91,7 +91,7 @@ def label_parameters(chains=None, weights=None) -> list[dict]:
                 "convolutional dictionary (shipped, checksummed)"),
         _choice("network", "Lambda network", _keep_or(["default"] + sorted(weights.networks) + ["none"]), KEEP,
                 "network inferring the sparsity maps; none = the scalar-lambda baseline"),
-        _int("iterations", "Iteration cap", 0, 1000, 0, "FISTA iterations; 0 = as the chain sets it"),
+        _int("iterations", "Iteration cap", 0, 1000, 0, "solver iterations; 0 = as the chain sets it"),
         _choice("sliceerrors", "Slice error policy", _keep_or(["report", "fail"]), "report",
                 "report: a failed slice comes back as a zero image marked NOT RECONSTRUCTED and the others are "
                 "kept; fail: the scan ends with an error after the good images"),

@@ -32,7 +32,7 @@ class Parameters:
 
     dictionary: str = _reconstructor("dictionary", "default")
     network: str = _reconstructor("network", "default")
-    iterations: int = _reconstructor("iterations", 64)
+    iterations: int = _reconstructor("iterations", 0)  # 0: the cap the network was trained for (its manifest entry)
     device: str = _reconstructor("device", "auto")
     batch_slices: int = _reconstructor("batch_size", 0)  # 0 = auto: 8 on a GPU, 1 on the CPU
     output: str = "magnitude"        # "magnitude" (float32) or "complex" (complex64)
@@ -65,8 +65,9 @@ class Parameters:
             raise InputError(f"property output={params.output!r} must be 'magnitude' or 'complex'")
         if params.slice_errors not in ("fail", "report"):
             raise InputError(f"property slice_errors={params.slice_errors!r} must be 'fail' or 'report'")
-        if not 1 <= params.iterations <= 10000 or params.batch_slices < 0 or params.series_index < 0:
-            raise InputError("properties iterations (1–10000), batch_slices (≥ 0), series_index (≥ 0) out of range")
+        if not 0 <= params.iterations <= 10000 or params.batch_slices < 0 or params.series_index < 0:
+            raise InputError("properties iterations (0–10000; 0: the network's own), batch_slices (≥ 0), "
+                             "series_index (≥ 0) out of range")
         return params
 
     @staticmethod

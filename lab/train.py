@@ -375,7 +375,10 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
                            settings={"iterations": config.iterations, "size": config.size,
                                      "solver": config.solver, "tolerance": config.tolerance})
         entry = {"name": name, "file": f"{buffer_dir}/{name}.pt", "version": config.method, "sha256": sha,
-                 "beta": round(float(model.split.beta.detach()), 4), "training": training, "metrics": metrics}
+                 "beta": round(float(model.split.beta.detach()), 4),
+                 "solver": {"solver": config.solver, "iterations": config.val_iterations,
+                            "tolerance": config.tolerance},
+                 "training": training, "metrics": metrics}
         default = {"network": name} if set_default else {}
         if default_dictionary:
             default["dictionary"] = default_dictionary

@@ -102,6 +102,14 @@ class CDLLambda(nn.Module):
         self.tolerance = tolerance
         self.admm = admm or ADMM()
 
+    @classmethod
+    def deployed(cls, loaded, iterations: int | None = None, compiled: bool = False) -> "CDLLambda":
+        """The model a shipped network runs as: its Λ network and β with the solver, cap and stopping rule of its
+        manifest entry (``loaded``: a :class:`recon.weights.LoadedNetwork`); ``iterations`` overrides the cap."""
+        solver = loaded.solver_settings()
+        return cls(loaded.network, beta=loaded.beta, iterations=int(iterations or solver["iterations"]),
+                   compiled=compiled, solver=solver["solver"], tolerance=float(solver["tolerance"]))
+
     def lambda_maps(self, x0_centred: torch.Tensor, dictionary: Dictionary) -> torch.Tensor:
         """Λ ``(B, K, ny, nx)`` in noise units from the zero-filled image in noise units (centred layout)."""
         if self.lambda_net is None:

@@ -36,7 +36,7 @@ from cdl_lambda.recon.noise import NOISE_ESTIMATED, NOISE_FROM_SCAN, noise_level
 from cdl_lambda.recon.preprocessing import prepare_kspace
 from cdl_lambda.recon.slice_data import STATUS_NOT_RECONSTRUCTED, SliceData, as_tensor
 from cdl_lambda.recon.solvers import compile_available
-from cdl_lambda.recon.weights import WeightsRegistry
+from cdl_lambda.recon.weights import DEFAULT_SOLVER, WeightsRegistry
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,13 @@ class Reconstructor:
     "none" = the scalar-λ baseline). device: None/"auto" → CUDA when present, else CPU. batch_size: images per
     forward pass (0 = 8 on a GPU, 1 on the CPU). compiled: fuse FISTA's element-wise work with ``torch.compile``
     ("auto": when a compiler is available; the first slice of each size then pays a one-off compile).
+    iterations: the solver's cap; None or 0 → the one the network was trained and validated for (its manifest
+    entry's ``solver``, :meth:`recon.weights.LoadedNetwork.solver_settings`), which also sets the solver and its
+    stopping rule; the scalar-λ baseline runs :data:`recon.weights.DEFAULT_SOLVER`.
     """
 
     def __init__(self, dictionary: str | Dictionary = "default", network: str | None = "default",
-                 iterations: int = 64, device: str | None = None, batch_size: int = 8,
+                 iterations: int | None = None, device: str | None = None, batch_size: int = 8,
                  scalar_lambda: float = DEFAULT_SCALAR_LAMBDA, weights_dir: str | None = None,
                  compiled: bool | str = "auto"):
         self.device = choose_device(device)
@@ -112,12 +115,14 @@ class Reconstructor:
         registry = WeightsRegistry(weights_dir)
         self.dictionary = dictionary if isinstance(dictionary, Dictionary) else registry.dictionary(dictionary)
         loaded = registry.network(network)
+        solver = loaded.solver_settings() if loaded is not None else dict(DEFAULT_SOLVER)
+        self.iterations = int(iterations) if iterations else int(solver["iterations"])
         if loaded is None:
             log.warning("no trained Λ network selected: using the scalar-λ baseline (λ = %g)", scalar_lambda)
-            self.model = CDLLambda(None, beta=DEFAULT_SCALAR_BETA, iterations=iterations, scalar_lambda=scalar_lambda,
-                                   compiled=compiled)
+            self.model = CDLLambda(None, beta=DEFAULT_SCALAR_BETA, iterations=self.iterations,
+                                   scalar_lambda=scalar_lambda, compiled=compiled)
         else:
-            self.model = CDLLambda(loaded.network, beta=loaded.beta, iterations=iterations, compiled=compiled)
+            self.model = CDLLambda.deployed(loaded, self.iterations, compiled=compiled)
         self.model.to(self.device).eval()
         self.batch_size = max(1, int(batch_size)) if batch_size else (8 if self.device.type == "cuda" else 1)
         self._device_lock = threading.Lock()  # one reconstruction at a time on the device (and torch.compile)
@@ -126,6 +131,7 @@ class Reconstructor:
             "dictionary_sha256": str(self.dictionary.meta.get("sha256", "builtin")),
             "network": loaded.name if loaded else "none (scalar lambda)",
             "network_sha256": loaded.sha256 if loaded else "none",
+            "solver": f"{solver['solver']}, cap {self.iterations}, tolerance {float(solver['tolerance']):g}",
         }
         log.info("reconstructor ready on %s: %s", self.device, self.identity)
 

@@ -67,15 +67,26 @@ def safe_join(root: Path, relative: str) -> Path:
     return candidate
 
 
+# The solver a network runs with when its manifest entry names none: FISTA, 64 iterations, no early stop.
+DEFAULT_SOLVER = {"solver": "fista", "iterations": 64, "tolerance": 0.0}
+
+
 @dataclass
 class LoadedNetwork:
-    """A trained Λ network with the model settings it was trained with."""
+    """A trained Λ network with the model settings it was trained with (``settings``) and the solver it is deployed
+    with (``deployed``: the manifest entry's ``solver``; :meth:`solver_settings` fills in :data:`DEFAULT_SOLVER`)."""
 
     name: str
     network: LambdaNet
     beta: float
     settings: dict = field(default_factory=dict)
     sha256: str = ""
+    deployed: dict = field(default_factory=dict)
+
+    def solver_settings(self) -> dict:
+        """``{"solver", "iterations", "tolerance"}``: the solver, cap and stopping rule this network was trained
+        and validated for."""
+        return {**DEFAULT_SOLVER, **self.deployed}
 
 
 class WeightsRegistry:
@@ -198,7 +209,8 @@ class WeightsRegistry:
             raise WeightsError(f"network {name!r} ({path}) is unusable: {error}") from None
         network.eval()
         return LoadedNetwork(name=name, network=network, beta=float(payload.get("beta", 1.0)),
-                             settings=dict(payload.get("settings") or {}), sha256=entry["sha256"])
+                             settings=dict(payload.get("settings") or {}), sha256=entry["sha256"],
+                             deployed=dict(entry.get("solver") or {}))
 
 
 def save_network(path: str | Path, network: LambdaNet, beta: float, settings: dict | None = None) -> str:

@@ -73,13 +73,14 @@ def cg_sense_image(scan: Scan, params: Params, iterations: int = 30) -> np.ndarr
     return conjugate_gradient(lambda v: op.normal(v) + lam * v, x0[None], x0[None], iterations)[0].numpy()
 
 
-def network(model, dictionary, iterations: int = 64):
+def network(model, dictionary, iterations: int | None = None):
     """A method running a CDL-Λ-like ``model`` (also the learned baselines) with ``dictionary``, through the model's
-    public call ``model(kspace, mask, dictionary, coil_maps=…, noise_std=…)``."""
+    public call ``model(kspace, mask, dictionary, coil_maps=…, noise_std=…)``; ``iterations`` overrides the model's
+    own cap."""
     def run(scan: Scan, _=None) -> np.ndarray:
         with torch.no_grad():
             out = model(scan.kspace[None], scan.mask, dictionary, coil_maps=espirit_maps(scan)[None], noise_std=1.0,
-                        **({"iterations": iterations} if hasattr(model, "lambda_net") else {}))
+                        **({"iterations": iterations} if iterations and hasattr(model, "lambda_net") else {}))
         return out.image[0].numpy()
     return run
 

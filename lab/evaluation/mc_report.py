@@ -337,9 +337,9 @@ def replace_section(document: str, section: str) -> str:
 
 # ---- the command ----------------------------------------------------------------------------------------------
 def load_models(weights_dir=None, network: str = "default", train_dictionaries: int = 0, heldout_dictionaries: int = 1):
-    """The shipped V3 network (T = 64, as deployed), ``train_dictionaries`` of its training dictionaries (evenly
-    spread; 0: the shipped default dictionary alone, as the product runs), the first ``heldout_dictionaries``
-    held-out ones, the default dictionary, and the learned baselines."""
+    """The shipped V3 network (with the solver of its manifest entry, as deployed), ``train_dictionaries`` of its
+    training dictionaries (evenly spread; 0: the shipped default dictionary alone, as the product runs), the first
+    ``heldout_dictionaries`` held-out ones, the default dictionary, and the learned baselines."""
     from cdl_lambda.lab.evaluation.methods import choose_dictionaries
     from cdl_lambda.lab.train import load_trained
     from cdl_lambda.recon.model import CDLLambda
@@ -348,7 +348,7 @@ def load_models(weights_dir=None, network: str = "default", train_dictionaries: 
     v3 = registry.network(network)
     dicts = choose_dictionaries(registry, "default", max(train_dictionaries, 1), None)
     train = [registry.dictionary(n) for n in dicts.train] if train_dictionaries else [dicts.default]
-    model = CDLLambda(v3.network, beta=v3.beta, iterations=64).eval()
+    model = CDLLambda.deployed(v3).eval()
     baselines = {}
     for kind, method_id in (("ablation", "unet_ablation"), ("unrolled", "unrolled")):
         entry = next((e for e in registry.baselines.values() if e.get("kind") == kind), None)
@@ -358,7 +358,7 @@ def load_models(weights_dir=None, network: str = "default", train_dictionaries: 
             dicts.default, baselines)
 
 
-def describe(plan: Plan, outcome: Outcome, network: str, train, held, default) -> str:
+def describe(plan: Plan, outcome: Outcome, network: str, train, held, default, solver: str = "") -> str:
     sources = {split: names for split, names in outcome.notes.get("sources", [])}
     counts = ", ".join(f"{split} {n} at {size}²" for size, split, n in outcome.notes.get("counts", []))
     return (f"{mc_scans.COILS} coils (birdcage, correlated channel noise, noise pre-scan, prewhitened), "
@@ -366,7 +366,7 @@ def describe(plan: Plan, outcome: Outcome, network: str, train, held, default) -
             f"(plan `{plan.name}`): {plan.describe()}. Distinct slices: {counts}. Sources: " + "; ".join(
                 f"{split} {', '.join(names)}" for split, names in sources.items()) +
             f". The T2-weighted test contrast is the test head remapped (lab.contrasts.t2_weighted). "
-            f"CDL-Λ: network {network} at T = 64 FISTA iterations (as deployed) with "
+            f"CDL-Λ: network {network} with its deployed solver ({solver}) and "
             + (f"the dictionary {train[0].name}" if len(train) == 1 else
                f"the training dictionaries {', '.join(d.name for d in train)} averaged")
             + f"; held out ({plan.heldout_sizes[0]}² only): "
@@ -428,7 +428,10 @@ def main(argv=None) -> int:
     caption = ("Rows: " + "; ".join(label for label, _ in rows) + " (128², one slice each). Columns: reference, "
                + ", ".join(DISPLAY[m] for m in runs) + f" (CDL-Λ with the default dictionary {default.name}); "
                "each row scaled by its reference's maximum; classical methods at their SSIM-best parameters.")
-    description = describe(plan, outcome, network, train, held, default) + (f" {args.note}" if args.note else "")
+    solver = f"{model.solver.upper()}, cap {model.iterations}" + (f", tolerance {model.tolerance:g}" if model.tolerance
+                                                                  else "")
+    description = describe(plan, outcome, network, train, held, default, solver) + (f" {args.note}" if args.note
+                                                                                    else "")
     section = render_section(outcome, description, figure, caption)
     doc.write_text(replace_section(doc.read_text(), section))
     log.info("wrote %s and %s", doc, doc.parent / figure)

@@ -5,10 +5,10 @@ The scan (:func:`gate_scan`): the modified Shepp–Logan phantom (Toft's intensi
 apart so that it is not a binary image) at 96², 8 coils, correlated channel noise and a noise pre-scan,
 prewhitened, image SNR 20, R = 2 and 3 outside 16 calibration lines (:func:`lab.evaluation.scans.simulate_scan`,
 numpy's PCG64 generator: the same numbers on every machine). The product: the shipped default network and
-dictionary through ``CDLLambda(...)(kspace, mask, dictionary, coil_maps=…, noise_std=…)`` at T = 64 with the
-product's ESPIRiT maps. BART: ``pics`` ℓ1-wavelet and TV tuned on this very scan under the protocol
-(:mod:`lab.evaluation.protocol`: per metric, grids bracketing, ecalib maps cropped or uncropped) — an oracle
-tuning, the strongest BART there can be on it.
+dictionary through ``CDLLambda.deployed(...)(kspace, mask, dictionary, coil_maps=…, noise_std=…)`` (the solver and
+cap of the network's manifest entry) with the product's ESPIRiT maps. BART: ``pics`` ℓ1-wavelet and TV tuned on this
+very scan under the protocol (:mod:`lab.evaluation.protocol`: per metric, grids bracketing, ecalib maps cropped or
+uncropped) — an oracle tuning, the strongest BART there can be on it.
 
     python -m cdl_lambda.lab.evaluation.quality_gate --write tests/fixtures/quality_gate.json
 """
@@ -61,12 +61,12 @@ def gate_scan(acceleration: int) -> scans.Scan:
 
 
 def product_image(scan: scans.Scan, weights_dir=None) -> np.ndarray:
-    """The shipped default network and dictionary at T = 64 (as deployed) on ``scan``."""
+    """The shipped default network and dictionary with the network's deployed solver on ``scan``."""
     from cdl_lambda.recon.model import CDLLambda
     from cdl_lambda.recon.weights import WeightsRegistry
     registry = WeightsRegistry(weights_dir)
     entry = registry.network("default")
-    model = CDLLambda(entry.network, beta=entry.beta, iterations=64).eval()
+    model = CDLLambda.deployed(entry).eval()
     return mc_methods.network(model, registry.dictionary("default"))(scan)
 
 

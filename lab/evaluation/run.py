@@ -194,17 +194,16 @@ def run_evaluation(settings: Settings) -> str:
     text = report.write_report(out_dir, settings.name, compared, figure_methods, volumes, info,
                                figure_ood=settings.figure_ood, dictionary=dicts.default)
     if settings.multicoil:
-        text += "\n" + multicoil_section(settings, registry, v3.network, v3.beta, dicts, out_dir)
+        text += "\n" + multicoil_section(settings, registry, v3, dicts, out_dir)
         (out_dir / f"{settings.name}.md").write_text(text)
     return text
 
 
-def multicoil_section(settings: Settings, registry: WeightsRegistry, network, beta: float, dicts,
-                      out_dir: Path) -> str:
+def multicoil_section(settings: Settings, registry: WeightsRegistry, loaded, dicts, out_dir: Path) -> str:
     """The multi-coil comparison under the protocol (:mod:`lab.evaluation.mc_report`) at 128² with
     ``settings.multicoil_slices`` (validation, test and T2, out of distribution); its Markdown section, the figure
     written beside."""
-    v3_model = CDLLambda(network, beta=beta, iterations=64).eval()
+    v3_model = CDLLambda.deployed(loaded).eval()
     baselines = {}
     for kind, method_id in (("ablation", "unet_ablation"), ("unrolled", "unrolled")):
         entry = next((e for e in registry.baselines.values() if e.get("kind") == kind), None)

@@ -82,3 +82,28 @@ def test_shipped_v3_is_invariant_to_filter_order():
         b = model(kspace, mask, dictionary.permuted(order))
     assert torch.allclose(a.image, b.image, atol=1e-5, rtol=1e-4)
     assert torch.allclose(a.lambda_maps[:, order], b.lambda_maps, atol=1e-6)
+
+
+def test_a_network_runs_with_the_solver_its_manifest_entry_names(tmp_path):
+    """Reconstructor without an iteration count runs the cap, solver and tolerance the network was trained for;
+    an explicit count overrides the cap; an entry without ``solver`` gets FISTA, 64, no early stop."""
+    import yaml
+
+    from cdl_lambda.recon.pipeline import Reconstructor
+    from cdl_lambda.recon.weights import DEFAULT_SOLVER
+
+    root = tmp_path / "weights"
+    shutil.copytree(REGISTRY.root, root)
+    manifest = yaml.safe_load((root / "manifest.yaml").read_text())
+    name = manifest["default"]["network"]
+    entry = next(e for e in manifest["networks"] if e["name"] == name)
+    entry["solver"] = {"solver": "admm", "iterations": 7, "tolerance": 0.02}
+    (root / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    rec = Reconstructor(weights_dir=str(root), device="cpu", compiled=False)
+    assert (rec.iterations, rec.model.iterations, rec.model.solver, rec.model.tolerance) == (7, 7, "admm", 0.02)
+    assert rec.identity["solver"] == "admm, cap 7, tolerance 0.02"
+    assert Reconstructor(weights_dir=str(root), device="cpu", compiled=False, iterations=5).model.iterations == 5
+    del entry["solver"]
+    (root / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    plain = Reconstructor(weights_dir=str(root), device="cpu", compiled=False).model
+    assert (plain.solver, plain.iterations, plain.tolerance) == (DEFAULT_SOLVER["solver"], 64, 0.0)

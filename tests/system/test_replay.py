@@ -50,6 +50,21 @@ def test_cli_replay_writes_groups_and_previews(simple_file, tmp_path, monkeypatc
     assert len(previews) == 1 and previews[0].read_bytes().startswith(b"\x89PNG")
 
 
+def test_default_cap_is_the_networks_own_and_named_in_the_meta(simple_file, tmp_path, monkeypatch):
+    """With no iteration count anywhere (the shipped defaults: 0), the images say the cap and solver the default
+    network's manifest entry names, as numbers."""
+    from cdl_lambda.recon.weights import WeightsRegistry
+
+    monkeypatch.setenv("CDL_LAMBDA_CHAINS", str(write_registry(tmp_path / "chains")))  # one chain, no rules
+    solver = WeightsRegistry().network("default").solver_settings()
+    result = replay(simple_file)
+    assert result.errors == [] and len(result.images) == 1
+    meta = result.images[0].meta
+    assert meta["CDL_Iterations"] == str(solver["iterations"])
+    assert meta["CDL_Solver"] == f"{solver['solver']}, cap {solver['iterations']}, tolerance {solver['tolerance']:g}"
+    assert "iterations=0" not in meta["CDL_Parameters"]
+
+
 def test_replay_and_server_give_bit_identical_images(accelerated_file, server):
     local = replay(accelerated_file, config="cdl-lambda", parameters={"iterations": "12"})
     remote = replay(accelerated_file, server=f"127.0.0.1:{server.port}", config="cdl-lambda")
