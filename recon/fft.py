@@ -46,6 +46,16 @@ def ifft2c(k: torch.Tensor) -> torch.Tensor:
     return from_native(ifft2(to_native(k)))
 
 
+def fft1(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Orthonormal 1-D FFT along ``dim``, native layout."""
+    return torch.fft.fft(x, dim=dim, norm="ortho")
+
+
+def ifft1(k: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Orthonormal 1-D inverse FFT along ``dim``, native layout."""
+    return torch.fft.ifft(k, dim=dim, norm="ortho")
+
+
 def fft1c(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Centred orthonormal 1-D FFT along ``dim``."""
     return torch.fft.fftshift(torch.fft.fft(torch.fft.ifftshift(x, dim=dim), dim=dim, norm="ortho"), dim=dim)
