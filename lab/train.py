@@ -203,11 +203,12 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, config)
         if config.data not in ("multicoil", "lowres"):
             raise ValueError(f"unknown training data {config.data!r}: multicoil or lowres")
-        if images is None:
+        if images is None:  # the training split, and the tissue fractions of its T1 volumes for contrasts
             images = torch.cat(list(data.load_images("train", config.size).values()))
+            if config.data == "multicoil" and config.contrasts and fractions is None:
+                fractions = contrast_fractions(config.size)
         data_seed = self.rank.data_seed(config.seed)  # each process draws its own examples
         if config.data == "multicoil":
-            fractions = contrast_fractions(config.size) if config.contrasts and fractions is None else fractions
             self.stream = multicoil.TrainingStream(images.numpy(), config.batch_size, seed=data_seed,
                                                    fractions=None if fractions is None else fractions.numpy())
         else:
@@ -358,8 +359,12 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
                 "iterations": config.iterations, "grad_iterations": config.grad_iterations,
                 "base_channels": config.base_channels, "stages": config.stages, "seed": config.seed,
                 "solver": config.solver, "tolerance": config.tolerance}
-    if config.init_network:
+    if config.init_network:  # the whole campaign: this run plus every run the starting network came from
         training["fine_tuned_from"] = config.init_network
+        before = (WeightsRegistry(weights_dir).networks.get(config.init_network) or {}).get("training") or {}
+        training["total_steps"] = int(before.get("total_steps", before.get("steps", 0))) + state["step"]
+        training["total_cpu_minutes"] = round(float(before.get("total_cpu_minutes", before.get("cpu_minutes", 0.0)))
+                                              + state["seconds"] / 60, 1)
     if note:
         training["note"] = note
     last = state["history"][-1] if state["history"] else {}

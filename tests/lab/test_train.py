@@ -101,3 +101,24 @@ def test_export_writes_a_loadable_network(registry, tmp_path):
     loaded = WeightsRegistry(root).network("default")
     assert loaded.name == "tiny-v3" and entry["training"]["steps"] == 1
     assert loaded.beta == pytest.approx(float(trainer.model.split.beta.detach()), rel=1e-4)
+
+
+def test_a_campaign_records_its_total_steps_and_the_solver_it_was_validated_for(registry, tmp_path):
+    """Fine-tuning from an exported network adds its steps and minutes to the new entry's totals; the entry names
+    the solver, cap (the validation cap) and tolerance the network is deployed with."""
+    import shutil
+
+    root = tmp_path / "weights"
+    shutil.copytree(registry.root, root)
+    first = make_trainer(registry, "v3", steps=2, validate_every=1)
+    first.run(tmp_path / "first.ckpt", progress=False)
+    train.export(tmp_path / "first.ckpt", "start", root)
+    second = make_trainer(WeightsRegistry(root), "v3", steps=3, validate_every=1, init_network="start",
+                          weights_dir=str(root), val_iterations=5)
+    second.run(tmp_path / "second.ckpt", progress=False)
+    entry = train.export(tmp_path / "second.ckpt", "more", root)
+    assert entry["training"]["fine_tuned_from"] == "start" and entry["training"]["total_steps"] == 5
+    assert entry["training"]["total_cpu_minutes"] >= entry["training"]["cpu_minutes"]
+    assert entry["solver"] == {"solver": "fista", "iterations": 5, "tolerance": 0.0}
+    assert WeightsRegistry(root).network("more").solver_settings()["iterations"] == 5
+    assert "val_ssim" in second.history[-1] and 0 < second.history[-1]["val_ssim"] <= 1
