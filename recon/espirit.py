@@ -42,8 +42,10 @@ def calibration_matrix(block: torch.Tensor, kernel: int) -> torch.Tensor:
     return windows.permute(1, 2, 0, 3, 4).reshape(-1, c * kernel * kernel)
 
 
-def espirit_operator(kernels: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """W(x) ``(ny, nx, C, C)`` from kernels ``(r, C, k, k)`` (rows of Vᴴ reshaped), exactly, via auto-correlation."""
+def espirit_operator(kernels: torch.Tensor, shape: tuple[int, int], centred: bool = True) -> torch.Tensor:
+    """W(x) ``(ny, nx, C, C)`` (contiguous) from kernels ``(r, C, k, k)`` (rows of Vᴴ reshaped), exactly, via
+    auto-correlation; pixels in the centred layout, or with ``centred=False`` in the native FFT layout (no shift of
+    the C² planes: a caller that works pixel by pixel shifts its C-plane result once instead)."""
     r, c, k, _ = kernels.shape
     ny, nx = shape
     # A[c1, c2, Δ] = (1/k²) Σ_r Σ_o v_r[c1, o] conj(v_r[c2, o − Δ]) for Δ ∈ [−(k−1), k−1]²: a cross-correlation
@@ -54,12 +56,15 @@ def espirit_operator(kernels: torch.Tensor, shape: tuple[int, int]) -> torch.Ten
     acr = conv(padded.real, v.real) + conv(padded.imag, v.imag)  # (C, C, 2k−1, 2k−1)
     aci = conv(padded.imag, v.real) - conv(padded.real, v.imag)
     auto = torch.complex(acr, aci) / (k * k)  # indexed [c1, c2, Δ + (k−1)]
+    # W(x) = Σ_Δ A[Δ] e^{…}: an (unnormalised) inverse DFT of the coefficient grid, built in the native layout
+    # (coefficient Δ at index Δ mod n, which is what ifftshift makes of the centred grid)
     grid = torch.zeros(c, c, ny, nx, dtype=auto.dtype, device=auto.device)
-    cy, cx = ny // 2, nx // 2
-    grid[..., cy - (k - 1):cy + k, cx - (k - 1):cx + k] = auto
-    # W(x) = Σ_Δ A[Δ] e^{…}: an (unnormalised) inverse DFT of the centred coefficient grid
-    w = _fft.ifft2c(grid) * (ny * nx) ** 0.5
-    return w.permute(2, 3, 0, 1)
+    offsets = torch.arange(-(k - 1), k, device=auto.device)
+    grid[:, :, (offsets % ny)[:, None], (offsets % nx)[None, :]] = auto
+    w = _fft.ifft2(grid) * (ny * nx) ** 0.5
+    if centred:
+        w = _fft.from_native(w)
+    return w.permute(2, 3, 0, 1).contiguous()
 
 
 def right_singular_vectors(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,14 +81,20 @@ def right_singular_vectors(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return sv, vh
 
 
-def dominant_eigenvector(w: torch.Tensor, iterations: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def dominant_eigenvector(w: torch.Tensor, iterations: int = 16,
+                         normalise_every: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Largest eigenvalue and its unit eigenvector of Hermitian ``w`` ``(..., C, C)`` by power iteration from
     w·1. Where the object is, the ESPIRiT eigenvalue 1 is well separated from the next, so a few steps suffice;
-    where the eigenvalues are close there is no signal and the maps are cropped anyway."""
+    where the eigenvalues are close there is no signal and the maps are cropped anyway. The eigenvalues lie in
+    [0, 1], so the iterate is rescaled only every ``normalise_every`` steps (the direction is the same; only pixels
+    without signal, cropped anyway, can shrink towards 0)."""
+    w = w.contiguous()  # a strided batch would be copied by every product
     vec = w.sum(dim=-1, keepdim=True)
-    for _ in range(iterations):
+    vec = vec / vec.norm(dim=-2, keepdim=True).clamp_min(1e-30)
+    for step in range(1, iterations + 1):
         vec = w @ vec
-        vec = vec / vec.norm(dim=-2, keepdim=True).clamp_min(1e-30)
+        if step % normalise_every == 0 or step == iterations:
+            vec = vec / vec.norm(dim=-2, keepdim=True).clamp_min(1e-30)
     value = (vec.conj().transpose(-1, -2) @ w @ vec).real[..., 0, 0]
     return value, vec[..., 0]
 
@@ -110,12 +121,14 @@ def espirit(kspace: torch.Tensor, calibration_mask: torch.Tensor, noise_std: flo
     keep = (sv >= threshold * sv[0]) & (sv >= 1.5 * noise_std * (matrix.shape[0] ** 0.5 + matrix.shape[1] ** 0.5))
     rank = max(int(keep.sum()), 1)
     kernels = vh[:rank].reshape(rank, c, kernel, kernel)
-    value, maps = dominant_eigenvector(espirit_operator(kernels, (ny, nx)), iterations)
+    # pixel by pixel in the native layout; the (C, ny, nx) result is shifted to the centred one at the end
+    value, maps = dominant_eigenvector(espirit_operator(kernels, (ny, nx), centred=False), iterations)
     reference = maps.abs().pow(2).sum(dim=(0, 1)).argmax()
     ref = maps[..., reference]
     maps = maps * (ref.conj() / ref.abs().clamp_min(1e-12))[..., None]
     maps = maps * (value >= crop)[..., None]
-    return maps.permute(2, 0, 1).to(torch.complex64).contiguous(), value.to(torch.float32)
+    maps, value = _fft.from_native(maps.permute(2, 0, 1)), _fft.from_native(value)
+    return maps.to(torch.complex64).contiguous(), value.to(torch.float32)
 
 
 def espirit_maps(kspace: torch.Tensor, calibration_mask: torch.Tensor, noise_std: float | None = None,

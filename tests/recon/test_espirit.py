@@ -68,3 +68,22 @@ def test_noise_level_estimate_without_a_noise_scan(tmp_path):
         assert abs(sigma / (noise * 2 ** 0.5) - 1) < 0.1, (noise, sigma)
         pure = torch.randn(4, 128, 128, dtype=torch.complex64) * noise * 2 ** 0.5
         assert abs(float(estimate_noise_std(pure, mask)) / (noise * 2 ** 0.5) - 1) < 0.03
+
+
+def test_native_operator_and_sparse_rescaling_change_nothing():
+    """W built in the native pixel layout is the centred one shifted, and rescaling the power iterate every 4 steps
+    gives the eigenvector of rescaling every step (the same direction), to float64 rounding."""
+    from cdl_lambda.recon import fft
+    from cdl_lambda.recon.espirit import dominant_eigenvector, espirit_operator
+
+    generator = torch.Generator().manual_seed(1)
+    kernels = torch.randn(5, 4, 6, 6, dtype=torch.complex128, generator=generator)
+    kernels = kernels / kernels.flatten(1).norm(dim=1)[:, None, None, None]
+    for shape in ((24, 20), (21, 19)):
+        centred = espirit_operator(kernels, shape)
+        native = espirit_operator(kernels, shape, centred=False)
+        torch.testing.assert_close(fft.from_native(native.permute(2, 3, 0, 1)).permute(2, 3, 0, 1), centred,
+                                   rtol=0, atol=1e-12)
+        every, sparse = dominant_eigenvector(centred, 16, 1), dominant_eigenvector(centred, 16, 4)
+        torch.testing.assert_close(sparse[0], every[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(sparse[1], every[1], rtol=0, atol=1e-10)
