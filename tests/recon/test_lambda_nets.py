@@ -86,3 +86,22 @@ def test_networks_rebuild_from_their_config():
         rebuilt.load_state_dict(net.state_dict())
     with pytest.raises(ValueError, match="unknown"):
         build_lambda_net({"version": "v9"})
+
+
+def test_v3_in_cpu_sized_chunks_equals_one_pass(monkeypatch):
+    """Cutting the filter maps into cache-sized chunks on the CPU changes nothing but the speed."""
+    from cdl_lambda.recon import lambda_nets
+
+    torch.manual_seed(0)
+    net = lambda_nets.LambdaNetV3(base_channels=4, stages=2, upper_bound=2.0).eval()
+    dictionary = random_dictionary(6, 5)
+    x0 = torch.randn(2, 40, 36, dtype=torch.complex64)
+    passes = []
+    net.unet.register_forward_hook(lambda module, inputs, output: passes.append(inputs[0].shape[0]))
+    with torch.no_grad():
+        monkeypatch.setattr(lambda_nets, "CPU_CHUNK_PIXELS", 40 * 36 * 3)  # 3 maps a pass: 12 maps in 4 chunks
+        chunked = net(x0, dictionary)
+        monkeypatch.setattr(lambda_nets, "CPU_CHUNK_PIXELS", 10 ** 9)     # all 12 maps in one pass
+        whole = net(x0, dictionary)
+    assert passes == [3, 3, 3, 3, 12]
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
