@@ -2,15 +2,16 @@
 
 A 256², 8-coil scan as lab.evaluation.scans simulates it (birdcage array, correlated channel noise and a noise
 pre-scan, prewhitened; R = 2 (``--accelerations``) outside 16 calibration lines; image SNR 20) is reconstructed by
-recon.pipeline.Reconstructor with the shipped default network (T = 64 the cap) and each solver of ``--solvers``
-(FISTA; ADMM with its stopping rule, ``--tolerance``) — timed as a whole and in its parts (ESPIRiT
-coil maps; CDL-Λ given the maps: CG low-pass part, NET_Θ, the solve) — and by BART's ``ecalib`` + ``pics`` with
+recon.pipeline.Reconstructor with each network of ``--networks`` (``NAME[:T]``: a shipped network and its cap; no
+T: the solver and cap its manifest entry names) and each solver of ``--solvers`` (default: the network's own; ADMM
+with its stopping rule ``--tolerance``) — timed as a whole and in its parts (ESPIRiT coil maps; CDL-Λ given the maps:
+CG low-pass part, NET_Θ, the solve) — and by BART's ``ecalib`` + ``pics`` with
 ℓ1-wavelets and with total variation, λ as tuned on the validation split under the protocol
 (docs/evaluation.md; ``--bart-l1`` / ``--bart-tv`` override), with OMP_NUM_THREADS = the torch threads. Quality:
 SSIM / NRMSE / PSNR against the true image (lab.evaluation.protocol.score, no rescaling). Writes
 docs/bench_bart.md.
 
-    python bench/bart_compare.py --threads 2 --repeats 3 [--accelerations 2 3] [--solvers fista admm]
+    python bench/bart_compare.py --threads 2 --repeats 3 [--accelerations 2 3] [--networks default OTHER:64]
 """
 
 from __future__ import annotations
@@ -57,13 +58,19 @@ def main(argv=None) -> int:
     parser.add_argument("--solvers", nargs="+", choices=("fista", "admm"), default=None,
                         help="solvers to time (default: the model's default only)")
     parser.add_argument("--tolerance", type=float, default=0.01, help="the ADMM stopping rule")
+    parser.add_argument("--networks", nargs="+", default=["default"],
+                        help="NAME[:T]: shipped networks and caps (no T: the network's own)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
     magnitude = next(iter(load_split("test", (args.size, args.size)).values()))
-    reconstructor = Reconstructor(iterations=64, device="cpu", batch_size=1)
-    solvers = args.solvers or [reconstructor.model.solver]
+    reconstructors = []
+    for spec in args.networks:
+        name, _, cap = spec.partition(":")
+        reconstructors.append(Reconstructor(network=name, iterations=int(cap) if cap else None, device="cpu",
+                                            batch_size=1))
+    solvers = args.solvers or sorted({r.model.solver for r in reconstructors})
     sections = []
     for acceleration in args.accelerations:
         scan = scans.simulate_scan(magnitude[len(magnitude) // 2], acceleration, 20, seed=0)
@@ -72,23 +79,25 @@ def main(argv=None) -> int:
         maps = coils.estimate_coil_maps(scan.kspace, calibration, noise_std=1.0)[None].numpy()
         images, parts = {}, [("ESPIRiT coil maps", best_of(lambda: coils.estimate_coil_maps(scan.kspace, calibration,
                                                                                              1.0), args.repeats))]
-        for solver in solvers:
-            reconstructor.model.solver = solver
-            reconstructor.model.tolerance = args.tolerance if solver == "admm" else 0.0
-            reconstructor.reconstruct(kspace, mask, coil_maps=maps, noise_std=1.0)  # warm-up (and compile)
-            result = reconstructor.reconstruct(kspace, mask)
-            used = None if result.iterations_used is None else int(result.iterations_used[0])
-            rule = f"stopping rule {args.tolerance:g}, cap 64" if solver == "admm" else "64 iterations"
-            name = (f"CDL-Λ + {solver.upper()} (whole slice: noise level, ESPIRiT maps, CG low-pass, NET_Θ, "
-                    f"{rule}{f', {used} used' if used else ''})")
+        for reconstructor in reconstructors:
+            network, cap = reconstructor.identity["network"], reconstructor.iterations
+            for solver in solvers if args.solvers else [reconstructor.model.solver]:
+                reconstructor.model.solver = solver
+                reconstructor.model.tolerance = args.tolerance if solver == "admm" else 0.0
+                reconstructor.reconstruct(kspace, mask, coil_maps=maps, noise_std=1.0)  # warm-up (and compile)
+                result = reconstructor.reconstruct(kspace, mask)
+                used = None if result.iterations_used is None else int(result.iterations_used[0])
+                rule = f"stopping rule {args.tolerance:g}, cap {cap}" if solver == "admm" else f"{cap} iterations"
+                name = (f"CDL-Λ {network} + {solver.upper()} (whole slice: noise level, ESPIRiT maps, CG low-pass, "
+                        f"NET_Θ, {rule}{f', {used} used' if used else ''})")
 
-            def whole():
-                return reconstructor.reconstruct(kspace, mask).image[0]
+                def whole(r=reconstructor):
+                    return r.reconstruct(kspace, mask).image[0]
 
-            images[name] = (whole, score(result.image[0], scan.reference), best_of(whole, args.repeats))
-            parts.append((f"CDL-Λ + {solver.upper()} given the maps",
-                          best_of(lambda: reconstructor.reconstruct(kspace, mask, coil_maps=maps, noise_std=1.0),
-                                  args.repeats)))
+                images[name] = (whole, score(result.image[0], scan.reference), best_of(whole, args.repeats))
+                parts.append((f"CDL-Λ {network} + {solver.upper()}, {cap} iterations, given the maps",
+                              best_of(lambda r=reconstructor: r.reconstruct(kspace, mask, coil_maps=maps,
+                                                                            noise_std=1.0), args.repeats)))
         if bart.available():
             for label, regularisation in ((f"BART ecalib + pics ℓ1-wavelet (λ {args.bart_l1:g})",
                                            ("-l1", "-r", str(args.bart_l1))),
@@ -108,10 +117,11 @@ def main(argv=None) -> int:
         "# CDL-Λ and BART on one prewhitened multi-coil slice",
         "",
         f"`python bench/bart_compare.py --threads {args.threads} --repeats {args.repeats} --accelerations "
-        f"{' '.join(map(str, args.accelerations))} --solvers {' '.join(solvers)}` on "
+        f"{' '.join(map(str, args.accelerations))} --networks {' '.join(args.networks)}"
+        f"{' --solvers ' + ' '.join(args.solvers) if args.solvers else ''}` on "
         f"{platform.processor() or platform.machine()},"
         f" {args.threads} torch threads and OMP_NUM_THREADS for BART, best of {args.repeats}; {args.size}², 8 coils; "
-        f"network {reconstructor.identity['network']}, dictionary {reconstructor.identity['dictionary']}; BART pics "
+        f"dictionary {reconstructors[0].identity['dictionary']}; BART pics "
         f"with its default iterations; load average {os.getloadavg()[0]:.1f} at the end (a shared, loaded machine: "
         "compare rows of one run).",
         "",
