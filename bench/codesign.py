@@ -77,17 +77,19 @@ def model_of(network: str, solver: str, iterations: int, tolerance: float) -> CD
 
 
 def evaluate(model: CDLLambda, dictionary, items) -> dict:
-    rows, seconds, used = {}, 0.0, []
+    rows, seconds, used, residuals = {}, 0.0, [], []
     for contrast, acceleration, scan in items:
         start = time.perf_counter()
         with torch.no_grad():
             out = model(scan.kspace[None], scan.mask, dictionary, coil_maps=scan.maps[None], noise_std=1.0)
         seconds += time.perf_counter() - start
         used.append(int(out.iterations_used[0]))
+        residuals.append(float(out.residual_to_noise[0]))
         q = score(out.image[0].numpy(), scan.reference)
         rows.setdefault(f"{contrast}|{acceleration}", []).append((q["ssim"], q["nrmse"]))
     means = {k: [float(np.mean([r[0] for r in v])), float(np.mean([r[1] for r in v]))] for k, v in rows.items()}
-    return {"means": means, "seconds": seconds / len(items), "iterations": float(np.mean(used))}
+    return {"means": means, "seconds": seconds / len(items), "iterations": float(np.mean(used)),
+            "residual": [min(residuals), max(residuals)]}
 
 
 def candidate_config(text: str) -> tuple[str, str, str, int, float]:
@@ -131,22 +133,24 @@ def main(argv=None) -> int:
         cache[label] = cache[key]
     columns = sorted({k for label, *_ in configs for k in cache[label]["means"]})
     header = "| network + solver | " + " | ".join(c.replace("|", ", R = ") for c in columns) + \
-             " | mean SSIM / NRMSE | iterations | s / slice |"
-    rows = [header, "|" + "---|" * (len(columns) + 4)]
+             " | mean SSIM / NRMSE | iterations | residual / noise | s / slice |"
+    rows = [header, "|" + "---|" * (len(columns) + 5)]
     for label, *_ in configs:
         result = cache[label]
         cells = [f"{result['means'][c][0]:.4f} / {result['means'][c][1]:.4f}" for c in columns]
         mean_ssim = np.mean([result["means"][c][0] for c in columns])
         mean_nrmse = np.mean([result["means"][c][1] for c in columns])
+        low, high = result.get("residual", [float("nan")] * 2)
         rows.append(f"| {label} | " + " | ".join(cells) + f" | {mean_ssim:.4f} / {mean_nrmse:.4f} | "
-                    f"{result['iterations']:.1f} | {result['seconds']:.2f} |")
+                    f"{result['iterations']:.1f} | {low:.3f}–{high:.3f} | {result['seconds']:.2f} |")
     text = "\n".join([
         "# Network and solver together, on held-out scans",
         "",
         f"`python bench/codesign.py {' '.join(argv if argv is not None else sys.argv[1:])}`: {len(items)} scans "
         f"(128², 8 coils, SNR {' and '.join(map(str, SNRS))}, R = {', '.join(map(str, ACCELERATIONS))}; up to "
         f"{args.per_contrast} slices each of the {args.split} split's person in T1 and T2 weighting), SSIM / NRMSE "
-        "against the truth, no rescaling; dictionary "
+        "against the truth, no rescaling; residual / noise: the range of the data residual relative to σ over the "
+        "scans (CDL_ResidualToNoise: a complete scan must stay within 0.75–1.25, gadgets.completeness); dictionary "
         f"{dictionary.name}; {args.threads} thread(s), load average {os.getloadavg()[0]:.1f} (shared machine).",
         "",
         *rows,

@@ -54,18 +54,21 @@ def _shrink_extrapolate(v: torch.Tensor, s: torch.Tensor, threshold: torch.Tenso
 
 class _CodeBuffers:
     """The code-sized arrays of the untracked FISTA steps, allocated once per solve and reused by every step:
-    ``s`` and ``z`` (the iterates) and two scratch arrays; written with ``out=`` so that no step allocates."""
+    ``s`` and ``z`` (the iterates), a scratch array and −t; written with ``out=`` so that no step allocates."""
 
     def __init__(self, like: torch.Tensor):
-        self.s, self.z, self.a, self.b = (torch.empty_like(like) for _ in range(4))
+        self.s, self.z, self.a = (torch.empty_like(like) for _ in range(3))
         self.spare = torch.empty_like(like)
+        self.neg_threshold = None
 
     def step(self, v, s, threshold, alpha):
-        """s⁺ = soft(v, t) into a free buffer, z = s⁺ + α (s⁺ − s) into ``z``; returns (s⁺, z)."""
+        """s⁺ = soft(v, t) = v − clamp(v, −t, t) (three passes over the codes instead of six) into a free buffer,
+        z = s⁺ + α (s⁺ − s) into ``z``; returns (s⁺, z)."""
+        if self.neg_threshold is None:
+            self.neg_threshold = -threshold
         s_next = self.spare if s is self.s else self.s
-        torch.sub(v, threshold, out=self.a).relu_()           # relu(v − t)
-        torch.add(v, threshold, out=self.b).neg_().relu_()    # relu(−t − v)
-        torch.sub(self.a, self.b, out=s_next)
+        torch.clamp(v, self.neg_threshold, threshold, out=self.a)
+        torch.sub(v, self.a, out=s_next)
         torch.lerp(s_next, s, -alpha, out=self.z)
         if s_next is self.spare:                              # keep s⁺ in self.s, the free one in self.spare
             self.s, self.spare = self.spare, self.s
