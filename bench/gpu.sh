@@ -8,12 +8,12 @@
 #      run it again and it goes on from where the burst stopped).
 # Results go to $OUT (default docs/gpu/): one Markdown file per step and the burst's log.
 #
-#   bash bench/gpu.sh [checkpoint]          (default checkpoint: runs/campaign-T32.ckpt; runs/ is git-ignored, so
+#   bash bench/gpu.sh [checkpoint]          (default checkpoint: runs/campaign-T16.ckpt; runs/ is git-ignored, so
 #                                            a remote machine needs it carried along)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-docs/gpu}
-CHECKPOINT=${1:-runs/campaign-T32.ckpt}
+CHECKPOINT=${1:-runs/campaign-T16.ckpt}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 mkdir -p "$OUT"
 start=$(date +%s)

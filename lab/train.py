@@ -338,9 +338,10 @@ def load_trained(path, device="cpu") -> tuple[nn.Module, dict]:
 
 
 def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = False, note: str = "",
-           default_dictionary: str | None = None) -> dict:
+           default_dictionary: str | None = None, deployed_iterations: int | None = None) -> dict:
     """Write the trained weights of ``checkpoint`` into ``weights_dir`` (networks/ for Λ networks, baselines/ for the
-    others) and record them in the manifest. Returns the manifest entry."""
+    others) and record them in the manifest. The entry's ``solver`` is the one trained through, with
+    ``deployed_iterations`` as its cap (default: the validation cap, ``--val-iterations``). Returns the entry."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     config = TrainConfig(**state["config"])
     model, _ = load_trained(checkpoint)
@@ -381,7 +382,7 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
                                      "solver": config.solver, "tolerance": config.tolerance})
         entry = {"name": name, "file": f"{buffer_dir}/{name}.pt", "version": config.method, "sha256": sha,
                  "beta": round(float(model.split.beta.detach()), 4),
-                 "solver": {"solver": config.solver, "iterations": config.val_iterations,
+                 "solver": {"solver": config.solver, "iterations": int(deployed_iterations or config.val_iterations),
                             "tolerance": config.tolerance},
                  "training": training, "metrics": metrics}
         default = {"network": name} if set_default else {}
