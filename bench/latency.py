@@ -1,4 +1,5 @@
-"""Per-slice latency of one CDL-Λ reconstruction (V3, T = 64 iterations) and its ratio to the FFT floor, per solver.
+"""Per-slice latency of one CDL-Λ reconstruction (the default V3 network, its deployed cap) and its ratio to the FFT
+floor, per solver.
 
 For each case and solver: ms per slice (network + split + T iterations), ms per iteration, and that iteration time
 divided by the time of the FFTs one iteration must do, measured in the same run with the same torch FFT calls:
@@ -34,6 +35,7 @@ from cdl_lambda.recon.fft import fft2c
 from cdl_lambda.recon.lambda_nets import LambdaNetV3
 from cdl_lambda.recon.model import CDLLambda
 from cdl_lambda.recon.sampling import central_window_mask, equispaced_line_mask
+from cdl_lambda.recon.weights import WeightsRegistry
 
 CASES = {  # name, image size, coils, K, k_f
     "160x1": ("160² single coil, K=32, 9×9", 160, 1, 32, 9),
@@ -70,7 +72,9 @@ def run_case(size, coils, num_filters, kernel_size, device, repeats, iterations=
     torch.manual_seed(0)
     shape = (size, size)
     dictionary = random_dictionary(num_filters, kernel_size)
-    model = CDLLambda(LambdaNetV3(base_channels=16), iterations=iterations, compiled=compiled, solver=solver,
+    loaded = WeightsRegistry().network("default")
+    network = loaded.network if loaded is not None else LambdaNetV3(base_channels=8)
+    model = CDLLambda(network, iterations=iterations, compiled=compiled, solver=solver,
                       tolerance=0.0).to(device).eval()
     image = torch.randn(batch, *shape, dtype=torch.complex64, device=device)
     if coils == 1:
@@ -128,29 +132,34 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="run FISTA's element-wise work uncompiled")
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["160x1", "256x8"])
     parser.add_argument("--solvers", nargs="+", choices=("fista", "admm"), default=["fista", "admm"])
+    parser.add_argument("--iterations", type=int, default=0, help="the cap T (0: the default network's own)")
     args = parser.parse_args(argv)
+    loaded = WeightsRegistry().network("default")
+    iterations = args.iterations or (loaded.solver_settings()["iterations"] if loaded is not None else 64)
     torch.set_num_threads(args.threads)
     keep_freed_memory_for_reuse()  # as recon.pipeline.Reconstructor does on the CPU
     device = choose_device(args.device)
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{platform.processor() or 'CPU'}, {args.threads} threads")
-    rows = ["| case | solver | batch | ms / slice (T = 64) | ms / iteration | CG steps / iteration | "
+    rows = [f"| case | solver | batch | ms / slice (T = {iterations}) | ms / iteration | CG steps / iteration | "
             "FFT floor ms / iteration | ratio |", "|---|---|---|---|---|---|---|---|"]
     for case in args.cases:
         name, size, coils, k, kf = CASES[case]
         for solver in args.solvers:
             per_slice, per_iteration, floor, mean_cg = run_case(size, coils, k, kf, device, args.repeats,
-                                                                batch=args.batch, compiled=not args.no_compile,
-                                                                solver=solver)
+                                                                iterations=iterations, batch=args.batch,
+                                                                compiled=not args.no_compile, solver=solver)
             cg = f"{mean_cg:.2f}" if solver == "admm" and coils > 1 else "—"
             rows.append(f"| {name} | {solver} | {args.batch} | {per_slice * 1e3:.1f} | {per_iteration * 1e3:.2f} | "
                         f"{cg} | {floor * 1e3:.2f} | {per_iteration / floor:.2f} |")
             print(rows[-1], file=sys.stderr)
     load = os.getloadavg()[0]
-    text = (f"# CDL-Λ latency (V3, T = 64 iterations)\n\nDevice: {where}; torch {torch.__version__}; load average "
+    text = (f"# CDL-Λ latency (the default V3 network, T = {iterations} iterations)\n\nDevice: {where}; torch "
+            f"{torch.__version__}; load average "
             f"{load:.1f} at the end (a shared machine: compare rows of one run).\n"
             f"Command: `python bench/latency.py --device {args.device} --threads {args.threads} "
-            f"--batch {args.batch} --cases {' '.join(args.cases)} --solvers {' '.join(args.solvers)}"
+            f"--batch {args.batch} --cases {' '.join(args.cases)} --solvers {' '.join(args.solvers)} "
+            f"--iterations {iterations}"
             f"{' --no-compile' if args.no_compile else ''}`\n\n" + "\n".join(rows)
             + "\n\nThe FFT floor is the time of the FFTs one iteration must do, measured in the same run: FISTA "
             "2K + 2 of the image size and 2C 1-D ones along the phase encoding (a single coil: 2K + 4 2-D), ADMM "
