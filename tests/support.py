@@ -165,6 +165,17 @@ def random_dictionary(num_filters: int = 8, kernel_size: int = 5, seed: int = 0,
     return Dictionary(filters.to(dtype), name=f"random-{num_filters}-{kernel_size}-{seed}")
 
 
+
+def write_training_weights(root: Path) -> Path:
+    """A weights folder ``root`` with two training dictionaries (K 4 and 6) and one held-out one (K 5)."""
+    from cdl_lambda.lab.manifest import update_manifest
+    (root / "dictionaries").mkdir(parents=True, exist_ok=True)
+    for name, k, kf, seed, split in (("a", 4, 5, 0, "train"), ("b", 6, 3, 1, "train"), ("c", 5, 5, 2, "validation")):
+        sha = random_dictionary(k, kf, seed).save(root / "dictionaries" / f"{name}.pt")
+        update_manifest(root, "dictionaries", {"name": name, "file": f"dictionaries/{name}.pt", "K": k,
+                                               "kernel_size": kf, "split": split, "sha256": sha})
+    return root
+
 def phantom(ny: int = 32, nx: int = 32, dtype: torch.dtype = torch.complex64) -> torch.Tensor:
     """A piecewise-constant ellipse phantom with a smooth phase, ``(ny, nx)``."""
     y = torch.linspace(-1, 1, ny, dtype=torch.float64)[:, None]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -16,10 +15,9 @@ import torch.multiprocessing as mp
 from cdl_lambda.lab import datasets as data
 from cdl_lambda.lab import distributed
 from cdl_lambda.lab import train
-from cdl_lambda.lab.manifest import update_manifest
 from cdl_lambda.recon.weights import WeightsRegistry
 
-from support import phantom, random_dictionary
+from support import free_port, phantom, write_training_weights
 
 WORLD, STEPS = 2, 6
 
@@ -61,27 +59,15 @@ def train_one_rank(rank: int, port: int, folder: str, weights: str) -> None:
     distributed.teardown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    root = tmp_path_factory.mktemp("weights")
-    (root / "dictionaries").mkdir()
-    for name, k, kf, seed, split in (("a", 4, 5, 0, "train"), ("b", 6, 3, 1, "train"), ("c", 5, 5, 2, "validation")):
-        sha = random_dictionary(k, kf, seed).save(root / "dictionaries" / f"{name}.pt")
-        update_manifest(root, "dictionaries", {"name": name, "file": f"dictionaries/{name}.pt", "K": k,
-                                               "kernel_size": kf, "split": split, "sha256": sha})
-    return root
+    return write_training_weights(tmp_path_factory.mktemp("weights"))
 
 
 @pytest.fixture(scope="module")
 def results(weights, tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp")
-    mp.spawn(train_one_rank, args=(_free_port(), str(folder), str(weights)), nprocs=WORLD, join=True)
+    mp.spawn(train_one_rank, args=(free_port(), str(folder), str(weights)), nprocs=WORLD, join=True)
     return folder, [torch.load(folder / f"result{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -5,22 +5,15 @@ import torch
 
 from cdl_lambda.lab import datasets as data
 from cdl_lambda.lab import train
-from cdl_lambda.lab.manifest import update_manifest
 from cdl_lambda.recon.weights import WeightsRegistry
 
-from support import phantom, random_dictionary
+from support import phantom, write_training_weights
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """A weights folder with two training dictionaries and one held-out dictionary."""
-    root = tmp_path_factory.mktemp("weights")
-    (root / "dictionaries").mkdir()
-    for name, k, kf, seed, split in (("a", 4, 5, 0, "train"), ("b", 6, 3, 1, "train"), ("c", 5, 5, 2, "validation")):
-        sha = random_dictionary(k, kf, seed).save(root / "dictionaries" / f"{name}.pt")
-        update_manifest(root, "dictionaries", {"name": name, "file": f"dictionaries/{name}.pt", "K": k,
-                                               "kernel_size": kf, "split": split, "sha256": sha})
-    return WeightsRegistry(root)
+    return WeightsRegistry(write_training_weights(tmp_path_factory.mktemp("weights")))
 
 
 def tiny_images(n=4) -> torch.Tensor:
