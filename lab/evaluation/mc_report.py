@@ -341,7 +341,6 @@ def load_models(weights_dir=None, network: str = "default", train_dictionaries: 
     training dictionaries (evenly spread; 0: the shipped default dictionary alone, as the product runs), the first
     ``heldout_dictionaries`` held-out ones, the default dictionary, and the learned baselines."""
     from cdl_lambda.lab.evaluation.methods import choose_dictionaries
-    from cdl_lambda.lab.train import load_trained
     from cdl_lambda.recon.model import CDLLambda
     from cdl_lambda.recon.weights import WeightsRegistry
     registry = WeightsRegistry(weights_dir)
@@ -349,13 +348,19 @@ def load_models(weights_dir=None, network: str = "default", train_dictionaries: 
     dicts = choose_dictionaries(registry, "default", max(train_dictionaries, 1), None)
     train = [registry.dictionary(n) for n in dicts.train] if train_dictionaries else [dicts.default]
     model = CDLLambda.deployed(v3).eval()
+    return (v3.name, model, train, [registry.dictionary(n) for n in dicts.held_out[:heldout_dictionaries]],
+            dicts.default, learned_baselines(registry))
+
+
+def learned_baselines(registry) -> dict:
+    """The shipped comparison networks by method id (image-only U-Net ablation, unrolled network), those present."""
+    from cdl_lambda.lab.train import load_trained
     baselines = {}
     for kind, method_id in (("ablation", "unet_ablation"), ("unrolled", "unrolled")):
         entry = next((e for e in registry.baselines.values() if e.get("kind") == kind), None)
         if entry is not None:
             baselines[method_id] = load_trained(io.BytesIO(registry.read_verified(entry, kind)[0]))[0]
-    return (v3.name, model, train, [registry.dictionary(n) for n in dicts.held_out[:heldout_dictionaries]],
-            dicts.default, baselines)
+    return baselines
 
 
 def describe(plan: Plan, outcome: Outcome, network: str, train, held, default, solver: str = "") -> str:

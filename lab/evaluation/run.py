@@ -11,7 +11,6 @@ weighted by their slices: SSIM and NMSE inside the anatomy mask and SSIM/PSNR on
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from cdl_lambda.lab import images as lab_images
 from cdl_lambda.lab import metrics
 from cdl_lambda.lab.evaluation import mc_report, methods
 from cdl_lambda.lab.evaluation import report, targets
-from cdl_lambda.lab.train import load_trained
 from cdl_lambda.recon.dictionary import Dictionary
 from cdl_lambda.recon.model import CDLLambda
 from cdl_lambda.recon.weights import WeightsRegistry
@@ -204,11 +202,7 @@ def multicoil_section(settings: Settings, registry: WeightsRegistry, loaded, dic
     ``settings.multicoil_slices`` (validation, test and T2, out of distribution); its Markdown section, the figure
     written beside."""
     v3_model = CDLLambda.deployed(loaded).eval()
-    baselines = {}
-    for kind, method_id in (("ablation", "unet_ablation"), ("unrolled", "unrolled")):
-        entry = next((e for e in registry.baselines.values() if e.get("kind") == kind), None)
-        if entry is not None:
-            baselines[method_id] = load_trained(io.BytesIO(registry.read_verified(entry, kind)[0]))[0]
+    baselines = mc_report.learned_baselines(registry)
     val, test, ood = settings.multicoil_slices
     size = settings.multicoil_size
     plan = mc_report.Plan("evaluate", {size: {"val": val, "test": test, "t2": test, "ood": ood}},
