@@ -89,6 +89,17 @@ class LoadedNetwork:
         return {**DEFAULT_SOLVER, **self.deployed}
 
 
+def _read_manifest(path: Path, what: str) -> dict:
+    """A manifest's YAML mapping (``safe_load``); :class:`WeightsError` naming ``what`` and the file otherwise."""
+    try:
+        manifest = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise WeightsError(f"{what} {path} is not valid YAML: {error}") from None
+    if not isinstance(manifest, dict):
+        raise WeightsError(f"{what} {path} must be a mapping")
+    return manifest
+
+
 class WeightsRegistry:
     """Reads ``manifest.yaml`` in ``root`` and loads entries by name, verifying checksums. A folder without a
     manifest is refused (WeightsError): the product never falls back silently to its built-in defaults."""
@@ -99,12 +110,7 @@ class WeightsRegistry:
         self.site = Path(site) if site is not None else (default_site_weights_dir() if root is None else None)
         manifest_path = self.root / "manifest.yaml"
         if manifest_path.exists():
-            try:
-                manifest = yaml.safe_load(manifest_path.read_text()) or {}
-            except yaml.YAMLError as error:
-                raise WeightsError(f"weights manifest {manifest_path} is not valid YAML: {error}") from None
-            if not isinstance(manifest, dict):
-                raise WeightsError(f"weights manifest {manifest_path} must be a mapping")
+            manifest = _read_manifest(manifest_path, "weights manifest")
         else:
             raise WeightsError(f"no weights manifest at {manifest_path}: the weights folder is missing or incomplete "
                                "(reinstall the package, or set CDL_LAMBDA_WEIGHTS to a folder with manifest.yaml)")
@@ -123,12 +129,7 @@ class WeightsRegistry:
         path = self.site / "manifest.yaml" if self.site is not None else None
         if path is None or not path.exists():
             return []
-        try:
-            manifest = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise WeightsError(f"site weights manifest {path} is not valid YAML: {error}") from None
-        if not isinstance(manifest, dict):
-            raise WeightsError(f"site weights manifest {path} must be a mapping")
+        manifest = _read_manifest(path, "site weights manifest")
         entries = self._entries(manifest, "dictionaries", path)
         for name, entry in entries.items():
             if name in self.dictionaries:
