@@ -26,15 +26,19 @@ Batches (:class:`Batch`: target and kspace complex64 ``(B, n, n)``, centred layo
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from cdl_lambda.lab import images
+from cdl_lambda.lab.contrasts import tissue_fractions, with_t2_weighted
 from cdl_lambda.lab.physics import complex_image
 from cdl_lambda.recon import fft as _fft
 from cdl_lambda.recon import sampling
+
+log = logging.getLogger(__name__)
 
 
 def removed_lines_range(n: int, at_320: tuple[int, int] = (40, 119)) -> tuple[int, int]:
@@ -125,6 +129,26 @@ class Batch:
 def load_images(split: str, size: int, step: int = 1) -> dict[str, torch.Tensor]:
     """Magnitude slices of every available source of ``split`` (train/val/test/ood): ``{source: (N, n, n)}``."""
     return {name: torch.from_numpy(stack) for name, stack in images.load_split(split, (size, size), step=step).items()}
+
+
+def validation_images(size: int) -> dict[str, np.ndarray]:
+    """The multi-coil validation split at ``size``²: the held-out person in T1 and in T2 weighting
+    (:func:`lab.contrasts.with_t2_weighted`), ``{source: (N, n, n)}``, for training and the evaluation's tuning."""
+    return with_t2_weighted(images.load_split("val", (size, size)))
+
+
+def training_fractions(size: int) -> torch.Tensor | None:
+    """Tissue fractions (:func:`lab.contrasts.tissue_fractions`) of the T1-weighted training volumes (Colin27 and
+    the MNI152 T1 template, each classified on its own), ``(M, 4, size, size)``; None when neither is installed."""
+    out = []
+    for name in ("colin27", "mni152-t1"):
+        try:
+            stack = images.load_source(name, (size, size), images.ORIENTATIONS)
+        except images.SourceUnavailable as error:  # a missing package only narrows the contrasts trained on
+            log.warning("no synthetic contrasts from %s: %s", name, error)
+            continue
+        out.append(tissue_fractions(stack))
+    return torch.from_numpy(np.concatenate(out)) if out else None
 
 
 class TrainingStream:

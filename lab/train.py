@@ -44,8 +44,6 @@ from tqdm import tqdm
 from cdl_lambda.lab import datasets as data
 from cdl_lambda.lab import distributed
 from cdl_lambda.lab import multicoil
-from cdl_lambda.lab.contrasts import tissue_fractions, with_t2_weighted
-from cdl_lambda.lab.images import ORIENTATIONS, SourceUnavailable, load_source
 from cdl_lambda.lab.losses import image_loss, relative_squared_error, ssim
 from cdl_lambda.lab.baselines import BASELINES, build_baseline
 from cdl_lambda.lab.manifest import update_manifest
@@ -171,20 +169,6 @@ def validate(model: nn.Module, examples, dictionaries: list[Dictionary], iterati
     return {"loss": sum(errors) / len(errors), "ssim": sum(similarities) / len(similarities)}
 
 
-def contrast_fractions(size: int) -> "torch.Tensor | None":
-    """Tissue fractions (:func:`lab.contrasts.tissue_fractions`) of the T1-weighted training volumes (Colin27 and
-    the MNI152 T1 template, each classified on its own), ``(M, 4, size, size)``; None when neither is installed."""
-    out = []
-    for name in ("colin27", "mni152-t1"):
-        try:
-            stack = load_source(name, (size, size), ORIENTATIONS)
-        except SourceUnavailable as error:  # a missing package only narrows the contrasts trained on
-            log.warning("no synthetic contrasts from %s: %s", name, error)
-            continue
-        out.append(tissue_fractions(stack))
-    return torch.from_numpy(np.concatenate(out)) if out else None
-
-
 # ---- the loop --------------------------------------------------------------------------------------------------
 class Trainer:
     """Holds everything a checkpoint restores: model, optimiser, data stream, dictionary sampler, history."""
@@ -206,7 +190,7 @@ class Trainer:
         if images is None:  # the training split, and the tissue fractions of its T1 volumes for contrasts
             images = torch.cat(list(data.load_images("train", config.size).values()))
             if config.data == "multicoil" and config.contrasts and fractions is None:
-                fractions = contrast_fractions(config.size)
+                fractions = data.training_fractions(config.size)
         data_seed = self.rank.data_seed(config.seed)  # each process draws its own examples
         if config.data == "multicoil":
             self.stream = multicoil.TrainingStream(images.numpy(), config.batch_size, seed=data_seed,
@@ -214,12 +198,11 @@ class Trainer:
         else:
             self.stream = data.TrainingStream(images, config.batch_size, seed=data_seed)
         if validation is None:
-            val_sets = data.load_images("val", config.size)
-            if config.data == "multicoil":  # the held-out person in T1 and T2 weighting
-                val_images = with_t2_weighted({k: v.numpy() for k, v in val_sets.items()})
-                validation = multicoil.validation_batches(np.concatenate(list(val_images.values())),
-                                                          seed=config.seed + 1)
+            if config.data == "multicoil":
+                validation = multicoil.validation_batches(
+                    np.concatenate(list(data.validation_images(config.size).values())), seed=config.seed + 1)
             else:
+                val_sets = data.load_images("val", config.size)
                 val_images = torch.cat([data.pick_slices(s, config.validation_slices // 2 or 1)
                                         for s in val_sets.values()])
                 validation = data.fixed_examples(val_images, 0.2, seed=config.seed + 1)

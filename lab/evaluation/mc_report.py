@@ -24,7 +24,8 @@ import torch
 
 from cdl_lambda.lab import bart
 from cdl_lambda.lab import images as lab_images
-from cdl_lambda.lab.contrasts import t2_weighted, with_t2_weighted
+from cdl_lambda.lab.contrasts import t2_weighted
+from cdl_lambda.lab.datasets import validation_images
 from cdl_lambda.lab.evaluation import mc_methods as methods
 from cdl_lambda.lab.evaluation import protocol
 from cdl_lambda.lab.evaluation import scans as mc_scans
@@ -118,7 +119,7 @@ def load_images(size: int) -> dict[str, dict[str, np.ndarray]]:
     T2-weighted contrast, out of distribution."""
     shape = (size, size)
     test = lab_images.load_split("test", shape)
-    return {"val": with_t2_weighted(lab_images.load_split("val", shape)), "test": test,
+    return {"val": validation_images(size), "test": test,
             "t2": {f"{name}-t2w": t2_weighted(stack) for name, stack in test.items()},
             "ood": lab_images.load_split("ood", shape)}
 
