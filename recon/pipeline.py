@@ -116,13 +116,13 @@ class Reconstructor:
         self.dictionary = dictionary if isinstance(dictionary, Dictionary) else registry.dictionary(dictionary)
         loaded = registry.network(network)
         solver = loaded.solver_settings() if loaded is not None else dict(DEFAULT_SOLVER)
-        self.iterations = int(iterations) if iterations else int(solver["iterations"])
+        cap = int(iterations) if iterations else int(solver["iterations"])
         if loaded is None:
             log.warning("no trained Λ network selected: using the scalar-λ baseline (λ = %g)", scalar_lambda)
-            self.model = CDLLambda(None, beta=DEFAULT_SCALAR_BETA, iterations=self.iterations,
+            self.model = CDLLambda(None, beta=DEFAULT_SCALAR_BETA, iterations=cap,
                                    scalar_lambda=scalar_lambda, compiled=compiled)
         else:
-            self.model = CDLLambda.deployed(loaded, self.iterations, compiled=compiled)
+            self.model = CDLLambda.deployed(loaded, cap, compiled=compiled)
         self.model.to(self.device).eval()
         self.batch_size = max(1, int(batch_size)) if batch_size else (8 if self.device.type == "cuda" else 1)
         self._device_lock = threading.Lock()  # one reconstruction at a time on the device (and torch.compile)
@@ -131,9 +131,14 @@ class Reconstructor:
             "dictionary_sha256": str(self.dictionary.meta.get("sha256", "builtin")),
             "network": loaded.name if loaded else "none (scalar lambda)",
             "network_sha256": loaded.sha256 if loaded else "none",
-            "solver": f"{solver['solver']}, cap {self.iterations}, tolerance {float(solver['tolerance']):g}",
+            "solver": f"{self.model.solver}, cap {cap}, tolerance {self.model.tolerance:g}",
         }
         log.info("reconstructor ready on %s: %s", self.device, self.identity)
+
+    @property
+    def iterations(self) -> int:
+        """The solver's iteration cap (the model's)."""
+        return self.model.iterations
 
     @torch.inference_mode()
     def solve(self, kspace: torch.Tensor, mask: torch.Tensor, coil_maps: torch.Tensor | None,
