@@ -157,7 +157,7 @@ TRAIN_HELP = {
     "solver": "the solver trained through: admm or fista",
     "tolerance": "its stopping rule: relative change at which a slice stops (0: always run --iterations)",
     "val_iterations": "iteration cap at validation (the deployed one)",
-    "init_network": "fine-tune: start from this shipped network (name in the weights manifest)",
+    "init_network": "fine-tune: start from this shipped network or baseline (name in the weights manifest)",
     "checkpoint_every": "also write the checkpoint every N steps (0: only at validation)",
     "ssim_weight": "loss = relative squared error + this × (1 − SSIM)",
     "contrasts": "multicoil: also train on T1/T2/PD/FLAIR contrasts synthesised from tissue fractions",

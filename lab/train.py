@@ -31,6 +31,7 @@ with a manifest entry.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import math
 import time
@@ -87,7 +88,7 @@ class TrainConfig:
     solver: str = "fista"          # the solver trained through (recon.model.SOLVERS)
     tolerance: float = 0.0         # its stopping rule (0: always the cap, ``iterations``)
     val_iterations: int = 64       # the cap at validation (the deployed one)
-    init_network: str | None = None  # start from this shipped network (fine-tuning) instead of the scalar-λ start
+    init_network: str | None = None  # start from this shipped network or baseline (fine-tuning), not from scratch
     checkpoint_every: int = 0      # also write the checkpoint every this many steps (0: only at validation)
     ssim_weight: float = 0.0       # loss = relative squared error + ssim_weight · (1 − SSIM) (lab.losses)
     contrasts: bool = True         # multicoil: also train on T1/T2/PD/FLAIR contrasts synthesised from tissue
@@ -99,8 +100,11 @@ def build_model(config: TrainConfig, num_filters: int | None = None) -> nn.Modul
     """The module for ``config.method`` (``num_filters`` needed for v1/v2)."""
     if config.method in BASELINES:
         extra = {"cascades": config.cascades} if config.method == "unrolled" else {}
-        return build_baseline(dict(kind=config.method, base_channels=config.base_channels, stages=config.stages,
-                                   **extra))
+        model = build_baseline(dict(kind=config.method, base_channels=config.base_channels, stages=config.stages,
+                                    **extra))
+        if config.init_network:  # fine-tuning: the shipped baseline's weights (and μ)
+            model.load_state_dict(shipped_baseline_state(config, model))
+        return model
     net_config = dict(version=config.method, base_channels=config.base_channels, stages=config.stages,
                       upper_bound=config.upper_bound)
     if config.method in ("v1", "v2"):
@@ -120,6 +124,21 @@ def build_model(config: TrainConfig, num_filters: int | None = None) -> nn.Modul
             network.unet.head.bias.fill_(math.log(fraction / (1 - fraction)))
     return CDLLambda(network, beta=beta, iterations=config.iterations, grad_iterations=config.grad_iterations,
                      solver=config.solver, tolerance=config.tolerance)
+
+
+def shipped_baseline_state(config: TrainConfig, model: nn.Module) -> dict:
+    """The state dict of the shipped baseline ``config.init_network``, checked against the configured model."""
+    registry = WeightsRegistry(config.weights_dir)
+    entry = registry.baselines.get(config.init_network)
+    if entry is None or entry.get("kind") != config.method:
+        raise ValueError(f"--init-network {config.init_network}: no shipped {config.method} baseline of that name "
+                         f"(have: {', '.join(sorted(registry.baselines)) or 'none'})")
+    payload = torch.load(io.BytesIO(registry.read_verified(entry, "baseline")[0]), map_location="cpu",
+                         weights_only=True)
+    if payload["config"] != model.config():
+        raise ValueError(f"--init-network {config.init_network}: its architecture {payload['config']} differs from "
+                         f"the configured {model.config()}")
+    return payload["state_dict"]
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -345,7 +364,9 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
                 "solver": config.solver, "tolerance": config.tolerance}
     if config.init_network:  # the whole campaign: this run plus every run the starting network came from
         training["fine_tuned_from"] = config.init_network
-        before = (WeightsRegistry(weights_dir).networks.get(config.init_network) or {}).get("training") or {}
+        registry = WeightsRegistry(weights_dir)
+        before = (registry.networks.get(config.init_network) or registry.baselines.get(config.init_network)
+                  or {}).get("training") or {}
         training["total_steps"] = int(before.get("total_steps", before.get("steps", 0))) + state["step"]
         training["total_cpu_minutes"] = round(float(before.get("total_cpu_minutes", before.get("cpu_minutes", 0.0)))
                                               + state["seconds"] / 60, 1)

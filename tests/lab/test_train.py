@@ -115,3 +115,26 @@ def test_a_campaign_records_its_total_steps_and_the_solver_it_was_validated_for(
     assert entry["solver"] == {"solver": "fista", "iterations": 5, "tolerance": 0.0}
     assert WeightsRegistry(root).network("more").solver_settings()["iterations"] == 5
     assert "val_ssim" in second.history[-1] and 0 < second.history[-1]["val_ssim"] <= 1
+
+
+@pytest.mark.parametrize("method", ["ablation", "unrolled"])
+def test_a_baseline_fine_tunes_from_its_shipped_weights_and_adds_up_its_budget(registry, tmp_path, method):
+    """--init-network names a shipped baseline: the run starts from its weights, the export records the whole
+    budget, and a baseline of another kind is refused by name."""
+    import shutil
+
+    root = tmp_path / "weights"
+    shutil.copytree(registry.root, root)
+    first = make_trainer(registry, method, steps=2, validate_every=1)
+    first.run(tmp_path / "first.ckpt", progress=False)
+    train.export(tmp_path / "first.ckpt", "start", root)
+    second = make_trainer(WeightsRegistry(root), method, steps=3, validate_every=1, init_network="start",
+                          weights_dir=str(root))
+    for (name, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    second.run(tmp_path / "second.ckpt", progress=False)
+    entry = train.export(tmp_path / "second.ckpt", "more", root)
+    assert entry["training"]["fine_tuned_from"] == "start" and entry["training"]["total_steps"] == 5
+    other = "unrolled" if method == "ablation" else "ablation"
+    with pytest.raises(ValueError, match=f"no shipped {other} baseline"):
+        make_trainer(WeightsRegistry(root), other, init_network="start", weights_dir=str(root))
