@@ -1,4 +1,4 @@
-"""The ``cdl-lambda-lab`` command: ``simulate``, ``learn-dictionary``, ``train`` and ``evaluate``.
+"""The ``cdl-lambda-lab`` command: ``simulate``, ``learn-dictionary``, ``train``, ``curves`` and ``evaluate``.
 
 Each has ``add_<name>_arguments(parser)`` and ``<name>(args) -> exit status``; :data:`COMMANDS` lists them. Only
 argument handling lives here; the work is done by the lab modules. The product's own command, ``cdl-lambda``
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cdl_lambda.lab import dictionary_learning, distributed, images, train as training
+from cdl_lambda.lab import dictionary_learning, distributed, images, train as training, training_curves
 from cdl_lambda.lab.acquisition import SETTINGS, Scan, Setting
 from cdl_lambda.lab.evaluation import run as evaluation
 from cdl_lambda.lab.mrd_writer import Protocol, count_acquisitions, write_ismrmrd
@@ -210,6 +210,26 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- curves ----------------------------------------------------------------------------------------------------
+def add_curves_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="LABEL=CHECKPOINT", help="training runs to draw")
+    parser.add_argument("--output", type=Path, default=Path("runs/curves.png"), help="the figure (PNG)")
+
+
+def curves(args: argparse.Namespace) -> int:
+    runs = []
+    for run in args.runs:
+        label, _, path = run.rpartition("=")
+        try:
+            runs.append(training_curves.read_curve(label or Path(path).stem, path))
+        except (OSError, ValueError, KeyError) as error:
+            log.error("%s: %s", run, error)
+            return 2
+    log.info("figure written to %s", training_curves.plot(runs, args.output))
+    print(training_curves.table(runs), end="")
+    return 0
+
+
 # ---- evaluate --------------------------------------------------------------------------------------------------
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     d = evaluation.Settings()
@@ -261,6 +281,7 @@ COMMANDS = {
                  "simulate low-field ISMRMRD acquisitions from MR images shipped in packages"),
     "learn-dictionary": (add_learn_dictionary_arguments, learn_dictionary, "online convolutional dictionary learning"),
     "train": (add_train_arguments, train, "train NET_Θ (V1/V2/V3) and the baselines"),
+    "curves": (add_curves_arguments, curves, "validation curves of training runs: a figure and a table"),
     "evaluate": (add_evaluate_arguments, evaluate, "evaluate methods and write a Markdown report with figures"),
 }
 

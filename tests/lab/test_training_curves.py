@@ -1,0 +1,37 @@
+"""lab.training_curves: histories read from checkpoints, the plateau verdict, the table and the figure."""
+
+import pytest
+import torch
+
+from cdl_lambda.lab import training_curves
+
+
+def write_run(path, losses, ssims=None):
+    history = [{"step": 100 * (i + 1), "seconds": 60.0 * (i + 1), "train_loss": 0.03, "val_loss": v,
+                "val_ssim": None if ssims is None else ssims[i]} for i, v in enumerate(losses)]
+    torch.save({"step": 100 * len(losses), "history": history}, path)
+    return path
+
+
+def test_a_run_still_falling_has_not_plateaued_and_one_in_its_noise_has(tmp_path):
+    falling = training_curves.read_curve("falling", write_run(tmp_path / "a.ckpt", [0.020, 0.018, 0.016, 0.014]))
+    flat = training_curves.read_curve("flat", write_run(tmp_path / "b.ckpt", [0.0150, 0.0146, 0.0148, 0.0145]))
+    short = training_curves.read_curve("short", write_run(tmp_path / "c.ckpt", [0.02, 0.01]))
+    assert falling.plateaued is False and flat.plateaued is True and short.plateaued is None
+    assert falling.minutes == [1.0, 2.0, 3.0, 4.0] and falling.steps[-1] == 400
+
+
+def test_the_table_names_best_step_and_verdict_and_the_figure_is_written(tmp_path):
+    curve = training_curves.read_curve("run", write_run(tmp_path / "a.ckpt", [0.0150, 0.0140, 0.0148, 0.0145],
+                                                        [0.79, 0.80, 0.79, 0.795]))
+    text = training_curves.table([curve])
+    assert "| run | 400 | 4 | 0.01500 → 0.01400 (200) → 0.01450 | 0.7900 → 0.7950 | yes |" in text
+    figure = training_curves.plot([curve], tmp_path / "curves.png")
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_checkpoint_without_validations_is_refused_by_name(tmp_path):
+    path = tmp_path / "empty.ckpt"
+    torch.save({"step": 3, "history": []}, path)
+    with pytest.raises(ValueError, match="empty.ckpt: no validation history"):
+        training_curves.read_curve("empty", path)
