@@ -1,11 +1,11 @@
 """Network and solver judged together on held-out scans: is the image the pair makes better, and do more iterations
 ever make it worse?
 
-Scans (lab.evaluation.scans.simulate_scan, 128², 8-coil birdcage array, correlated channel noise prewhitened with its
-noise scan, 16 calibration lines, image SNR 10 and 20, R = 2, 3, 4) of one split's person in T1 and in a
-T2-weighted contrast (lab.contrasts.t2_weighted): ``--split val`` (dipy-t1, the default: choose networks here) or
-``--split test`` (itk-head: report only). ESPIRiT maps from the calibration lines; SSIM / NRMSE of the magnitude
-against the truth, no rescaling (lab.evaluation.protocol.score).
+Scans (lab.evaluation.scans.simulate_scan, 128² or ``--size``, 8-coil birdcage array, correlated channel noise
+prewhitened with its noise scan, 16 calibration lines, image SNR 10 and 20, R = 2, 3, 4) of one split's person in
+T1 and in a T2-weighted contrast (lab.contrasts.t2_weighted): ``--split val`` (dipy-t1, the default: choose
+networks here) or ``--split test`` (itk-head: report only). ESPIRiT maps from the calibration lines; SSIM / NRMSE
+of the magnitude against the truth, no rescaling (lab.evaluation.protocol.score).
 
 Configurations: the shipped network with FISTA at T = 32, 64 and 256, and each ``--candidate NETWORK[:SOLVER:CAP:TOL]``
 (a shipped name or a training checkpoint; default solver FISTA at the cap the checkpoint was trained with).
@@ -38,23 +38,20 @@ from cdl_lambda.recon.model import CDLLambda
 from cdl_lambda.recon.weights import WeightsRegistry
 
 ACCELERATIONS = (2, 3, 4)
-SIZE = 128
-
-
 SNRS = (10, 20)
 
 
-def held_out_slices(split: str, per_contrast: int) -> dict[str, np.ndarray]:
-    """``{contrast: (n, SIZE, SIZE)}``: evenly spread slices of the split's person, T1 and T2-weighted."""
-    stacks = with_t2_weighted(load_split(split, (SIZE, SIZE)))
+def held_out_slices(split: str, per_contrast: int, size: int = 128) -> dict[str, np.ndarray]:
+    """``{contrast: (n, size, size)}``: evenly spread slices of the split's person, T1 and T2-weighted."""
+    stacks = with_t2_weighted(load_split(split, (size, size)))
     pick = lambda stack: stack[np.unique(np.linspace(0.3 * (len(stack) - 1), 0.7 * (len(stack) - 1),  # noqa: E731 - a one-line helper
                                                      per_contrast).round().astype(int))]
     return {name: pick(stack) for name, stack in stacks.items()}
 
 
-def scans(split: str, per_contrast: int) -> list[tuple[str, int, S.Scan]]:
+def scans(split: str, per_contrast: int, size: int = 128) -> list[tuple[str, int, S.Scan]]:
     out = []
-    for c_index, (contrast, stack) in enumerate(held_out_slices(split, per_contrast).items()):
+    for c_index, (contrast, stack) in enumerate(held_out_slices(split, per_contrast, size).items()):
         for i, magnitude in enumerate(stack):
             for acceleration in ACCELERATIONS:
                 for snr in SNRS:
@@ -111,6 +108,7 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", default="cdl-lambda-v3-mc-b8", help="the shipped network it must beat")
     parser.add_argument("--split", default="val", choices=("val", "test"), help="whose scans")
     parser.add_argument("--per-contrast", type=int, default=2, help="slices per contrast")
+    parser.add_argument("--size", type=int, default=128, help="image matrix n (n × n)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", default="runs/codesign.json")
     parser.add_argument("--out", default="docs/bench_codesign.md")
@@ -119,12 +117,12 @@ def main(argv=None) -> int:
     dictionary = WeightsRegistry().dictionary()
     configs = [(f"{args.baseline} + FISTA, T = {t}", args.baseline, "fista", t, 0.0) for t in (32, 64, 256)]
     configs += [candidate_config(c) for c in args.candidate]
-    items = scans(args.split, args.per_contrast)
+    items = scans(args.split, args.per_contrast, args.size)
     cache_path = Path(args.cache)
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     for label, network, solver, cap, tolerance in configs:
         stamp = os.path.getmtime(network) if Path(network).exists() else ""
-        key = f"{label}|{network}|{stamp}|{args.split}|{len(items)}"
+        key = f"{label}|{network}|{stamp}|{args.split}|{len(items)}" + (f"|{args.size}" if args.size != 128 else "")
         if key not in cache:
             cache[key] = evaluate(model_of(network, solver, cap, tolerance), dictionary, items)
             cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +145,7 @@ def main(argv=None) -> int:
         "# Network and solver together, on held-out scans",
         "",
         f"`python bench/codesign.py {' '.join(argv if argv is not None else sys.argv[1:])}`: {len(items)} scans "
-        f"(128², 8 coils, SNR {' and '.join(map(str, SNRS))}, R = {', '.join(map(str, ACCELERATIONS))}; up to "
+        f"({args.size}², 8 coils, SNR {' and '.join(map(str, SNRS))}, R = {', '.join(map(str, ACCELERATIONS))}; up to "
         f"{args.per_contrast} slices each of the {args.split} split's person in T1 and T2 weighting), SSIM / NRMSE "
         "against the truth, no rescaling; residual / noise: the range of the data residual relative to σ over the "
         "scans (CDL_ResidualToNoise: a complete scan must stay within 0.75–1.25, gadgets.completeness); dictionary "
