@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -67,22 +66,10 @@ def chain_text(serve_port: int | None, inline: bool) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
-def wait_for(port: int, process: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if process.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"process on port {port} did not start")
-            time.sleep(0.1)
-
-
 def start(command: list, log: Path, port: int) -> subprocess.Popen:
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=gs.environment(), cwd=log.parent)
-    wait_for(port, process)
+    gs.wait_for_port(port, process, log, timeout=180)
     return process
 
 
