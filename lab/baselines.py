@@ -39,6 +39,16 @@ def _channels_to_complex(x: torch.Tensor) -> torch.Tensor:
     return torch.complex(x[:, 0], x[:, 1])
 
 
+def _residual_unet(base_channels: int, stages: int) -> UNet:
+    """The NET_Θ U-Net, 2 → 2 channels, with its last layer zero: x + U(x) starts as the identity, so training
+    begins at the zero-filled (ablation) or CG-SENSE-like (unrolled) image instead of one with random output
+    added."""
+    unet = UNet(2, 2, base_channels, stages)
+    nn.init.zeros_(unet.head.weight)
+    nn.init.zeros_(unet.head.bias)
+    return unet
+
+
 def _denoise(unet: UNet, x: torch.Tensor) -> torch.Tensor:
     """x + U(x) with the U-Net working on x / 4 (noise units)."""
     scaled = _complex_to_channels((x * NETWORK_INPUT_SCALE).unsqueeze(1))
@@ -79,7 +89,7 @@ class ImageUNet(_NoiseUnits):
     def __init__(self, base_channels: int = 16, stages: int = 2):
         super().__init__()
         self.base_channels, self.stages = base_channels, stages
-        self.unet = UNet(2, 2, base_channels, stages)
+        self.unet = _residual_unet(base_channels, stages)
 
     def forward(self, kspace, mask, dictionary=None, coil_maps=None, noise_std=None, **_) -> ReconOutput:
         x0, _, _, _, sigma, support = self.prepare(kspace, mask, coil_maps, noise_std)
@@ -99,7 +109,7 @@ class UnrolledNet(_NoiseUnits):
         super().__init__()
         self.base_channels, self.stages, self.cascades = base_channels, stages, cascades
         self.cg_iterations = cg_iterations
-        self.unet = UNet(2, 2, base_channels, stages)
+        self.unet = _residual_unet(base_channels, stages)
         self.raw_mu = nn.Parameter(torch.tensor(math.log(math.expm1(mu))))
 
     def forward(self, kspace, mask, dictionary=None, coil_maps=None, noise_std=None, **_) -> ReconOutput:
