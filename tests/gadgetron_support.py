@@ -338,6 +338,15 @@ def zero_filled_rss(path: Path) -> dict:
     return images
 
 
+def inline_distributed(stream: ET.Element) -> None:
+    """The single-machine form of a chain: its ``<distributed>`` node replaced, in place, by the inner stream."""
+    distributed = stream.find("distributed")
+    position = list(stream).index(distributed)
+    stream.remove(distributed)
+    for offset, node in enumerate(distributed.find("stream")):
+        stream.insert(position + offset, node)
+
+
 def wait_for_port(port: int, process, log, timeout: float = 120) -> None:
     """Return once something listens on 127.0.0.1:``port``; AssertionError with the tail of ``log`` when
     ``process`` died first or ``timeout`` seconds passed."""

@@ -101,10 +101,7 @@ def chain_text(serve_port: int, inline: bool = False) -> str:
     distributed = stream.find("distributed")
     distributed.find("stream/external/connect").set("port", str(serve_port))
     if inline:
-        position = list(stream).index(distributed)
-        stream.remove(distributed)
-        for offset, node in enumerate(distributed.find("stream")):
-            stream.insert(position + offset, node)
+        gs.inline_distributed(stream)
     return ET.tostring(root, encoding="unicode")
 
 
