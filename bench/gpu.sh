@@ -5,7 +5,8 @@
 #   3. prints per-slice latency at batch 1 and 16 for 128² and 256², 8 coils, both solvers, on the GPU, and the
 #      same cases on the CPU beside them (batch 1; batch 16 at 128²),
 #   4. continues the CPU training run for a short burst on the GPU from a copy of its checkpoint (resumable:
-#      run it again and it goes on from where the burst stopped).
+#      run it again and it goes on from where the burst stopped); BURST_SIZE=256 trains it on 256² scans from
+#      there on (the CPU campaign stopped at 128²).
 # Results go to $OUT (default docs/gpu/): one Markdown file per step and the burst's log.
 #
 #   bash bench/gpu.sh [checkpoint]          (default checkpoint: runs/campaign-T16.ckpt; runs/ is git-ignored, so
@@ -59,7 +60,7 @@ print(s / 60 + max(0.5, ($(left) - 60) / 60))")
         flag(k.replace('_', '-'), v) for k, v in c.items() if v is not None and k not in
         ('method', 'time_limit_min', 'validate_every', 'weights_dir')))")
     timeout $(( $(left) > 30 ? $(left) - 10 : 20 )) python -m cdl_lambda.lab.cli train --resume --device cuda \
-        --method v3 $config --steps 100000000 --validate-every 100000 --time-limit-min "$minutes" --checkpoint "$burst" \
+        --method v3 $config ${BURST_SIZE:+--size "$BURST_SIZE"} --steps 100000000 --validate-every 100000 --time-limit-min "$minutes" --checkpoint "$burst" \
         > "$OUT/burst.log" 2>&1 || echo "training burst stopped by its time limit" >&2
     python -c "import torch; s = torch.load('$burst', weights_only=True); print('burst checkpoint at step', s['step'])" \
         | tee -a "$OUT/burst.log"
