@@ -138,3 +138,28 @@ def test_a_baseline_fine_tunes_from_its_shipped_weights_and_adds_up_its_budget(r
     other = "unrolled" if method == "ablation" else "ablation"
     with pytest.raises(ValueError, match=f"no shipped {other} baseline"):
         make_trainer(WeightsRegistry(root), other, init_network="start", weights_dir=str(root))
+
+
+def test_retiring_a_model_removes_its_entry_and_file_but_never_a_default(registry, tmp_path):
+    import shutil
+
+    import yaml
+
+    from cdl_lambda.lab.manifest import retire, update_manifest
+
+    root = tmp_path / "weights"
+    shutil.copytree(registry.root, root)
+    trainer = make_trainer(registry, "ablation", steps=1)
+    trainer.run(tmp_path / "run.ckpt", progress=False)
+    train.export(tmp_path / "run.ckpt", "old-ablation", root)
+    assert (root / "baselines" / "old-ablation.pt").exists()
+    retire(root, "baselines", "old-ablation")
+    assert "old-ablation" not in WeightsRegistry(root).baselines
+    assert not (root / "baselines" / "old-ablation.pt").exists()
+    with pytest.raises(ValueError, match="no baselines entry named 'old-ablation'"):
+        retire(root, "baselines", "old-ablation")
+    entry = next(e for e in yaml.safe_load((root / "manifest.yaml").read_text())["dictionaries"] if e["name"] == "a")
+    update_manifest(root, "dictionaries", entry, default={"dictionary": "a"})
+    with pytest.raises(ValueError, match="'a' is a default"):
+        retire(root, "dictionaries", "a")
+    assert WeightsRegistry(root).dictionary().name == "a"
