@@ -67,6 +67,23 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def preview_pixels(data: np.ndarray) -> np.ndarray:
+    """What a preview shows of an image's ``data`` ``(channels, z, ny, nx)``: the first partition; several channels
+    (the Λ maps, one per filter) side by side in a near-square grid, one pixel of the darkest value between them,
+    so that they share one display window and their levels compare."""
+    channels = np.abs(np.asarray(data)[:, 0])
+    count, ny, nx = channels.shape
+    if count == 1:
+        return np.asarray(data)[0, 0]
+    cols = int(np.ceil(np.sqrt(count)))
+    rows = int(np.ceil(count / cols))
+    grid = np.full((rows * (ny + 1) - 1, cols * (nx + 1) - 1), channels.min(), dtype=np.float32)
+    for index, channel in enumerate(channels):
+        row, col = divmod(index, cols)
+        grid[row * (ny + 1):row * (ny + 1) + ny, col * (nx + 1):col * (nx + 1) + nx] = channel
+    return grid
+
+
 # ---------------------------------------------------------------------------------------------------- numbering
 class ImageNumbers:
     """1-based image index per series, in the order images are built."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import ismrmrd
 
 from cdl_lambda.gadgets.errors import UsageError
-from cdl_lambda.gadgets.image_output import png_bytes
+from cdl_lambda.gadgets.image_output import png_bytes, preview_pixels
 
 log = logging.getLogger(__name__)
 PREVIEW_NAME = re.compile(r"^image_\d+_\d+\.png$")
@@ -116,8 +116,9 @@ def save(images, out: Path, group: str = "dataset", previews: Path | None = None
 
 
 def write_previews(images, previews: Path, out: Path) -> None:
-    """Replace the previews of the old output ``out`` in ``previews`` by one 8-bit PNG per image (first channel,
-    first partition: ``image_<series>_<index>.png``); OutputError when they cannot be written."""
+    """Replace the previews of the old output ``out`` in ``previews`` by one 8-bit PNG per image (its first
+    partition, several channels side by side: ``image_<series>_<index>.png``); OutputError when they cannot be
+    written."""
     try:
         previews.mkdir(exist_ok=True)
         for old in previews.iterdir():
@@ -125,7 +126,7 @@ def write_previews(images, previews: Path, out: Path) -> None:
                 old.unlink()
         for image in images:
             name = f"image_{int(image.image_series_index)}_{int(image.image_index):04d}.png"
-            replace_file(previews / name, png_bytes(image.data[0, 0]))
+            replace_file(previews / name, png_bytes(preview_pixels(image.data)))
     except OSError as error:
         raise OutputError(f"{out} was written, but the previews in {previews} were not: "
                           f"{error.strerror or error}") from None

@@ -74,3 +74,19 @@ def test_display_window_serves_soft_tissue_not_the_bright_ring():
     low, high = window_limits(brain)
     inside = brain[brain > 0.1 * np.percentile(brain, 99.5)]
     assert (inside > high).mean() < 0.03  # a T1 head without a dominant ring keeps nearly all its range
+
+
+def test_a_preview_of_several_channels_shows_them_all_in_one_window():
+    """Λ maps (one channel per filter) side by side, 5 → a 2 × 3 grid with one-pixel gaps; one channel as is."""
+    from cdl_lambda.gadgets.image_output import preview_pixels
+
+    levels = np.arange(1, 6, dtype=np.float32)
+    data = levels[:, None, None, None] * np.ones((5, 1, 4, 6), np.float32)
+    grid = preview_pixels(data)
+    assert grid.shape == (2 * 5 - 1, 3 * 7 - 1)
+    assert grid[0, 0] == 1 and grid[0, 7] == 2 and grid[0, 14] == 3 and grid[5, 0] == 4 and grid[5, 7] == 5
+    assert grid[4, 0] == 1 and grid[0, 6] == 1 and grid[5, 14] == 1  # gaps and the empty cell: the darkest value
+    preview = np.asarray(Image.open(io.BytesIO(png_bytes(grid))))
+    assert preview[0, 14] > preview[0, 7] > preview[0, 0]  # one window: the levels compare
+    single = _image()[None, None]
+    assert np.array_equal(preview_pixels(single), single[0, 0])
