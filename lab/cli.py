@@ -212,7 +212,8 @@ def train(args: argparse.Namespace) -> int:
 
 # ---- curves ----------------------------------------------------------------------------------------------------
 def add_curves_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="LABEL=CHECKPOINT", help="training runs to draw")
+    parser.add_argument("runs", nargs="+", metavar="LABEL=CHECKPOINT[+MINUTES]",
+                        help="training runs to draw; +MINUTES: the training its starting weights had already had")
     parser.add_argument("--output", type=Path, default=Path("runs/curves.png"), help="the figure (PNG)")
 
 
@@ -220,8 +221,9 @@ def curves(args: argparse.Namespace) -> int:
     runs = []
     for run in args.runs:
         label, _, path = run.rpartition("=")
+        path, _, offset = path.partition("+")
         try:
-            runs.append(training_curves.read_curve(label or Path(path).stem, path))
+            runs.append(training_curves.read_curve(label or Path(path).stem, path, float(offset or 0)))
         except (OSError, ValueError, KeyError) as error:
             log.error("%s: %s", run, error)
             return 2

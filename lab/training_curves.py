@@ -34,20 +34,21 @@ class Curve:
         return min(first) - min(last) <= max(last) - min(last)
 
 
-def read_curve(label: str, checkpoint: str | Path) -> Curve:
-    """The validation history stored in ``checkpoint``; a checkpoint without one is refused by name."""
+def read_curve(label: str, checkpoint: str | Path, offset_minutes: float = 0.0) -> Curve:
+    """The validation history stored in ``checkpoint``; a checkpoint without one is refused by name.
+    ``offset_minutes``: the training its starting weights had already had (a fine-tune's earlier runs)."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     history = [h for h in state.get("history") or [] if "val_loss" in h]
     if not history:
         raise ValueError(f"{checkpoint}: no validation history (not a training checkpoint, or never validated)")
-    return Curve(label, [int(h["step"]) for h in history], [h["seconds"] / 60 for h in history],
+    return Curve(label, [int(h["step"]) for h in history], [offset_minutes + h["seconds"] / 60 for h in history],
                  [float(h["val_loss"]) for h in history], [h.get("val_ssim") for h in history])
 
 
 def table(curves: list[Curve]) -> str:
     """Markdown: per run its steps, minutes, first/best/last validation loss and SSIM, and the plateau verdict."""
-    rows = ["| run | steps | CPU min | val loss first → best (step) → last | val SSIM first → last | plateaued |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| run | steps | CPU minutes in all | val loss first → best (step) → last | val SSIM first → last "
+            "| plateaued |", "|---|---|---|---|---|---|"]
     for c in curves:
         best = min(range(len(c.val_loss)), key=c.val_loss.__getitem__)
         ssim = (f"{c.val_ssim[0]:.4f} → {c.val_ssim[-1]:.4f}" if c.val_ssim[0] is not None
@@ -69,8 +70,8 @@ def plot(curves: list[Curve], output: str | Path) -> Path:
         loss_axis.plot(c.minutes, c.val_loss, marker="o", markersize=3, label=c.label)
         if all(s is not None for s in c.val_ssim):
             ssim_axis.plot(c.minutes, c.val_ssim, marker="o", markersize=3, label=c.label)
-    loss_axis.set(xlabel="CPU minutes of this run", ylabel="validation relative squared error")
-    ssim_axis.set(xlabel="CPU minutes of this run", ylabel="validation SSIM")
+    loss_axis.set(xlabel="CPU minutes of training", ylabel="validation relative squared error")
+    ssim_axis.set(xlabel="CPU minutes of training", ylabel="validation SSIM")
     for axis in (loss_axis, ssim_axis):
         axis.grid(alpha=0.3)
     loss_axis.legend(fontsize=8)

@@ -35,3 +35,8 @@ def test_a_checkpoint_without_validations_is_refused_by_name(tmp_path):
     torch.save({"step": 3, "history": []}, path)
     with pytest.raises(ValueError, match="empty.ckpt: no validation history"):
         training_curves.read_curve("empty", path)
+
+
+def test_a_fine_tune_is_drawn_after_the_training_it_started_from(tmp_path):
+    curve = training_curves.read_curve("fine-tune", write_run(tmp_path / "a.ckpt", [0.02, 0.01]), offset_minutes=50)
+    assert curve.minutes == [51.0, 52.0]
