@@ -1,10 +1,10 @@
 """Validation curves of training runs, read from their checkpoints: a figure and a Markdown table.
 
 A run's checkpoint (``lab.train.Trainer``) keeps its whole history, one entry per validation:
-``{"step", "seconds", "train_loss", "val_loss", "val_ssim", ...}``, continued across ``--resume``. A run is judged
-to have *plateaued* when the best validation loss of its last half is no better than the best of its first half
-by more than the spread (max − min) of its last half — i.e. what it gained since is inside the noise of the
-validation itself.
+``{"step", "seconds", "train_loss", "val_loss", "val_ssim", ...}``, continued across ``--resume``. A run is judged to
+have *plateaued* when the second half of its validations shows no significant fall: the least-squares slope of
+validation loss against step over that half is not below −2 standard errors (t > −2). A run still gaining is
+told apart from one whose validation merely scatters.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -25,13 +26,24 @@ class Curve:
     val_ssim: list[float | None]
 
     @property
-    def plateaued(self) -> bool | None:
-        """Whether the second half gained less than its own spread (None below 4 validations)."""
-        n = len(self.val_loss)
-        if n < 4:
+    def slope_t(self) -> float | None:
+        """t statistic of the least-squares slope of the validation loss over the second half of the run (None
+        with fewer than 4 validations there)."""
+        half = len(self.val_loss) // 2
+        steps, loss = np.array(self.steps[half:], float), np.array(self.val_loss[half:], float)
+        if len(steps) < 4:
             return None
-        first, last = self.val_loss[: n // 2], self.val_loss[n // 2:]
-        return min(first) - min(last) <= max(last) - min(last)
+        centred = steps - steps.mean()
+        slope = float(centred @ (loss - loss.mean()) / (centred @ centred))
+        residual = loss - loss.mean() - slope * centred
+        error = float(np.sqrt(residual @ residual / (len(steps) - 2) / (centred @ centred)))
+        return slope / error if error > 0 else float(np.copysign(np.inf, slope) if slope else 0.0)
+
+    @property
+    def plateaued(self) -> bool | None:
+        """No significant fall of the validation loss over the second half (t > −2); None with too few points."""
+        t = self.slope_t
+        return None if t is None else t > -2
 
 
 def read_curve(label: str, checkpoint: str | Path, offset_minutes: float = 0.0) -> Curve:
@@ -53,7 +65,8 @@ def table(curves: list[Curve]) -> str:
         best = min(range(len(c.val_loss)), key=c.val_loss.__getitem__)
         ssim = (f"{c.val_ssim[0]:.4f} → {c.val_ssim[-1]:.4f}" if c.val_ssim[0] is not None
                 and c.val_ssim[-1] is not None else "–")
-        verdict = {None: "too few validations", True: "yes", False: "no"}[c.plateaued]
+        verdict = ("too few validations" if c.plateaued is None else
+                   f"{'yes' if c.plateaued else 'no'} (t = {c.slope_t:.1f})")
         rows.append(f"| {c.label} | {c.steps[-1]} | {c.minutes[-1]:.0f} | {c.val_loss[0]:.5f} → "
                     f"{c.val_loss[best]:.5f} ({c.steps[best]}) → {c.val_loss[-1]:.5f} | {ssim} | {verdict} |")
     return "\n".join(rows) + "\n"

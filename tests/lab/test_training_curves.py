@@ -14,18 +14,25 @@ def write_run(path, losses, ssims=None):
 
 
 def test_a_run_still_falling_has_not_plateaued_and_one_in_its_noise_has(tmp_path):
-    falling = training_curves.read_curve("falling", write_run(tmp_path / "a.ckpt", [0.020, 0.018, 0.016, 0.014]))
-    flat = training_curves.read_curve("flat", write_run(tmp_path / "b.ckpt", [0.0150, 0.0146, 0.0148, 0.0145]))
-    short = training_curves.read_curve("short", write_run(tmp_path / "c.ckpt", [0.02, 0.01]))
-    assert falling.plateaued is False and flat.plateaued is True and short.plateaued is None
-    assert falling.minutes == [1.0, 2.0, 3.0, 4.0] and falling.steps[-1] == 400
+    """Second halves: a steady fall under scatter (t ≈ −7) against scatter around a level (t ≈ −1.2)."""
+    scatter = [0.0004, -0.0003, 0.0002, -0.0004]
+    falling = [0.030, 0.026, 0.024, 0.022] + [0.020 - 0.001 * i + e for i, e in enumerate(scatter)]
+    flat = [0.030, 0.020, 0.016, 0.015] + [0.0145 + e for e in scatter]
+    falling = training_curves.read_curve("falling", write_run(tmp_path / "a.ckpt", falling))
+    flat = training_curves.read_curve("flat", write_run(tmp_path / "b.ckpt", flat))
+    short = training_curves.read_curve("short", write_run(tmp_path / "c.ckpt", [0.02, 0.01, 0.009, 0.008, 0.0075]))
+    assert falling.plateaued is False and falling.slope_t < -2
+    assert flat.plateaued is True and -2 < flat.slope_t < 0
+    assert short.plateaued is None  # 3 validations in its second half
+    assert falling.minutes[:2] == [1.0, 2.0] and falling.steps[-1] == 800
 
 
 def test_the_table_names_best_step_and_verdict_and_the_figure_is_written(tmp_path):
-    curve = training_curves.read_curve("run", write_run(tmp_path / "a.ckpt", [0.0150, 0.0140, 0.0148, 0.0145],
-                                                        [0.79, 0.80, 0.79, 0.795]))
+    losses = [0.0150, 0.0140, 0.0148, 0.0145, 0.0146, 0.0143, 0.0147, 0.0144]
+    curve = training_curves.read_curve("run", write_run(tmp_path / "a.ckpt", losses, [0.79] * 7 + [0.795]))
     text = training_curves.table([curve])
-    assert "| run | 400 | 4 | 0.01500 → 0.01400 (200) → 0.01450 | 0.7900 → 0.7950 | yes |" in text
+    assert f"| run | 800 | 8 | 0.01500 → 0.01400 (200) → 0.01440 | 0.7900 → 0.7950 | yes (t = {curve.slope_t:.1f}) |" \
+        in text
     figure = training_curves.plot([curve], tmp_path / "curves.png")
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
