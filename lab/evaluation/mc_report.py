@@ -219,7 +219,8 @@ def check_targets(outcome: Outcome) -> list[str]:
     if others and _settings(outcome, "ood"):
         ours = drop(v3)
         ok = all(ours < drop(results[m]) for m in others)
-        lines.append("test → OOD SSIM drop (mean over settings): CDL-Λ " + f"{ours:+.3f}" + "".join(
+        lines.append("test → OOD SSIM drop, test − OOD (mean over settings; negative: higher out of distribution): "
+                     "CDL-Λ " + f"{ours:+.3f}" + "".join(
             f", {DISPLAY[m]} {drop(results[m]):+.3f}" for m in others) + f" — {'MET' if ok else 'MISSED'}")
     held = results.get("cdl_lambda_v3_heldout")
     if held is not None:
@@ -231,7 +232,17 @@ def check_targets(outcome: Outcome) -> list[str]:
 
 
 # ---- figure ---------------------------------------------------------------------------------------------------
-FIGURE_METHODS = ("sense1", "bart_l1", "bart_tv", "cdl_scalar", "cdl_lambda_v3")
+FIGURE_METHODS = ("sense1", "bart_l1", "bart_tv", "cdl_scalar", "unrolled", "cdl_lambda_v3")
+
+
+def figure_methods(model, default_dictionary, baselines: dict, with_bart: bool, tunings: dict) -> dict:
+    """``{method id: run}`` of the figure's columns, in :data:`FIGURE_METHODS` order: those available (a classical
+    method only once tuned, a learned baseline only when shipped)."""
+    runs = {"sense1": methods.sense1_image, "cdl_lambda_v3": methods.network(model, default_dictionary)}
+    runs.update({m: methods.network(net, None) for m, net in baselines.items()})
+    classical = methods.classical_methods(default_dictionary, with_bart)
+    runs.update({m: classical[m].run for m in FIGURE_METHODS if m in classical and m in tunings})
+    return {m: runs[m] for m in FIGURE_METHODS if m in runs}
 
 
 def figure_rows(tests: list, runs: dict, tunings: dict, picks=(("test", 2, 20), ("test", 4, 10), ("t2", 3, 10))):
@@ -425,10 +436,7 @@ def main(argv=None) -> int:
                                                              n)]
                                    for size, per_split in plan.slices.items() for split, n in per_split.items()]
         tests = [s for split in ("test", "t2") for s in mc_scans.scans_of(images[split], split, 1, (2, 3, 4), (10, 20))]
-    runs = {"sense1": methods.sense1_image, "cdl_lambda_v3": methods.network(model, default)}
-    classical = methods.classical_methods(default, not args.no_bart)
-    runs.update({m: classical[m].run for m in FIGURE_METHODS if m in classical and m in outcome.tunings})
-    runs = {m: runs[m] for m in FIGURE_METHODS if m in runs}
+    runs = figure_methods(model, default, baselines, not args.no_bart, outcome.tunings)
     rows = figure_rows(tests, runs, outcome.tunings)
     write_figure(doc.parent / figure, rows)
     caption = ("Rows: " + "; ".join(label for label, _ in rows) + " (128², one slice each). Columns: reference, "

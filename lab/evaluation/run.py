@@ -211,11 +211,7 @@ def multicoil_section(settings: Settings, registry: WeightsRegistry, loaded, dic
     held = [registry.dictionary(n) for n in dicts.held_out]
     outcome, scans = mc_report.run_size(size, plan, v3_model, train, held, dicts.default, baselines,
                                         with_bart=settings.bart)
-    runs = {"sense1": mc_report.methods.sense1_image,
-            "cdl_lambda_v3": mc_report.methods.network(v3_model, dicts.default)}
-    classical = mc_report.methods.classical_methods(dicts.default, settings.bart)
-    runs.update({m: classical[m].run for m in mc_report.FIGURE_METHODS if m in classical})
-    runs = {m: runs[m] for m in mc_report.FIGURE_METHODS if m in runs}
+    runs = mc_report.figure_methods(v3_model, dicts.default, baselines, settings.bart, outcome.tunings)
     rows = mc_report.figure_rows(scans, runs, outcome.tunings)
     figure = f"figures/{settings.name}-multicoil.png"
     mc_report.write_figure(out_dir / figure, rows)
