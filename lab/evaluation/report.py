@@ -155,14 +155,24 @@ def render_report(methods: list[Method], info: dict, figure: str | None, noise_l
                       "The default dictionary's filters (grey = 0, each filter scaled to its own maximum).", ""]
     if info.get("trained"):
         lines += ["## How the shipped models were trained", "",
-                  "| model | method | steps × batch | CPU minutes | lr | T / differentiated | final val MSE |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| model | method | steps × batch | CPU minutes (whole lineage) | lr | FISTA T / differentiated "
+                  "| validation error / SSIM |", "|---|---|---|---|---|---|---|"]
+        data = []
         for entry in info["trained"]:
-            t = entry.get("training", {})
+            t, m = entry.get("training", {}), entry.get("metrics") or {}
+            solver = (f"{t.get('iterations')} / {t.get('grad_iterations')}" if entry.get("version") else "–")
+            ssim = m.get("val_ssim")
+            minutes = t.get("cpu_minutes") if t.get("total_cpu_minutes") is None else (
+                f"{t.get('cpu_minutes')} ({t.get('total_cpu_minutes')})")
             lines.append(f"| {entry['name']} | {t.get('method')} | {t.get('steps')} × {t.get('batch_size')} | "
-                         f"{t.get('cpu_minutes')} | {t.get('lr')} | {t.get('iterations')} / "
-                         f"{t.get('grad_iterations')} | {(entry.get('metrics') or {}).get('val_mse_sigma2_0.2')} |")
-        lines += ["", "Training data: " + info["trained"][0].get("training", {}).get("data", ""),
+                         f"{minutes} | {t.get('lr')} | {solver} | {m.get('val_relative_error2')} / "
+                         f"{'–' if ssim is None else ssim} |")
+            if t.get("data") and t["data"] not in data:
+                data.append(t["data"])
+        lines += ["", "Validation figures are the last of each run on its own validation set (relative squared error; "
+                  "the runs on different data validate on different sets), so they compare only between runs on the "
+                  "same training data.", "",
+                  "Training data: " + "; ".join(f"({i + 1}) {d}" for i, d in enumerate(data)),
                   "", "Commands: see `weights/README.md` and the `note` of each manifest entry.", ""]
     return "\n".join(lines)
 
