@@ -133,12 +133,11 @@ def shipped_baseline_state(config: TrainConfig, model: nn.Module) -> dict:
     if entry is None or entry.get("kind") != config.method:
         raise ValueError(f"--init-network {config.init_network}: no shipped {config.method} baseline of that name "
                          f"(have: {', '.join(sorted(registry.baselines)) or 'none'})")
-    payload = torch.load(io.BytesIO(registry.read_verified(entry, "baseline")[0]), map_location="cpu",
-                         weights_only=True)
-    if payload["config"] != model.config():
-        raise ValueError(f"--init-network {config.init_network}: its architecture {payload['config']} differs from "
+    shipped, _ = load_trained(io.BytesIO(registry.read_verified(entry, "baseline")[0]))
+    if shipped.config() != model.config():
+        raise ValueError(f"--init-network {config.init_network}: its architecture {shipped.config()} differs from "
                          f"the configured {model.config()}")
-    return payload["state_dict"]
+    return shipped.state_dict()
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
