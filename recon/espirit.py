@@ -21,16 +21,24 @@ import torch
 from cdl_lambda.recon import fft as _fft
 from cdl_lambda.recon.noise import noise_level
 
+CALIBRATION_SIZE = 24  # rows and readout columns of the calibration block, at most (BART ecalib's default)
 
-def calibration_block(kspace: torch.Tensor, calibration_mask: torch.Tensor, width: int | None = None) -> torch.Tensor:
+
+def calibration_block(kspace: torch.Tensor, calibration_mask: torch.Tensor,
+                      size: int = CALIBRATION_SIZE) -> torch.Tensor:
     """The fully sampled centred block ``(coils, rows, cols)`` of k-space: the calibrated rows (a contiguous run
-    through the centre) and ``width`` readout columns around the centre (default: as many as rows, at least 24)."""
+    through the centre), at most ``size`` of them nearest the centre, and ``size`` readout columns around the
+    centre (BART ``ecalib``'s calibration region, ``-r 24``). Capped because a fully sampled scan would otherwise
+    calibrate on all of k-space: its noise-dominated outer rows lower the eigenvalues inside the object, and at
+    low SNR the crop then removes anatomy."""
     rows = torch.nonzero(calibration_mask.amax(dim=-1) > 0).flatten()
     if rows.numel() == 0:
         raise ValueError("no calibration lines: cannot estimate coil sensitivities")
     lo, hi = int(rows.min()), int(rows.max()) + 1
-    nx = kspace.shape[-1]
-    width = min(nx, width or max(24, hi - lo))
+    ny, nx = kspace.shape[-2:]
+    lo = max(lo, min(ny // 2 - size // 2, hi - size))
+    hi = min(hi, lo + size)
+    width = min(nx, size)
     x0 = nx // 2 - width // 2
     return kspace[..., lo:hi, x0:x0 + width]
 
