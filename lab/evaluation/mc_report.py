@@ -42,6 +42,8 @@ TABLE_ORDER = tuple(DISPLAY)
 CLASSICAL = ("cg_sense", "bart_l1", "bart_tv", "cdl_scalar")
 SPLIT_TITLES = {"test": "Test anatomy, T1 (in distribution)", "t2": "Test anatomy, T2-weighted contrast",
                 "ood": "Out of distribution"}
+REGIONS = {"ssim_anatomy": "inside the anatomy",  # the two parts of the whole-image SSIM, apart
+           "ssim_background": "outside the anatomy (the reference's background, within the field of view)"}
 
 
 @dataclass
@@ -295,11 +297,12 @@ def render_section(outcome: Outcome, description: str, figure: str | None = None
         lines += [f"### {title}", ""] + _header(settings)
         lines += [f"| {DISPLAY[m]} | " + " | ".join(_cell(results[m].mean(split, s)) for s in settings) + " |"
                   for m in TABLE_ORDER if m in results and any(results[m].mean(split, s) for s in settings)]
-        lines += ["", f"SSIM inside the anatomy ({title}):", ""] + _header(settings)
-        lines += [f"| {DISPLAY[m]} | " + " | ".join(
-            f"{results[m].mean(split, s)['ssim_anatomy']:.3f}" if results[m].mean(split, s) else "–"
-            for s in settings) + " |" for m in TABLE_ORDER if m in results
-            and any(results[m].mean(split, s) for s in settings)]
+        for key, where in REGIONS.items():
+            lines += ["", f"SSIM {where} ({title}):", ""] + _header(settings)
+            lines += [f"| {DISPLAY[m]} | " + " | ".join(
+                f"{results[m].mean(split, s)[key]:.3f}" if key in results[m].mean(split, s) else "–"
+                for s in settings) + " |" for m in TABLE_ORDER if m in results
+                and any(results[m].mean(split, s) for s in settings)]
         lines.append("")
     settings = sorted({s for per in outcome.tunings.values() for s in per})
     lines += ["### Tuned parameters", "", "Best on the validation split, SSIM-best / NRMSE-best; λ of BART relative "

@@ -1,9 +1,9 @@
 """The evaluation protocol of the multi-coil comparison (docs/evaluation.md, "Protocol"), enforced.
 
 * **One scoring for every method** (:func:`score`): magnitude against the reference, no intensity rescaling for any
-  method (every method returns the units of the prewhitened data); SSIM (whole image and inside the anatomy),
-  NRMSE = ‖|x̂| − ref‖ / ‖ref‖, PSNR. The least-squares scale argmin_a ‖a|x̂| − ref‖ is recorded, never applied,
-  as a check that no method is off in intensity.
+  method (every method returns the units of the prewhitened data); SSIM (whole image, inside the anatomy and
+  outside it, where the reference is background), NRMSE = ‖|x̂| − ref‖ / ‖ref‖, PSNR. The least-squares scale
+  argmin_a ‖a|x̂| − ref‖ is recorded, never applied, as a check that no method is off in intensity.
 * **Tuned per setting and per metric** (:func:`tune`): every classical parameter is tuned on the validation split
   for each (matrix, R, SNR), once for the best mean SSIM and once for the lowest mean NRMSE; a method's SSIM
   columns use the first, its NRMSE and PSNR the second.
@@ -47,6 +47,7 @@ def score(image: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     inside = metrics.foreground_mask(reference)[0]
     ref = reference.astype(np.float64)
     return {"ssim": metrics.ssim(ref, magnitude), "ssim_anatomy": metrics.ssim(ref, magnitude, inside),
+            "ssim_background": metrics.ssim(ref, magnitude, ~inside),
             "nrmse": float(np.linalg.norm(magnitude - ref) / np.linalg.norm(ref)),
             "psnr": metrics.psnr(ref, magnitude),
             "ls_scale": float((magnitude * ref).sum() / max((magnitude ** 2).sum(), 1e-30))}
@@ -159,7 +160,7 @@ class Result:
         return cls(data["method"], {tuple(k): v for k, v in data["rows"]}, data["seconds"], data["count"])
 
 
-SSIM_KEYS = ("ssim", "ssim_anatomy")
+SSIM_KEYS = ("ssim", "ssim_anatomy", "ssim_background")
 
 
 def evaluate(method: Method, scans: list[Scan], tuned: dict[tuple, Tuning] | None = None) -> Result:

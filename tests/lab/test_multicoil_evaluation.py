@@ -112,3 +112,25 @@ def test_section_tables_and_targets_carry_the_numbers(outcome):
     assert mc_report.check_targets(again) == targets
     assert mc_report.replace_section("# Doc\n\nintro\n\n" + mc_report.SECTION + "\nold\n", "NEW") == \
         "# Doc\n\nintro\n\nNEW\n"
+
+
+def test_score_splits_ssim_into_the_anatomy_and_its_background():
+    """Noise added only outside the anatomy leaves the anatomy's SSIM at 1 and lowers the background's (and the
+    whole image's): the whole-image figure alone cannot tell the two apart."""
+    reference = phantom(SIZE, SIZE).abs().numpy().astype(np.float64)
+    inside = protocol.metrics.foreground_mask(reference)[0]
+    noise = np.abs(np.random.default_rng(0).normal(0, 0.02, reference.shape))
+    halo = protocol.score(reference + noise * ~inside, reference)
+    clean = protocol.score(reference, reference)
+    assert clean["ssim_background"] == pytest.approx(1.0) and clean["ssim_anatomy"] == pytest.approx(1.0)
+    assert halo["ssim_background"] < 0.8 < halo["ssim"] < 0.95  # noise at 2 % of the maximum
+    assert halo["ssim_anatomy"] > 0.99  # the anatomy mask has a margin: its windows hardly see the noise
+
+
+def test_section_shows_ssim_inside_and_outside_the_anatomy(outcome):
+    result, _ = outcome
+    text = mc_report.render_section(result, "tiny")
+    for where in mc_report.REGIONS.values():
+        assert f"SSIM {where} (Test anatomy, T1 (in distribution)):" in text
+    background = result.results["cdl_lambda_v3"].mean("test", (SIZE, 2, 20))["ssim_background"]
+    assert f"{background:.3f}" in text.split("SSIM outside the anatomy")[1]
