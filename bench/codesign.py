@@ -105,7 +105,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidate", action="append", default=[],
                         help="NETWORK[:SOLVER:CAP:TOL]: a checkpoint or shipped name (repeatable)")
-    parser.add_argument("--baseline", default="cdl-lambda-v3-mc-b8", help="the shipped network it must beat")
+    parser.add_argument("--baseline", default=None,
+                        help="the shipped network it must beat (default: the manifest's default network)")
     parser.add_argument("--split", default="val", choices=("val", "test"), help="whose scans")
     parser.add_argument("--per-contrast", type=int, default=2, help="slices per contrast")
     parser.add_argument("--size", type=int, default=128, help="image matrix n (n × n)")
@@ -114,7 +115,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="docs/bench_codesign.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    dictionary = WeightsRegistry().dictionary()
+    registry = WeightsRegistry()
+    dictionary = registry.dictionary()
+    args.baseline = args.baseline or registry.defaults["network"]
     configs = [(f"{args.baseline} + FISTA, T = {t}", args.baseline, "fista", t, 0.0) for t in (32, 64, 256)]
     configs += [candidate_config(c) for c in args.candidate]
     items = scans(args.split, args.per_contrast, args.size)
