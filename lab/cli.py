@@ -161,6 +161,8 @@ TRAIN_HELP = {
     "checkpoint_every": "also write the checkpoint every N steps (0: only at validation)",
     "ssim_weight": "loss = relative squared error + this × (1 − SSIM)",
     "contrasts": "multicoil: also train on T1/T2/PD/FLAIR contrasts synthesised from tissue fractions",
+    "mixed_size": "multicoil: also train and validate at this n × n matrix (both deployed sizes; 0: off)",
+    "mixed_fraction": "share of the batches at --mixed-size",
 }
 
 

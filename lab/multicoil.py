@@ -192,10 +192,43 @@ class TrainingStream:
         return {"count": self.count}
 
     def set_state(self, state: dict) -> None:
+        if "streams" in state:
+            raise ValueError(f"the checkpoint's data stream has {len(state['streams'])} sizes, this run 1: resume "
+                             "with the same --mixed-size")
         self.count = int(state["count"])
 
 
 VALIDATION_SETTINGS = ((8, 1, 10), (8, 2, 20), (8, 3, 10), (4, 2, 20), (16, 4, 20), (1, 1, 20))
+
+
+class MixedStream:
+    """Batches from several streams (the deployed matrix sizes): batch t comes from stream k with probability
+    ``weights[k]``, drawn with the generator seeded by (seed, t), so a resumed run continues exactly."""
+
+    def __init__(self, streams: list, weights: list[float], seed: int = 0):
+        if len(streams) != len(weights) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"one non-negative weight per stream is needed, got {weights} for {len(streams)}")
+        self.streams, self.seed, self.count = list(streams), seed, 0
+        self.weights = np.asarray(weights, np.float64) / sum(weights)
+
+    def __next__(self) -> Batch:
+        rng = np.random.default_rng([self.seed, self.count, len(self.streams)])
+        self.count += 1
+        return next(self.streams[int(rng.choice(len(self.streams), p=self.weights))])
+
+    def __iter__(self):
+        return self
+
+    def state(self) -> dict:
+        return {"count": self.count, "streams": [s.state() for s in self.streams]}
+
+    def set_state(self, state: dict) -> None:
+        if len(state.get("streams", ())) != len(self.streams):
+            raise ValueError(f"the checkpoint's data stream has {len(state.get('streams', ()))} sizes, this run "
+                             f"{len(self.streams)}: resume with the same --mixed-size")
+        self.count = int(state["count"])
+        for stream, own in zip(self.streams, state["streams"]):
+            stream.set_state(own)
 
 
 def validation_batches(images: np.ndarray, seed: int = 1234) -> list[Batch]:

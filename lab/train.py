@@ -93,6 +93,8 @@ class TrainConfig:
     ssim_weight: float = 0.0       # loss = relative squared error + ssim_weight · (1 − SSIM) (lab.losses)
     contrasts: bool = True         # multicoil: also train on T1/T2/PD/FLAIR contrasts synthesised from tissue
                                    # fractions (lab.contrasts)
+    mixed_size: int = 0            # multicoil: also train (and validate) at this n × n matrix (0: only ``size``)
+    mixed_fraction: float = 0.5    # the share of batches at ``mixed_size``
 
 
 # ---- models ----------------------------------------------------------------------------------------------------
@@ -193,7 +195,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, device=None, images: torch.Tensor | None = None,
                  validation: data.Batch | None = None, registry: WeightsRegistry | None = None,
-                 fractions: torch.Tensor | None = None):
+                 fractions: torch.Tensor | None = None, mixed_images: torch.Tensor | None = None,
+                 mixed_fractions: torch.Tensor | None = None):
         self.config = config
         self.rank = distributed.current()  # torchrun: this process's rank (lab.distributed); else rank 0 of 1
         self.device = self.rank.device(choose_device(device))
@@ -205,20 +208,23 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, config)
         if config.data not in ("multicoil", "lowres"):
             raise ValueError(f"unknown training data {config.data!r}: multicoil or lowres")
-        if images is None:  # the training split, and the tissue fractions of its T1 volumes for contrasts
-            images = torch.cat(list(data.load_images("train", config.size).values()))
-            if config.data == "multicoil" and config.contrasts and fractions is None:
-                fractions = data.training_fractions(config.size)
+        if config.mixed_size and config.data != "multicoil":
+            raise ValueError("--mixed-size needs --data multicoil")
         data_seed = self.rank.data_seed(config.seed)  # each process draws its own examples
         if config.data == "multicoil":
-            self.stream = multicoil.TrainingStream(images.numpy(), config.batch_size, seed=data_seed,
-                                                   fractions=None if fractions is None else fractions.numpy())
+            self.stream = self._multicoil_stream(config.size, data_seed, images, fractions)
+            if config.mixed_size:  # a second matrix size: batch by batch, one or the other
+                other = self._multicoil_stream(config.mixed_size, data_seed + 1, mixed_images, mixed_fractions)
+                self.stream = multicoil.MixedStream([self.stream, other],
+                                                    [1 - config.mixed_fraction, config.mixed_fraction], data_seed)
         else:
+            images = torch.cat(list(data.load_images("train", config.size).values())) if images is None else images
             self.stream = data.TrainingStream(images, config.batch_size, seed=data_seed)
         if validation is None:
             if config.data == "multicoil":
-                validation = multicoil.validation_batches(
-                    np.concatenate(list(data.validation_images(config.size).values())), seed=config.seed + 1)
+                validation = [batch for size in (config.size, config.mixed_size) if size
+                              for batch in multicoil.validation_batches(
+                                  np.concatenate(list(data.validation_images(size).values())), seed=config.seed + 1)]
             else:
                 val_sets = data.load_images("val", config.size)
                 val_images = torch.cat([data.pick_slices(s, config.validation_slices // 2 or 1)
@@ -231,6 +237,16 @@ class Trainer:
         self.step = 0
         self.seconds = 0.0
         self.history: list[dict] = []
+
+    def _multicoil_stream(self, size: int, seed: int, images=None, fractions=None) -> multicoil.TrainingStream:
+        """Scans of the training split at ``size``² (``images``, default: loaded), with contrasts synthesised from
+        the tissue fractions of its T1 volumes when the config asks for them."""
+        if images is None:
+            images = torch.cat(list(data.load_images("train", size).values()))
+            if self.config.contrasts and fractions is None:
+                fractions = data.training_fractions(size)
+        return multicoil.TrainingStream(images.numpy(), self.config.batch_size, seed=seed,
+                                        fractions=None if fractions is None else fractions.numpy())
 
     def next_dictionary(self) -> Dictionary | None:
         if not self.train_dicts:
@@ -353,8 +369,11 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
                  "sigma^2 ~ U(0.15, 0.30)")
     contrasts = (", and 60 % of batches T1 (inversion recovery), T2, PD or FLAIR contrasts synthesised from the "
                  "tissue fractions of Colin27 and the MNI152 T1 (lab.contrasts)" if config.contrasts else "")
+    matrices = f"{config.size}x{config.size}" + (
+        f" and {config.mixed_size}x{config.mixed_size} ({config.mixed_fraction:.0%} of batches)"
+        if config.mixed_size else "")
     training = {"method": config.method, "data": f"lab.images split 'train' (Colin27 T1, BrainWeb T1 and PD, MNI152 "
-                f"T1 and T2-like{contrasts}), {config.size}x{config.size}, flips, rotations, fields of view 0.85-1.2x, "
+                f"T1 and T2-like{contrasts}), {matrices}, flips, rotations, fields of view 0.85-1.2x, "
                 f"bias fields, through {described}", "ssim_weight": config.ssim_weight,
                 "steps": state["step"], "batch_size": config.batch_size, "cpu_minutes": round(state["seconds"] / 60, 1),
                 "lr": config.lr, "weight_decay": config.weight_decay, "beta_lr": config.beta_lr,

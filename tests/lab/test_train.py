@@ -163,3 +163,46 @@ def test_retiring_a_model_removes_its_entry_and_file_but_never_a_default(registr
     with pytest.raises(ValueError, match="'a' is a default"):
         retire(root, "dictionaries", "a")
     assert WeightsRegistry(root).dictionary().name == "a"
+
+
+def tiny_images_at(n: int, count: int = 4) -> torch.Tensor:
+    base = torch.nn.functional.interpolate(phantom(32, 32).abs().float()[None, None], size=(n, n),
+                                           mode="bilinear")[0, 0]
+    return torch.stack([torch.rot90(base, i) for i in range(count)])
+
+
+def make_mixed_trainer(registry, **kw):
+    torch.set_num_threads(1)
+    return train.Trainer(config("v3", mixed_size=24, mixed_fraction=0.5, **kw), device="cpu", images=tiny_images(),
+                         mixed_images=tiny_images_at(24), validation=data.fixed_examples(tiny_images(2), 0.2),
+                         registry=registry)
+
+
+def test_mixed_sizes_train_on_both_matrices_and_resume_exactly(registry, tmp_path):
+    """--mixed-size: batches come from both matrix sizes in the asked share, drawn by (seed, step), so a resumed
+    run is the straight run; a checkpoint of another stream layout is refused with a message."""
+    from cdl_lambda.lab import multicoil
+
+    trainer = make_mixed_trainer(registry)
+    sizes = [next(trainer.stream).target.shape[-1] for _ in range(40)]
+    assert set(sizes) == {32, 24} and 10 <= sizes.count(24) <= 30
+
+    straight = make_mixed_trainer(registry)
+    straight.run(progress=False)
+    first = make_mixed_trainer(registry, steps=2)
+    first.run(tmp_path / "mixed.ckpt", progress=False)
+    resumed = make_mixed_trainer(registry)
+    resumed.load(tmp_path / "mixed.ckpt")
+    resumed.run(progress=False)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert resumed.stream.state() == straight.stream.state()
+
+    with pytest.raises(ValueError, match="same --mixed-size"):  # a one-size checkpoint resumed with two sizes
+        make_mixed_trainer(registry).stream.set_state(make_trainer(registry, "v3").stream.state())
+    with pytest.raises(ValueError, match="same --mixed-size"):  # and the other way round
+        make_trainer(registry, "v3").stream.set_state(straight.stream.state())
+    assert isinstance(straight.stream, multicoil.MixedStream)
+
+    entry = train.export(tmp_path / "mixed.ckpt", "tiny-mixed", tmp_path / "weights")
+    assert "32x32 and 24x24 (50% of batches)" in entry["training"]["data"]
