@@ -192,10 +192,16 @@ class TrainingStream:
         return {"count": self.count}
 
     def set_state(self, state: dict) -> None:
-        if "streams" in state:
-            raise ValueError(f"the checkpoint's data stream has {len(state['streams'])} sizes, this run 1: resume "
-                             "with the same --mixed-size")
+        check_stream_layout(state, 1)
         self.count = int(state["count"])
+
+
+def check_stream_layout(state: dict, sizes: int) -> None:
+    """Refuse a checkpoint's stream ``state`` drawn over another number of matrix sizes (``--mixed-size``)."""
+    found = len(state.get("streams", [state]))
+    if found != sizes:
+        raise ValueError(f"the checkpoint's data stream has {found} matrix size(s), this run {sizes}: resume with "
+                         "the same --mixed-size")
 
 
 VALIDATION_SETTINGS = ((8, 1, 10), (8, 2, 20), (8, 3, 10), (4, 2, 20), (16, 4, 20), (1, 1, 20))
@@ -223,9 +229,7 @@ class MixedStream:
         return {"count": self.count, "streams": [s.state() for s in self.streams]}
 
     def set_state(self, state: dict) -> None:
-        if len(state.get("streams", ())) != len(self.streams):
-            raise ValueError(f"the checkpoint's data stream has {len(state.get('streams', ()))} sizes, this run "
-                             f"{len(self.streams)}: resume with the same --mixed-size")
+        check_stream_layout(state, len(self.streams))
         self.count = int(state["count"])
         for stream, own in zip(self.streams, state["streams"]):
             stream.set_state(own)

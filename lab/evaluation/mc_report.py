@@ -297,12 +297,11 @@ def render_section(outcome: Outcome, description: str, figure: str | None = None
         lines += [f"### {title}", ""] + _header(settings)
         lines += [f"| {DISPLAY[m]} | " + " | ".join(_cell(results[m].mean(split, s)) for s in settings) + " |"
                   for m in TABLE_ORDER if m in results and any(results[m].mean(split, s) for s in settings)]
+        means = {m: [results[m].mean(split, s) for s in settings] for m in TABLE_ORDER if m in results}
         for key, where in REGIONS.items():
             lines += ["", f"SSIM {where} ({title}):", ""] + _header(settings)
-            lines += [f"| {DISPLAY[m]} | " + " | ".join(
-                f"{results[m].mean(split, s)[key]:.3f}" if key in results[m].mean(split, s) else "–"
-                for s in settings) + " |" for m in TABLE_ORDER if m in results
-                and any(results[m].mean(split, s) for s in settings)]
+            lines += [f"| {DISPLAY[m]} | " + " | ".join(f"{cell[key]:.3f}" if key in cell else "–" for cell in row)
+                      + " |" for m, row in means.items() if any(row)]
         lines.append("")
     settings = sorted({s for per in outcome.tunings.values() for s in per})
     lines += ["### Tuned parameters", "", "Best on the validation split, SSIM-best / NRMSE-best; λ of BART relative "
