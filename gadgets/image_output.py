@@ -224,7 +224,9 @@ def slice_note(outcome, assessment: Assessment | None = None) -> str:
 
 def noise_meta(outcome) -> dict:
     """The noise level the slice was reconstructed in the units of, where it came from, and the final data
-    residual relative to it (≈ 1 when the fit stops at the noise; well above 1 means over-regularisation)."""
+    residual relative to it (≈ 1 when the fit stops at the noise; well above 1 means over-regularisation); the
+    solver's iterations; for a network with a background weight, whether it was applied or withdrawn and the
+    data's disagreement with it (recon.background)."""
     meta = {}
     if getattr(outcome, "noise_source", ""):
         meta["CDL_NoiseSource"] = outcome.noise_source
@@ -235,6 +237,9 @@ def noise_meta(outcome) -> dict:
     if getattr(outcome, "iterations_used", None) is not None:  # the solver's stopping rule
         meta["CDL_IterationsUsed"] = str(int(outcome.iterations_used))
         meta["CDL_FinalRelativeChange"] = f"{outcome.final_relative_change:.3g}"
+    if getattr(outcome, "background_disagreement", None) is not None:  # recon.background: the weight's check
+        meta["CDL_BackgroundWeight"] = "withdrawn" if outcome.background_withdrawn else "applied"
+        meta["CDL_BackgroundDisagreement"] = f"{outcome.background_disagreement:.2f}"
     return meta
 
 

@@ -7,6 +7,9 @@ All take the zero-filled image ``x0`` (complex ``(B, ny, nx)``, centred layout, 
 * V2: U-Net on [Re, Im] of Dᴴx0, 2K → K. Channels mix across filters (not equivariant).
 * V3: one shared U-Net 2 → 1 applied to each filter's [Re, Im] (Dᴴx0)_k, filters folded into the batch. Exactly
   equivariant, Λ(πD) = πΛ(D), so x* is invariant to the filter order; any K and any k_f at inference.
+
+V3 with ``background=True`` also infers the background weight b of :mod:`recon.background` from x0 (its own small
+U-Net; b does not depend on the dictionary, so the equivariance holds).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cdl_lambda.recon.background import BackgroundWeight
 from cdl_lambda.recon.dictionary import Dictionary
 
 
@@ -129,11 +133,13 @@ class LambdaNetV3(LambdaNet):
 
     version = "v3"
 
-    def __init__(self, base_channels: int = 16, stages: int = 2, upper_bound: float = 1.0, chunk: int = 256):
+    def __init__(self, base_channels: int = 16, stages: int = 2, upper_bound: float = 1.0, chunk: int = 256,
+                 background: bool = False):
         super().__init__(upper_bound)
         self.base_channels, self.stages, self.chunk = base_channels, stages, chunk
         self.unet = UNet(2, 1, base_channels, stages)
         self._init_head()
+        self.background = BackgroundWeight(UNet(2, 1, base_channels, stages)) if background else None
 
     def forward(self, x0: torch.Tensor, dictionary: Dictionary) -> torch.Tensor:
         coefficients = dictionary.analyze(x0)  # (B, K, ny, nx)
@@ -148,8 +154,9 @@ class LambdaNetV3(LambdaNet):
         return self.activate(out.view(batch, k, *out.shape[-2:]))
 
     def config(self) -> dict:
+        extra = {"background": True} if self.background is not None else {}
         return dict(version=self.version, base_channels=self.base_channels, stages=self.stages,
-                    upper_bound=self.upper_bound)
+                    upper_bound=self.upper_bound, **extra)
 
 
 NETWORKS = {"v1": LambdaNetV1, "v2": LambdaNetV2, "v3": LambdaNetV3}

@@ -60,11 +60,15 @@ def conjugate_gradient(apply, rhs: torch.Tensor, x: torch.Tensor, iterations: in
     return x
 
 
-def data_consistent_lowpass(op, x0: torch.Tensor, beta: torch.Tensor | float, iterations: int) -> torch.Tensor:
-    """x_L = (AᴴA + β∇ᴴ∇)⁻¹ x₀ with x₀ = Aᴴy, by ``iterations`` CG steps from the paper's filtered x₀. ``op`` is
-    any operator with ``normal`` (layout-independent: ∇ᴴ∇ is circulant)."""
+def data_consistent_lowpass(op, x0: torch.Tensor, beta: torch.Tensor | float, iterations: int,
+                            weight: torch.Tensor | None = None) -> torch.Tensor:
+    """x_L = (AᴴA + β∇ᴴ∇ + diag(w))⁻¹ x₀ with x₀ = Aᴴy, by ``iterations`` CG steps from the paper's filtered x₀.
+    ``op`` is any operator with ``normal`` (layout-independent: ∇ᴴ∇ is circulant); ``weight`` w ≥ 0 ``(B, ny, nx)``
+    in ``op``'s layout (the background term of :mod:`recon.background`), None for none."""
     start = tikhonov_lowpass(x0, beta)
-    return conjugate_gradient(lambda x: op.normal(x) + beta * gradient_normal(x), x0, start, iterations)
+    if weight is None:
+        return conjugate_gradient(lambda x: op.normal(x) + beta * gradient_normal(x), x0, start, iterations)
+    return conjugate_gradient(lambda x: op.normal(x) + beta * gradient_normal(x) + weight * x, x0, start, iterations)
 
 
 class LowPassSplit(nn.Module):
@@ -82,5 +86,6 @@ class LowPassSplit(nn.Module):
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         return tikhonov_lowpass(x0, self.beta)
 
-    def data_consistent(self, op, x0: torch.Tensor, iterations: int) -> torch.Tensor:
-        return data_consistent_lowpass(op, x0, self.beta, iterations)
+    def data_consistent(self, op, x0: torch.Tensor, iterations: int,
+                        weight: torch.Tensor | None = None) -> torch.Tensor:
+        return data_consistent_lowpass(op, x0, self.beta, iterations, weight)

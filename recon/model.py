@@ -17,6 +17,11 @@ input's units. The final data residual relative to the noise, ‖A x* − y‖ /
 For several coils the coil maps are support-cropped (zero outside the object): the image is zero there
 (x* ⊙ 1[Σ|c|² > 0]) rather than reconstructed from noise.
 
+A network that infers a background weight b (:mod:`recon.background`) adds (γ_L/2)‖√b ⊙ x‖² to (PH) and
+(γ_R/2)‖√b ⊙ (x_L + D s)‖² to (PR): the image is pulled to zero where b says the object is absent (FISTA only).
+Outside training every image is checked against its data (:func:`recon.background.data_disagreement`); above
+``withdraw_z`` the slice is solved again without the weight, and the output says which slices were.
+
 Solvers (``solver``): ADMM (:mod:`recon.admm`: x = D s and u = s split off, the codes solved exactly per
 frequency, the image by warm-started CG) or FISTA (:mod:`recon.solvers`). One FISTA gradient costs 2K FFTs
 (codes ↔ Fourier) plus 2C + 2 for a C-coil operator (none for a single coil, where A D s = S Σ_k d̂_k ŝ_k directly
@@ -40,6 +45,7 @@ from cdl_lambda.recon.lowpass import LowPassSplit
 from cdl_lambda.recon.noise import noise_level
 from cdl_lambda.recon.operators import make_operator
 from cdl_lambda.recon.admm import ADMM, Problem
+from cdl_lambda.recon.background import WITHDRAW_Z, data_disagreement
 from cdl_lambda.recon.solvers import fista
 from cdl_lambda.recon.stopping import SolveInfo
 
@@ -57,6 +63,9 @@ class ReconOutput:
     residual_to_noise: torch.Tensor
     iterations_used: torch.Tensor | None = None       # (B,) solver iterations each slice took (≤ the cap)
     final_relative_change: torch.Tensor | None = None  # (B,) the stopping measure at the last iteration
+    background: torch.Tensor | None = None             # (B, ny, nx) the background weight b in (0, 1), if inferred
+    background_disagreement: torch.Tensor | None = None  # (B,) how strongly the data contradict it (recon.background)
+    background_withdrawn: torch.Tensor | None = None     # (B,) bool: reconstructed without it, the data disagreeing
 
 
 DEFAULT_SCALAR_LAMBDA = 1.0  # noise units; with β = DEFAULT_SCALAR_BETA the best pair on the validation split
@@ -81,7 +90,8 @@ class CDLLambda(nn.Module):
     def __init__(self, lambda_net: LambdaNet | None = None, beta: float = 1.0, iterations: int = 64,
                  grad_iterations: int = 8, step_factor: float = 0.99, inertia: float = 3.0,
                  scalar_lambda: float = DEFAULT_SCALAR_LAMBDA, cg_iterations: int = 12, compiled: bool = False,
-                 solver: str = "fista", tolerance: float = 0.0, admm: ADMM | None = None):
+                 solver: str = "fista", tolerance: float = 0.0, admm: ADMM | None = None,
+                 withdraw_z: float = WITHDRAW_Z):
         super().__init__()
         if not 0 < step_factor < 1:
             raise ValueError(f"step_factor must be in (0, 1), got {step_factor}")
@@ -101,6 +111,9 @@ class CDLLambda(nn.Module):
         self.solver = solver
         self.tolerance = tolerance
         self.admm = admm or ADMM()
+        self.withdraw_z = withdraw_z
+        if solver == "admm" and self._background_net() is not None:
+            raise ValueError("the ADMM solver does not take the background weight of this network: use FISTA")
 
     @classmethod
     def deployed(cls, loaded, iterations: int | None = None, compiled: bool = False) -> "CDLLambda":
@@ -109,6 +122,27 @@ class CDLLambda(nn.Module):
         solver = loaded.solver_settings()
         return cls(loaded.network, beta=loaded.beta, iterations=int(iterations or solver["iterations"]),
                    compiled=compiled, solver=solver["solver"], tolerance=float(solver["tolerance"]))
+
+    def _background_net(self):
+        return getattr(self.lambda_net, "background", None)
+
+    def background_terms(self, x0_centred: torch.Tensor) -> SimpleNamespace | None:
+        """The background weight b ``(B, ny, nx)`` (centred and native layout) with its gains γ_L, γ_R, from the
+        zero-filled image in noise units; None for a network without one."""
+        net = self._background_net()
+        if net is None:
+            return None
+        b = net(x0_centred * NETWORK_INPUT_SCALE).to(x0_centred.real.dtype)
+        return SimpleNamespace(centred=b, native=_fft.to_native(b), lowpass_gain=net.lowpass_gain,
+                               image_gain=net.image_gain)
+
+    def background_weight(self, kspace: torch.Tensor, mask: torch.Tensor, coil_maps: torch.Tensor | None = None,
+                          noise_std: torch.Tensor | float | None = None) -> torch.Tensor:
+        """b ``(B, ny, nx)`` (centred) of a scan, the input as for :meth:`forward`; only for a network with one."""
+        if self._background_net() is None:
+            raise ValueError("this network infers no background weight")
+        scan = self._scan_in_noise_units(kspace, mask, coil_maps, noise_std)
+        return self.background_terms(_fft.from_native(scan.op.adjoint(scan.y))).centred
 
     def lambda_maps(self, x0_centred: torch.Tensor, dictionary: Dictionary) -> torch.Tensor:
         """Λ ``(B, K, ny, nx)`` in noise units from the zero-filled image in noise units (centred layout)."""
@@ -127,16 +161,38 @@ class CDLLambda(nn.Module):
         grad_iterations = self.grad_iterations if grad_iterations is None else grad_iterations
         scan = self._scan_in_noise_units(kspace, mask, coil_maps, noise_std)      # checks, σ, native layout
         x0 = scan.op.adjoint(scan.y)
-        x_low = self._low_pass(scan, x0)                                           # (PH)
-        lam = self.lambda_maps(_fft.from_native(x0), dictionary).to(x0.real.dtype)  # Λ = NET_Θ(x₀, D)
-        codes, info = self._solve(scan, x_low, _fft.to_native(lam), dictionary,    # (PR)
-                                  iterations, grad_iterations)
-        image = x_low + _fft.ifft2(dictionary.synthesize_fourier(_fft.fft2(codes)))  # x* = x_L + D s*
-        if scan.support is not None:
-            image, x_low = image * scan.support, x_low * scan.support
-        return self._output(scan, image, x0, x_low, lam, info)
+        x0_centred = _fft.from_native(x0)
+        background = self.background_terms(x0_centred)                             # b = NET_Θ(x₀), or None
+        lam = self.lambda_maps(x0_centred, dictionary).to(x0.real.dtype)           # Λ = NET_Θ(x₀, D)
+        lam_native = _fft.to_native(lam)
+        image, x_low, info = self._reconstruct(scan, x0, lam_native, dictionary,   # (PH), (PR)
+                                               iterations, grad_iterations, background)
+        if background is None:
+            return self._output(scan, image, x0, x_low, lam, info)
+        disagreement = withdrawn = None
+        if not self.training:  # the weight checked against the data; withdrawn where they disagree
+            with torch.no_grad():
+                disagreement = data_disagreement(scan.op, scan.y, image, background.native)
+            withdrawn = disagreement > self.withdraw_z
+            if bool(withdrawn.any()):
+                plain = self._reconstruct(scan, x0, lam_native, dictionary, iterations, grad_iterations, None)
+                image, x_low, info = _pick(withdrawn, plain, (image, x_low, info))
+        output = self._output(scan, image, x0, x_low, lam, info)
+        output.background = background.centred
+        output.background_disagreement, output.background_withdrawn = disagreement, withdrawn
+        return output
 
     # ---- the steps of forward ------------------------------------------------------------------------------
+    def _reconstruct(self, scan, x0, lam, dictionary, iterations, grad_iterations, background):
+        """(PH) and (PR) with or without the background weight: x* = x_L + D s*, x_L and the solver's info,
+        set to 0 outside the coil maps' support."""
+        x_low = self._low_pass(scan, x0, background)                                          # (PH)
+        codes, info = self._solve(scan, x_low, lam, dictionary, iterations, grad_iterations, background)  # (PR)
+        image = x_low + _fft.ifft2(dictionary.synthesize_fourier(_fft.fft2(codes)))           # x* = x_L + D s*
+        if scan.support is not None:
+            image, x_low = image * scan.support, x_low * scan.support
+        return image, x_low, info
+
     @staticmethod
     def _scan_in_noise_units(kspace, mask, coil_maps, noise_std) -> SimpleNamespace:
         """Check the input, find σ, and return the scan in noise units and native layout: ``y``, the operator
@@ -160,37 +216,55 @@ class CDLLambda(nn.Module):
         support = (maps.abs().pow(2).sum(dim=-3) > 0).to(y.real.dtype) if multi else None
         return SimpleNamespace(y=y, op=op, sigma=sigma, multi=multi, support=support)
 
-    def _low_pass(self, scan, x0: torch.Tensor) -> torch.Tensor:
-        """x_L: the paper's filter for one coil, the data-consistent CG solve for several."""
+    def _low_pass(self, scan, x0: torch.Tensor, background=None) -> torch.Tensor:
+        """x_L: the paper's filter for one coil, the data-consistent CG solve for several or with a background
+        weight (γ_L b on the diagonal)."""
+        if background is not None:
+            weight = background.lowpass_gain * background.native
+            return self.split.data_consistent(scan.op, x0, self.cg_iterations, weight)
         if scan.multi:
             return self.split.data_consistent(scan.op, x0, self.cg_iterations)
         return self.split(x0)
 
     def _solve(self, scan, x_low, lam, dictionary: Dictionary, iterations: int,
-               grad_iterations: int) -> tuple[torch.Tensor, SolveInfo]:
+               grad_iterations: int, background=None) -> tuple[torch.Tensor, SolveInfo]:
         """s* of (PR) for y′ = y − A x_L with the chosen solver, its cap and stopping rule."""
         residual_data = scan.y - scan.op.forward(x_low)
         shape = tuple(x_low.shape[-2:])
         d_hat = dictionary.spectra(shape, x_low.device, x_low.dtype)
         if self.solver == "admm":
+            if background is not None:
+                raise ValueError("the ADMM solver does not take the background weight of this network: use FISTA")
             problem = Problem(d_hat, lam, scan.op.adjoint(residual_data),
                               normal=scan.op.normal if scan.multi else None,
                               mask=None if scan.multi else scan.op.mask, y_hat=None if scan.multi else residual_data)
             return self.admm(problem, iterations, self.tolerance, grad_iterations)
-        return self._fista(scan, residual_data, lam, dictionary, d_hat, iterations, grad_iterations)
+        return self._fista(scan, residual_data, lam, dictionary, d_hat, iterations, grad_iterations, x_low,
+                           background)
 
-    def _fista(self, scan, residual_data, lam, dictionary, d_hat, iterations, grad_iterations):
-        """FISTA with the step τ = c / ‖D‖² (≥ 1/‖A D‖² since ‖A‖ ≤ 1), fused in the Fourier domain."""
+    def _fista(self, scan, residual_data, lam, dictionary, d_hat, iterations, grad_iterations, x_low=None,
+               background=None):
+        """FISTA with the step τ = c / ‖D‖² (≥ 1/‖A D‖² since ‖A‖ ≤ 1), fused in the Fourier domain. With a
+        background weight the smooth part gains (γ_R/2)‖√b ⊙ (x_L + D s)‖² and τ = c / ((1 + γ_R)‖D‖²)."""
         op = scan.op
         b_hat = _fft.fft2(op.adjoint(residual_data)) if scan.multi else residual_data
         shape = tuple(d_hat.shape[-2:])
         step = self.step_factor / dictionary.lipschitz(shape)
+        image_weight = None
+        if background is not None:
+            image_weight = background.image_gain * background.native
+            b_hat = b_hat - _fft.fft2(image_weight * x_low)
+            step = step / (1 + background.image_gain)
         step_conj = step * d_hat.conj()
 
         def forward_step(z: torch.Tensor) -> torch.Tensor:
-            """z − τ Dᴴ Aᴴ(A D z − y′), computed as F⁻¹(ẑ − τ d̂ᴴ (F AᴴA D z − b̂)) in the Fourier domain."""
+            """z − τ Dᴴ (AᴴA D z + γ_R b ⊙ D z − b̂), computed as F⁻¹(ẑ − τ d̂ᴴ (F (AᴴA + γ_R b) D z − b̂)) in the
+            Fourier domain (b̂ = F(Aᴴy′ − γ_R b ⊙ x_L); without a background weight b = 0)."""
             z_hat = _fft.fft2(z)
-            residual = op.normal_fourier(dictionary.synthesize_fourier(z_hat)) - b_hat
+            synthesis = dictionary.synthesize_fourier(z_hat)
+            residual = op.normal_fourier(synthesis) - b_hat
+            if image_weight is not None:
+                residual = residual + _fft.fft2(image_weight * _fft.ifft2(synthesis))
             return _fft.ifft2(torch.addcmul(z_hat, residual.unsqueeze(1), step_conj, value=-1))
 
         codes0 = torch.zeros(residual_data.shape[0], dictionary.num_filters, *shape, dtype=d_hat.dtype,
@@ -211,3 +285,14 @@ class CDLLambda(nn.Module):
                            low_pass=_fft.from_native(x_low) * rescale, lambda_maps=lam, noise_std=scan.sigma,
                            residual_to_noise=ratio, iterations_used=info.iterations,
                            final_relative_change=info.relative_change)
+
+
+def _pick(chosen: torch.Tensor, replacement: tuple, current: tuple) -> tuple:
+    """(image, x_L, SolveInfo) taking ``replacement``'s items where ``chosen`` ``(B,)`` is true, ``current``'s
+    elsewhere."""
+    (image, x_low, info), (image0, x_low0, info0) = replacement, current
+    rows = chosen.view(-1, 1, 1)
+    merged = SolveInfo(torch.where(chosen.to(info.iterations.device), info.iterations, info0.iterations),
+                       torch.where(chosen.to(info.relative_change.device), info.relative_change,
+                                   info0.relative_change))
+    return torch.where(rows, image, image0), torch.where(rows, x_low, x_low0), merged

@@ -89,6 +89,8 @@ class ReconResult:
     residual_to_noise: np.ndarray | None = None  # (slices,) ‖A x* − y‖ / (σ √M)
     iterations_used: np.ndarray | None = None    # (slices,) solver iterations (stopping rule, ≤ the cap)
     final_relative_change: np.ndarray | None = None  # (slices,) the stopping measure at the last iteration
+    background_disagreement: np.ndarray | None = None  # (slices,) the data against the background weight
+    background_withdrawn: np.ndarray | None = None     # (slices,) bool: reconstructed without the weight
 
 
 class Reconstructor:
@@ -199,7 +201,9 @@ class Reconstructor:
                            coil_maps=None if maps is None else maps.cpu().numpy(), noise_std=sigma.cpu().numpy(),
                            residual_to_noise=torch.cat([p.residual_to_noise.float() for p in parts]).cpu().numpy(),
                            iterations_used=_joined([p.iterations_used for p in parts]),
-                           final_relative_change=_joined([p.final_relative_change for p in parts]))
+                           final_relative_change=_joined([p.final_relative_change for p in parts]),
+                           background_disagreement=_joined([p.background_disagreement for p in parts]),
+                           background_withdrawn=_joined([p.background_withdrawn for p in parts]))
 
 
 # ------------------------------------------------------------------------------------------------------- the door
@@ -246,6 +250,8 @@ class SliceOutcome:
     residual_to_noise: float | None = None
     iterations_used: int | None = None          # the solver's iterations (its stopping rule, at most the cap)
     final_relative_change: float | None = None  # the stopping measure at the last iteration
+    background_disagreement: float | None = None  # the data against the background weight (None: no weight)
+    background_withdrawn: bool = False          # reconstructed without the weight: the data disagreed
     status: str = ""
     device: str = "cpu"
     note: str = ""
@@ -339,14 +345,27 @@ def _solve(reconstructor, batch: list[PreparedSlice], note: str = "") -> list[Sl
     lambdas = None if out.lambda_maps is None else out.lambda_maps.float().cpu().numpy()
     ratios = None if out.residual_to_noise is None else out.residual_to_noise.float().cpu()
     device = str(getattr(reconstructor, "device", "cpu"))
-    return [SliceOutcome(source=one.source, partition=one.partition, image=image[i], zero_filled=zero_filled[i],
-                         lambda_maps=None if lambdas is None else lambdas[i], noise_std=one.noise_std,
-                         noise_source=one.noise_source, residual_to_noise=_scalar(ratios, i),
-                         iterations_used=_scalar(getattr(out, "iterations_used", None), i),
-                         final_relative_change=_scalar(getattr(out, "final_relative_change", None), i),
-                         status=one.source.status,
-                         device=device, note="; ".join(n for n in (one.note, note) if n))
-            for i, one in enumerate(batch)]
+    disagreement = getattr(out, "background_disagreement", None)
+    withdrawn = getattr(out, "background_withdrawn", None)
+    outcomes = []
+    for i, one in enumerate(batch):
+        pulled = bool(withdrawn[i]) if withdrawn is not None else False
+        notes = (one.note, note, _withdrawal_note(_scalar(disagreement, i), reconstructor) if pulled else "")
+        outcomes.append(SliceOutcome(
+            source=one.source, partition=one.partition, image=image[i], zero_filled=zero_filled[i],
+            lambda_maps=None if lambdas is None else lambdas[i], noise_std=one.noise_std,
+            noise_source=one.noise_source, residual_to_noise=_scalar(ratios, i),
+            iterations_used=_scalar(getattr(out, "iterations_used", None), i),
+            final_relative_change=_scalar(getattr(out, "final_relative_change", None), i),
+            background_disagreement=_scalar(disagreement, i), background_withdrawn=pulled,
+            status=one.source.status, device=device, note="; ".join(n for n in notes if n)))
+    return outcomes
+
+
+def _withdrawal_note(disagreement: float, reconstructor) -> str:
+    limit = getattr(getattr(reconstructor, "model", None), "withdraw_z", None)
+    return (f"background weight withdrawn: the data show signal where it acted (disagreement {disagreement:.1f}"
+            f"{f' > {limit:g}' if limit is not None else ''}), reconstructed without it")
 
 
 def _prepare_isolated(reconstructor, data: SliceData, cpu_fallback) -> tuple[list[PreparedSlice], list[SliceOutcome]]:

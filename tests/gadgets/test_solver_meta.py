@@ -16,3 +16,12 @@ def test_meta_carries_iterations_used_and_final_relative_change():
 def test_meta_leaves_the_keys_out_when_unknown():
     meta = noise_meta(SimpleNamespace(noise_source="", noise_std=None, residual_to_noise=None))
     assert "CDL_IterationsUsed" not in meta and "CDL_FinalRelativeChange" not in meta
+
+
+def test_meta_says_whether_the_background_weight_was_applied_or_withdrawn():
+    base = dict(noise_source="", noise_std=None, residual_to_noise=None)
+    applied = noise_meta(SimpleNamespace(**base, background_disagreement=3.14159, background_withdrawn=False))
+    withdrawn = noise_meta(SimpleNamespace(**base, background_disagreement=11.5, background_withdrawn=True))
+    assert applied["CDL_BackgroundWeight"] == "applied" and applied["CDL_BackgroundDisagreement"] == "3.14"
+    assert withdrawn["CDL_BackgroundWeight"] == "withdrawn" and withdrawn["CDL_BackgroundDisagreement"] == "11.50"
+    assert "CDL_BackgroundWeight" not in noise_meta(SimpleNamespace(**base))

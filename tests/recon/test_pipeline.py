@@ -208,3 +208,25 @@ def test_oversampled_3d_group_gives_one_outcome_per_partition(reconstructor):
     outcomes = list(reconstruct_slices(reconstructor, [data]))
     assert [(o.partition, o.image.shape) for o in outcomes] == [(0, (N, N + 16)), (1, (N, N + 16))]
     assert all(o.error is None and o.describe() == f"slab, partition {o.partition}" for o in outcomes)
+
+
+def test_a_withdrawn_background_weight_is_said_on_the_outcome(monkeypatch):
+    """A network whose background weight covers the object: the data disagree, the slice is reconstructed without
+    the weight, and its outcome says so (the image comment and meta come from these fields)."""
+    from types import SimpleNamespace
+
+    from cdl_lambda.recon import fft as _fft
+    from cdl_lambda.recon.background import WITHDRAW_Z
+
+    reconstructor = Reconstructor(network="none", iterations=8, device="cpu", batch_size=2, compiled=False)
+    weight = torch.ones(1, N, N)
+    terms = SimpleNamespace(centred=weight, native=_fft.to_native(weight), lowpass_gain=torch.tensor(10.0),
+                            image_gain=torch.tensor(2.0))
+    monkeypatch.setattr(reconstructor.model, "background_terms", lambda x0: terms)
+    (outcome,) = reconstruct_slices(reconstructor, [_slice(level=1.0, seed=5)])
+    assert outcome.background_withdrawn and outcome.background_disagreement > WITHDRAW_Z
+    assert "background weight withdrawn" in outcome.note
+    plain = Reconstructor(network="none", iterations=8, device="cpu", batch_size=2, compiled=False)
+    (reference,) = reconstruct_slices(plain, [_slice(level=1.0, seed=5)])
+    assert reference.background_disagreement is None and not reference.background_withdrawn
+    np.testing.assert_allclose(outcome.image, reference.image, atol=1e-5 * np.abs(reference.image).max())

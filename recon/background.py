@@ -1,0 +1,96 @@
+"""The background weight: where the field of view holds no object, both steps of CDL-Λ pull the image to zero.
+
+Within the coil maps' support but outside the object, the truth is 0. (PH)'s smoothing spreads every edge of the
+object into a halo outside it (decay length √β pixels), and the high-pass synthesis D s spills up to half a filter
+beyond the edge. A low halo of 1 % of the maximum is invisible at a clinical window but decides SSIM in the
+background, where total variation leaves exact zeros. A map b ∈ (0, 1), inferred from the zero-filled image by a
+small U-Net, weights a quadratic penalty on the image in both steps:
+
+    (PH)  x_L = argmin_x ½‖A x − y‖² + (β/2)‖∇x‖² + (γ_L/2)‖√b ⊙ x‖²
+    (PR)  s* = argmin_s ½‖A(x_L + D s) − y‖² + (γ_R/2)‖√b ⊙ (x_L + D s)‖² + Σ_k ‖Λ_k ⊙ s_k‖₁
+
+Both stay convex for any b ≥ 0: (PH) is solved by the same conjugate gradients with γ_L b added to the diagonal,
+(PR)'s smooth part gains Dᴴ(γ_R b ⊙ x) in its gradient, and its Lipschitz constant at most (1 + γ_R)‖D‖². The gains
+γ_L = softplus(·) and γ_R = softplus(·) are learned with the network; b = 0 gives CDL-Λ without the weight.
+
+Where b is wrongly high on tissue, that tissue is darkened: x_L keeps about 1/(1 + γ_L) of it and the high-pass
+D s cannot put a region's mean back. The weight is only as safe as b, so b is trained to call background nothing
+brighter than 1 % of the image (lab.losses.background_loss), judged out of distribution on what it darkens
+(bench/background_weight.py), and checked against the data for every image (:func:`data_disagreement`): where the
+data show signal the weight removed, the image is reconstructed without it and says so.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+INITIAL_LOWPASS_GAIN = 10.0   # γ_L: (PH)'s weight, against AᴴA ≈ 1 and β∇ᴴ∇ ≤ 8β inside the support
+INITIAL_IMAGE_GAIN = 2.0      # γ_R: (PR)'s weight; FISTA's step shrinks by 1 / (1 + γ_R)
+WINDOW = 5                    # pixels: the box over which the data residual is averaged
+WITHDRAW_Z = 5.0              # above this disagreement the weight is withdrawn (docs/site-safety.md says why)
+INITIAL_LOGIT = -6.0          # b ≈ 0.0025 everywhere before training: the network starts as it was
+
+
+def _softplus_inverse(value: float) -> float:
+    return math.log(math.expm1(value))
+
+
+class BackgroundWeight(nn.Module):
+    """b = sigmoid(U([Re, Im] x₀)) ``(B, ny, nx)`` from the normalised zero-filled image, with the gains γ_L, γ_R.
+
+    ``unet``: any 2 → 1 channel network (the Λ network's U-Net class)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+        nn.init.constant_(self.unet.head.bias, INITIAL_LOGIT)
+        self.raw_lowpass_gain = nn.Parameter(torch.tensor(_softplus_inverse(INITIAL_LOWPASS_GAIN)))
+        self.raw_image_gain = nn.Parameter(torch.tensor(_softplus_inverse(INITIAL_IMAGE_GAIN)))
+
+    @property
+    def lowpass_gain(self) -> torch.Tensor:
+        return F.softplus(self.raw_lowpass_gain)
+
+    @property
+    def image_gain(self) -> torch.Tensor:
+        return F.softplus(self.raw_image_gain)
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        """b ``(B, ny, nx)`` in (0, 1) from complex ``x0`` ``(B, ny, nx)`` (any layout: the U-Net is translation
+        equivariant up to its borders; callers pass the centred layout)."""
+        channels = torch.view_as_real(x0).permute(0, 3, 1, 2)
+        return torch.sigmoid(self.unet(channels.contiguous())[:, 0])
+
+
+def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean over a ``window`` × ``window`` box around every pixel of ``(B, ny, nx)``, wrapping around the edges."""
+    pad = window // 2
+    return F.avg_pool2d(F.pad(x.unsqueeze(1), (pad, pad, pad, pad), mode="circular"), window, stride=1).squeeze(1)
+
+
+def data_disagreement(op, y: torch.Tensor, image: torch.Tensor, weight: torch.Tensor,
+                      window: int = WINDOW) -> torch.Tensor:
+    """How strongly the data contradict the image where the background weight acts: ``(B,)``.
+
+    In noise units the image-domain residual r = Aᴴ(y − A x*) of a faithful image is Aᴴn, complex Gaussian with
+    variance v = ρ Σ_c |c|² per pixel (ρ the sampled fraction of k-space; Σ|c|² = 1 for one coil), so its mean over a
+    ``window`` × ``window`` box has variance about v / window² (the folding of line masks correlates pixels a field
+    of view / R apart, not neighbours). Tissue that the weight removed leaves a residual of its own sign there, which
+    the box average keeps while it averages the noise down. The measure is
+    Z = max |box(r)| / √(v / window²) over the pixels with b > ½ and v > 0; 0 where b is nowhere above ½.
+    For pure noise P(|box(r)| > t √(v / window²)) = exp(−t²) per pixel. ``op``, ``y``, ``image`` and ``weight``
+    ``(B, ny, nx)`` in one layout (either: the box wraps around, as the FFT does)."""
+    residual = op.adjoint(y - op.forward(image))
+    mask = op.mask.reshape(-1, *op.mask.shape[-2:]).to(residual.real.dtype)
+    sampled = mask.mean(dim=(-2, -1)).view(-1, 1, 1)
+    maps = getattr(op, "coil_maps", None)
+    energy = maps.abs().pow(2).sum(dim=-3) if maps is not None else torch.ones_like(residual.real)
+    variance = sampled * energy / window ** 2
+    mean = torch.complex(_box_mean(residual.real, window), _box_mean(residual.imag, window))
+    z = mean.abs() / variance.clamp_min(torch.finfo(variance.dtype).tiny).sqrt()
+    checked = (weight > 0.5) & (variance > 0)
+    return torch.where(checked, z, torch.zeros_like(z)).amax(dim=(-2, -1))

@@ -1,0 +1,160 @@
+"""recon.background: the background weight's two terms solve the problems they claim, vanish with their gains, and are
+refused where a solver cannot take them."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from support import phantom, random_dictionary, synthetic_maps
+from cdl_lambda.recon import fft as _fft
+from cdl_lambda.recon.background import WITHDRAW_Z, data_disagreement
+from cdl_lambda.recon.fft import fft2c
+from cdl_lambda.recon.lambda_nets import LambdaNetV3, build_lambda_net
+from cdl_lambda.recon.lowpass import gradient_normal
+from cdl_lambda.recon.model import CDLLambda
+from cdl_lambda.recon.sampling import equispaced_line_mask
+from cdl_lambda.recon.solvers import soft_threshold
+
+SHAPE = (32, 32)
+
+
+def scan(seed=0):
+    """A 4-coil, R = 2 scan of a phantom occupying the middle of the field of view, in noise units."""
+    torch.manual_seed(seed)
+    x = phantom(*SHAPE)
+    x[:6], x[-6:], x[:, :6], x[:, -6:] = 0, 0, 0, 0
+    maps = synthetic_maps(4, SHAPE)
+    maps = (maps / maps.abs().pow(2).sum(dim=0, keepdim=True).sqrt()).unsqueeze(0)
+    mask = equispaced_line_mask(SHAPE, 2, 8)
+    noise = 0.05 * torch.randn(1, 4, *SHAPE, dtype=torch.complex64)
+    return fft2c(maps * (20 * x)[None, None]) * mask + noise * mask, mask, maps
+
+
+def box_background() -> torch.Tensor:
+    """b = 1 on a band along the border (where the phantom is zero), 0 elsewhere."""
+    b = torch.ones(1, *SHAPE)
+    b[:, 5:-5, 5:-5] = 0
+    return b
+
+
+def test_without_gains_the_background_network_reconstructs_as_the_network_alone():
+    kspace, mask, maps = scan()
+    d = random_dictionary(6, 5)
+    plain = LambdaNetV3(base_channels=4, stages=1)
+    with_background = LambdaNetV3(base_channels=4, stages=1, background=True)
+    with_background.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        with_background.background.raw_lowpass_gain.fill_(-40.0)   # softplus(−40) ≈ 4e−18
+        with_background.background.raw_image_gain.fill_(-40.0)
+        a = CDLLambda(plain, iterations=20)(kspace, mask, d, coil_maps=maps, noise_std=0.05)
+        b = CDLLambda(with_background, iterations=20)(kspace, mask, d, coil_maps=maps, noise_std=0.05)
+    assert a.background is None and b.background.shape == (1, *SHAPE)
+    assert ((b.background > 0) & (b.background < 1)).all()
+    assert ((a.image - b.image).norm() / a.image.norm()) < 1e-5
+
+
+def test_both_steps_solve_their_weighted_problems(monkeypatch):
+    """x_L satisfies (AᴴA + β∇ᴴ∇ + γ_L b) x_L = Aᴴy, and FISTA's codes are a fixed point of the proximal-gradient map
+    of ½‖A(x_L + D s) − y‖² + (γ_R/2)‖√b ⊙ (x_L + D s)‖² + ‖Λ ⊙ s‖₁, the gradient taken by autograd of that
+    objective written out directly."""
+    kspace, mask, maps = scan(1)
+    d = random_dictionary(6, 5)
+    model = CDLLambda(None, beta=2.0, scalar_lambda=0.5, iterations=1500, cg_iterations=200)
+    b = box_background()
+    terms = SimpleNamespace(centred=b, native=_fft.to_native(b), lowpass_gain=torch.tensor(5.0),
+                            image_gain=torch.tensor(2.0))
+    monkeypatch.setattr(model, "background_terms", lambda x0: terms)
+    with torch.no_grad():
+        s = model._scan_in_noise_units(kspace, mask, maps, 1.0)
+        x0 = s.op.adjoint(s.y)
+        x_low = model._low_pass(s, x0, terms)
+        normal = s.op.normal(x_low) + 2.0 * gradient_normal(x_low) + 5.0 * terms.native * x_low
+        assert ((normal - x0).norm() / x0.norm()) < 1e-4
+        lam = torch.full((1, d.num_filters, *SHAPE), 0.5)
+        codes, _ = model._solve(s, x_low, lam, d, 1500, 0, terms)
+
+    def smooth(c):
+        image = x_low + _fft.ifft2(d.synthesize_fourier(_fft.fft2(c)))
+        return 0.5 * (s.op.forward(image) - s.y).abs().pow(2).sum() + \
+            0.5 * 2.0 * (terms.native * image.abs().pow(2)).sum()
+
+    c = codes.clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(smooth(c), c)
+    step = 0.1 / d.lipschitz(SHAPE)
+    moved = soft_threshold(codes - step * gradient, step * lam)  # autograd gives ∂f/∂s̄ · 2 = Dᴴ(…)
+    assert codes.norm() > 0
+    assert ((moved - codes).norm() / codes.norm()) < 1e-3
+
+
+def test_the_weight_pulls_the_background_down_and_keeps_the_object():
+    kspace, mask, maps = scan(2)
+    d = random_dictionary(6, 5)
+    model = CDLLambda(None, beta=2.0, scalar_lambda=0.5, iterations=200)
+    with torch.no_grad():
+        plain = model(kspace, mask, d, coil_maps=maps, noise_std=0.05).image[0].abs()
+    b = box_background()
+    terms = SimpleNamespace(centred=b, native=_fft.to_native(b), lowpass_gain=torch.tensor(5.0),
+                            image_gain=torch.tensor(2.0))
+    model.background_terms = lambda x0: terms
+    with torch.no_grad():
+        weighted = model(kspace, mask, d, coil_maps=maps, noise_std=0.05).image[0].abs()
+    border, inside = b[0] > 0, torch.zeros(SHAPE, dtype=torch.bool)
+    inside[8:-8, 8:-8] = True
+    assert weighted[border].mean() < 0.5 * plain[border].mean()
+    assert abs(weighted[inside].mean() / plain[inside].mean() - 1) < 0.02
+
+
+def test_admm_refuses_a_network_with_a_background_weight():
+    with pytest.raises(ValueError, match="background weight"):
+        CDLLambda(LambdaNetV3(base_channels=4, stages=1, background=True), solver="admm")
+
+
+def test_the_config_rebuilds_the_background_weight():
+    net = LambdaNetV3(base_channels=4, stages=1, background=True)
+    rebuilt = build_lambda_net(net.config())
+    rebuilt.load_state_dict(net.state_dict())
+    assert rebuilt.background is not None
+    assert "background" not in LambdaNetV3(base_channels=4, stages=1).config()
+
+
+def test_the_disagreement_of_pure_noise_is_the_maximum_of_rayleigh_draws():
+    """Noise-only data and a zero image: Z is the largest of ~N² box means of complex Gaussian noise scaled to unit
+    variance, P(Z > t) = 1 − (1 − exp(−t²))^N² per pixel set; for 64² pixels its median is about √ln(64² / ln 2)."""
+    torch.manual_seed(3)
+    shape = (64, 64)
+    maps = synthetic_maps(4, shape)
+    maps = (maps / maps.abs().pow(2).sum(dim=0, keepdim=True).sqrt()).unsqueeze(0)
+    mask = equispaced_line_mask(shape, 2, 8)
+    from cdl_lambda.recon.operators import make_operator
+    op = make_operator(mask, maps)
+    draws = []
+    for _ in range(20):
+        noise = torch.randn(1, 4, *shape, dtype=torch.complex64) * mask
+        draws.append(float(data_disagreement(op, noise, torch.zeros(1, *shape, dtype=torch.complex64),
+                                             torch.ones(1, *shape))))
+    expected = (torch.log(torch.tensor(64.0 * 64 / 0.6931))).sqrt().item()
+    assert abs(float(torch.tensor(draws).median()) - expected) < 0.5
+
+
+def test_a_weight_on_the_object_is_withdrawn_and_one_beside_it_is_kept(monkeypatch):
+    kspace, mask, maps = scan(4)
+    d = random_dictionary(6, 5)
+    model = CDLLambda(None, beta=2.0, scalar_lambda=0.5, iterations=100).eval()
+    with torch.no_grad():
+        plain = model(kspace, mask, d, coil_maps=maps, noise_std=0.05)
+    outcomes = {}
+    for name, b in (("beside", box_background()), ("on the object", torch.zeros(1, *SHAPE))):
+        if name == "on the object":
+            b[:, 8:16, 8:24] = 1
+        terms = SimpleNamespace(centred=b, native=_fft.to_native(b), lowpass_gain=torch.tensor(10.0),
+                                image_gain=torch.tensor(2.0))
+        monkeypatch.setattr(model, "background_terms", lambda x0, terms=terms: terms)
+        with torch.no_grad():
+            outcomes[name] = model(kspace, mask, d, coil_maps=maps, noise_std=0.05)
+    beside, on_object = outcomes["beside"], outcomes["on the object"]
+    assert not beside.background_withdrawn.any() and beside.background_disagreement < WITHDRAW_Z
+    assert on_object.background_withdrawn.all() and on_object.background_disagreement > 2 * WITHDRAW_Z
+    assert torch.allclose(on_object.image, plain.image, atol=1e-5 * plain.image.abs().max())
+    border = box_background()[0] > 0
+    assert beside.image[0].abs()[border].mean() < 0.5 * plain.image[0].abs()[border].mean()
