@@ -163,6 +163,11 @@ TRAIN_HELP = {
     "contrasts": "multicoil: also train on T1/T2/PD/FLAIR contrasts synthesised from tissue fractions",
     "mixed_size": "multicoil: also train and validate at this n × n matrix (both deployed sizes; 0: off)",
     "mixed_fraction": "share of the batches at --mixed-size",
+    "background": "v3: also infer a background weight that pulls the image to zero outside the object",
+    "background_supervision": "with --background: loss += this × cross-entropy of the weight against the "
+                              "target's background",
+    "background_pretrain": "with --background: first train the weight alone for this many steps",
+    "background_lr": "learning rate of those steps",
 }
 
 

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from cdl_lambda.lab import datasets as data
 from cdl_lambda.lab import distributed
 from cdl_lambda.lab import multicoil
-from cdl_lambda.lab.losses import image_loss, relative_squared_error, ssim
+from cdl_lambda.lab.losses import background_loss, image_loss, relative_squared_error, ssim
 from cdl_lambda.lab.baselines import BASELINES, build_baseline
 from cdl_lambda.lab.manifest import update_manifest
 from cdl_lambda.recon.device import choose_device
@@ -95,6 +95,10 @@ class TrainConfig:
                                    # fractions (lab.contrasts)
     mixed_size: int = 0            # multicoil: also train (and validate) at this n × n matrix (0: only ``size``)
     mixed_fraction: float = 0.5    # the share of batches at ``mixed_size``
+    background: bool = False       # v3: also infer the background weight b (recon.background)
+    background_supervision: float = 0.0  # loss += this · BCE(b, the target's background) (lab.losses)
+    background_pretrain: int = 0   # before step 1: this many steps training b alone on that BCE
+    background_lr: float = 1e-3    # Adam learning rate of b's network in those steps
 
 
 # ---- models ----------------------------------------------------------------------------------------------------
@@ -111,14 +115,15 @@ def build_model(config: TrainConfig, num_filters: int | None = None) -> nn.Modul
                       upper_bound=config.upper_bound)
     if config.method in ("v1", "v2"):
         net_config["num_filters"] = num_filters
+    if config.background:
+        if config.method != "v3":
+            raise ValueError("--background needs --method v3")
+        net_config["background"] = True
     network = build_lambda_net(net_config)
     beta = config.beta
     if config.init_network:  # fine-tuning: the shipped network's weights and β
         loaded = WeightsRegistry(config.weights_dir).network(config.init_network)
-        if loaded.network.config() != network.config():
-            raise ValueError(f"--init-network {config.init_network}: its architecture {loaded.network.config()} "
-                             f"differs from the configured {network.config()}")
-        network.load_state_dict(loaded.network.state_dict())
+        load_shipped_network(network, loaded.network, config.init_network)
         beta = loaded.beta
     else:
         with torch.no_grad():  # start where soft-thresholding neither keeps all noise nor kills every code
@@ -126,6 +131,19 @@ def build_model(config: TrainConfig, num_filters: int | None = None) -> nn.Modul
             network.unet.head.bias.fill_(math.log(fraction / (1 - fraction)))
     return CDLLambda(network, beta=beta, iterations=config.iterations, grad_iterations=config.grad_iterations,
                      solver=config.solver, tolerance=config.tolerance)
+
+
+def load_shipped_network(network: nn.Module, shipped: nn.Module, name: str) -> None:
+    """Copy a shipped Λ network's weights into ``network`` of the same architecture; a shipped network without a
+    background weight may start one that has it (the new weight keeps its initialisation)."""
+    own, theirs = dict(network.config()), dict(shipped.config())
+    adds_background = own.pop("background", False) and not theirs.pop("background", False)
+    if own != theirs or (not adds_background and network.config() != shipped.config()):
+        raise ValueError(f"--init-network {name}: its architecture {shipped.config()} differs from the configured "
+                         f"{network.config()}")
+    result = network.load_state_dict(shipped.state_dict(), strict=not adds_background)
+    if any(not key.startswith("background.") for key in result.missing_keys):
+        raise ValueError(f"--init-network {name}: weights missing for {result.missing_keys}")
 
 
 def shipped_baseline_state(config: TrainConfig, model: nn.Module) -> dict:
@@ -253,12 +271,37 @@ class Trainer:
             return None
         return self.train_dicts[int(torch.randint(len(self.train_dicts), (), generator=self.sampler))]
 
+    def pretrain_background(self, steps: int) -> list[float]:
+        """``steps`` Adam steps on the background weight's network alone (its cross-entropy against the targets'
+        background, lab.losses), before the first training step: a new weight starts where it is right, so the
+        joint training begins from the network it fine-tunes. Returns the losses."""
+        weight = getattr(self.model.lambda_net, "background", None)
+        if weight is None:
+            raise ValueError("--background-pretrain needs --background")
+        with torch.no_grad():  # from b = ½ everywhere: the cross-entropy moves it both ways at once
+            weight.unet.head.bias.zero_()
+        optimizer = torch.optim.Adam(weight.unet.parameters(), lr=self.config.background_lr)
+        losses = []
+        for _ in tqdm(range(steps), desc="background weight", disable=not self.rank.is_main):
+            batch = next(self.stream).to(self.device)
+            optimizer.zero_grad(set_to_none=True)
+            b = self.model.background_weight(batch.kspace, batch.mask, batch.coil_maps, batch.noise_std)
+            loss = background_loss(b, batch.target)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        log.info("background weight pretrained: %d steps, cross-entropy %.3f → %.3f", steps,
+                 sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:]))
+        return losses
+
     def train_step(self) -> float:
         batch = next(self.stream).to(self.device)
         dictionary = self.next_dictionary()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = image_loss(reconstruct(self.forward_model, batch, dictionary).image, batch.target,
-                          self.config.ssim_weight)
+        output = reconstruct(self.forward_model, batch, dictionary)
+        loss = image_loss(output.image, batch.target, self.config.ssim_weight)
+        if self.config.background_supervision and getattr(output, "background", None) is not None:
+            loss = loss + self.config.background_supervision * background_loss(output.background, batch.target)
         loss.backward()
         self.optimizer.step()
         self.step += 1
@@ -271,6 +314,8 @@ class Trainer:
     def run(self, checkpoint: Path | None = None, progress: bool = True) -> list[dict]:
         config = self.config
         start, running = time.time() - self.seconds, []
+        if self.step == 0 and config.background_pretrain:
+            self.pretrain_background(config.background_pretrain)
         bar = tqdm(total=config.steps, initial=self.step, disable=not (progress and self.rank.is_main),
                    desc=config.method)
         while self.step < config.steps:

@@ -38,3 +38,19 @@ def test_weight_zero_is_the_relative_squared_error():
     expected = ((image - target).abs() ** 2).sum((-2, -1)) / (target.abs() ** 2).sum((-2, -1))
     assert float(losses.image_loss(image, target)) == pytest.approx(float(expected.mean()), rel=1e-5)
     assert float(losses.image_loss(image, target, 0.5)) > float(losses.image_loss(image, target))
+
+
+def test_background_target_spares_the_object_and_its_margin():
+    yy, xx = torch.meshgrid(torch.arange(48.0), torch.arange(48.0), indexing="ij")
+    disk = ((yy - 24) ** 2 + (xx - 24) ** 2 < 12 ** 2).to(torch.complex64) * 3
+    target = losses.background_target(disk[None])[0]
+    distance = ((yy - 24) ** 2 + (xx - 24) ** 2).sqrt() - 12
+    assert (target[distance < losses.BACKGROUND_MARGIN - 1] == 0).all()   # ±1: the disk is drawn on pixels
+    assert (target[distance > losses.BACKGROUND_MARGIN + 1] == 1).all()
+
+
+def test_background_loss_is_lower_for_the_right_map():
+    disk = torch.zeros(1, 32, 32, dtype=torch.complex64)
+    disk[:, 8:24, 8:24] = 1
+    right = losses.background_target(disk).clamp(0.05, 0.95)
+    assert losses.background_loss(right, disk) < 0.1 < losses.background_loss(1 - right, disk)

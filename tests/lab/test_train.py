@@ -117,6 +117,39 @@ def test_a_campaign_records_its_total_steps_and_the_solver_it_was_validated_for(
     assert "val_ssim" in second.history[-1] and 0 < second.history[-1]["val_ssim"] <= 1
 
 
+def test_a_background_weight_trains_from_a_network_without_one(registry, tmp_path):
+    """--background on a shipped network without the weight: the Λ network's weights carry over, the new weight
+    starts near 0 (the network reconstructs as before) and its supervision reaches every new parameter."""
+    import shutil
+
+    root = tmp_path / "weights"
+    shutil.copytree(registry.root, root)
+    first = make_trainer(registry, "v3", steps=1)
+    first.run(tmp_path / "first.ckpt", progress=False)
+    train.export(tmp_path / "first.ckpt", "plain", root)
+    second = make_trainer(WeightsRegistry(root), "v3", init_network="plain", weights_dir=str(root), background=True,
+                          background_supervision=0.1)
+    plain = WeightsRegistry(root).network("plain").network
+    for name, value in plain.state_dict().items():
+        assert torch.equal(second.model.lambda_net.state_dict()[name], value), name
+    batch = next(second.stream)
+    output = train.reconstruct(second.model, batch, second.train_dicts[0])
+    assert output.background.max() < 0.01
+    second.train_step()
+    for name, parameter in second.model.lambda_net.background.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    with pytest.raises(ValueError, match="architecture"):
+        make_trainer(WeightsRegistry(root), "v3", init_network="plain", weights_dir=str(root), base_channels=8)
+
+
+def test_pretraining_the_background_weight_lowers_its_cross_entropy(registry):
+    trainer = make_trainer(registry, "v3", background=True, background_lr=1e-2)
+    losses = trainer.pretrain_background(30)
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    with pytest.raises(ValueError, match="needs --background"):
+        make_trainer(registry, "v3").pretrain_background(1)
+
+
 @pytest.mark.parametrize("method", ["ablation", "unrolled"])
 def test_a_baseline_fine_tunes_from_its_shipped_weights_and_adds_up_its_budget(registry, tmp_path, method):
     """--init-network names a shipped baseline: the run starts from its weights, the export records the whole
