@@ -1,0 +1,158 @@
+"""The background weight (recon.background) judged on held-out scans: does it clean the background without touching
+the object?
+
+For each network (the shipped default and each ``--candidate``, a shipped name or a training checkpoint) this
+reports, per split, the mean whole-image SSIM, SSIM inside and outside the anatomy and NRMSE
+(lab.evaluation.protocol.score); what each image keeps of the tissue: the 1st percentile of |x| / reference over the
+pixels brighter than 5 % of the maximum (worst scan of the split; darkened tissue lowers it); and for a network with
+a background weight b where it lies: the share of the object (every pixel above 1 % of the 99th percentile, the
+training's definition) under b > ½, and the brightest reference pixel there relative to the maximum (worst scans).
+A figure shows the test head and the out-of-distribution knee: the reference, each network's image, the tuned BART TV
+image (validation-tuned λ of the evaluation, BART's cropped maps) and b.
+
+Scans: lab.evaluation.scans (8-coil birdcage, correlated noise prewhitened, 16 calibration lines), R = 1, 2, 4,
+SNR 10 and 20, 128²; validation (two slices of each source), test, its T2-weighted contrast and out of distribution
+(one slice of each); every network runs FISTA at the cap of the shipped default's manifest entry.
+
+    python bench/background_weight.py --candidate runs/background.ckpt --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.codesign import model_of
+from bench.report import publish
+from cdl_lambda.lab import bart, metrics
+from cdl_lambda.lab.losses import OBJECT_FRACTION
+from cdl_lambda.lab.evaluation import mc_methods, mc_report, scans as S
+from cdl_lambda.lab.evaluation.protocol import score
+from cdl_lambda.recon.weights import WeightsRegistry
+
+SPLITS = {"val": 2, "test": 1, "t2": 1, "ood": 1}
+SETTINGS = ((1, 2, 4), (10, 20))
+TISSUE = 0.05            # of the maximum: the tissue whose intensity is checked
+TV_LAMBDA = 0.03          # BART TV's SSIM-best λ on the validation split at R ≥ 2 (docs/evaluation.md)
+FIGURE_SCANS = (("test", "itk-head", 2, 20.0), ("ood", "knee", 1, 10.0))  # the knee: dim tissue at the edges
+
+
+def run(model, dictionary, scan):
+    """(image, b or None, whether the weight was withdrawn) of ``model`` on ``scan``."""
+    with torch.no_grad():
+        out = model(scan.kspace[None], scan.mask, dictionary, coil_maps=S.espirit_maps(scan)[None], noise_std=1.0)
+    background = None if out.background is None else out.background[0].numpy()
+    return out.image[0].numpy(), background, bool(out.background_withdrawn is not None and out.background_withdrawn[0])
+
+
+def sweep(networks: dict, dictionary, size: int = 128) -> tuple[dict, dict]:
+    """({(split, label): [scores]}, {figure key: {label: (image, b)}, "reference": …})."""
+    images = mc_report.load_images(size)
+    rows, figure = {}, {}
+    for split, per_source in SPLITS.items():
+        for scan in S.scans_of(images[split], split, per_source, *SETTINGS):
+            key = (split, scan.source, scan.acceleration, float(scan.snr))
+            first_of_split = key in FIGURE_SCANS and key not in figure
+            reference = scan.reference.astype(np.float64)
+            tissue = reference > TISSUE * reference.max()
+            obj = metrics.foreground_mask(reference, fraction=OBJECT_FRACTION)[0]
+            for label, model in networks.items():
+                image, b, withdrawn = run(model, dictionary, scan)
+                scores = score(image, scan.reference)
+                scores["tissue_kept"] = float(np.percentile(np.abs(image)[tissue] / reference[tissue], 1))
+                if b is not None:
+                    scores["withdrawn"] = withdrawn
+                    under = b > 0.5
+                    scores["object_under_weight"] = float((obj & under).sum() / obj.sum())
+                    scores["brightest_under_weight"] = float(reference[under].max() / reference.max()) \
+                        if under.any() else 0.0
+                rows.setdefault((split, label), []).append(scores)
+                if first_of_split:
+                    title = f"{label} (weight withdrawn)" if withdrawn else label
+                    figure.setdefault(key, {})[title] = (image, b)  # b as inferred, even where withdrawn
+            if first_of_split:
+                figure[key]["reference"] = (scan.reference, None)
+                if bart.available():
+                    figure[key]["BART TV"] = (mc_methods.bart_tv_image(scan, {"lam": TV_LAMBDA, "maps": "cropped"}),
+                                              None)
+    return rows, figure
+
+
+def table(rows: dict, size: int) -> str:
+    lines = [f"# The background weight on held-out scans ({size}²)", "",
+             "Mean over R = 1, 2, 4 and SNR 10, 20. Tissue kept: the 1st percentile of |x| / reference over pixels "
+             "brighter than 5 % of the maximum (worst scan). Under the weight (b > ½): the share of the object "
+             "(above 1 % of the 99th percentile) and the brightest reference pixel relative to the maximum (worst "
+             "scans; b as inferred, before the check against the data). Withdrawn: scans where the data disagreed "
+             "and the image was reconstructed without the weight. Regenerate with "
+             "`python bench/background_weight.py`.", "",
+             "| split | network | SSIM | inside the anatomy | outside it | NRMSE | tissue kept (worst) | "
+             "object under b > ½ (worst) | brightest pixel under b > ½ (worst) | withdrawn |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (split, label), scores in rows.items():
+        mean = {k: np.mean([s[k] for s in scores]) for k in ("ssim", "ssim_anatomy", "ssim_background", "nrmse")}
+        under = [s["object_under_weight"] for s in scores if "object_under_weight" in s]
+        bright = [s["brightest_under_weight"] for s in scores if "brightest_under_weight" in s]
+        flags = [s["withdrawn"] for s in scores if "withdrawn" in s]
+        withdrawn = f"{sum(flags)} of {len(flags)}" if flags else "–"
+        lines.append(f"| {split} | {label} | {mean['ssim']:.3f} | {mean['ssim_anatomy']:.3f} | "
+                     f"{mean['ssim_background']:.3f} | {mean['nrmse']:.3f} | "
+                     f"{min(s['tissue_kept'] for s in scores):.2f} | {(f'{max(under):.3f}' if under else '–')} | "
+                     f"{(f'{max(bright):.2f}' if bright else '–')} | {withdrawn} |")
+    return "\n".join(lines) + "\n"
+
+
+def draw(figure: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = list(figure)
+    columns = max(len(figure[k]) + sum(v[1] is not None for v in figure[k].values()) for k in keys)
+    fig, axes = plt.subplots(len(keys), columns, figsize=(2.6 * columns, 3.0 * len(keys)), squeeze=False)
+    for row, key in zip(axes, keys):
+        labels = ["reference"] + [k for k in figure[key] if k != "reference"]
+        maps = [k for k in labels if figure[key][k][1] is not None]
+        top = np.abs(figure[key]["reference"][0]).max()
+        for ax, label in zip(row, labels):
+            image = np.abs(figure[key][label][0])
+            ax.imshow(image, cmap="gray", vmin=0, vmax=0.25 * top)  # a window that shows the background
+            ax.set_title(f"{label}\n{key[1]} R={key[2]} SNR {key[3]:g}", fontsize=7)
+        for ax, label in zip(row[len(labels):], maps):
+            ax.imshow(figure[key][label][1], cmap="viridis", vmin=0, vmax=1)
+            ax.set_title(f"b of {label}", fontsize=7)
+        for ax in row:
+            ax.axis("off")
+    fig.suptitle("window 0–25 % of the maximum, to show the background", fontsize=8)
+    fig.tight_layout(h_pad=2.0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--candidate", action="append", default=[], help="a shipped network or a checkpoint")
+    parser.add_argument("--baseline", default=None, help="the network to compare against (default: the default)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", default="docs/bench_background_weight.md")
+    parser.add_argument("--figure", default="docs/figures/background-weight.png")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    registry = WeightsRegistry()
+    shipped = registry.network(args.baseline or "default")
+    cap = int(shipped.solver_settings()["iterations"])
+    networks = {name: model_of(name, "fista", cap, 0.0) for name in [shipped.name, *args.candidate]}
+    rows, figure = sweep(networks, registry.dictionary(None))
+    publish(table(rows, 128), args.out)
+    draw(figure, Path(args.figure))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
