@@ -86,7 +86,8 @@ def test_shipped_v3_is_invariant_to_filter_order():
 
 def test_a_network_runs_with_the_solver_its_manifest_entry_names(tmp_path):
     """Reconstructor without an iteration count runs the cap, solver and tolerance the network was trained for;
-    an explicit count overrides the cap; an entry without ``solver`` gets FISTA, 64, no early stop."""
+    an explicit count overrides the cap; an entry without ``solver`` gets FISTA, 64, no early stop. A network with
+    a background weight naming ADMM is refused (ADMM cannot take the weight)."""
     import yaml
 
     from cdl_lambda.recon.pipeline import Reconstructor
@@ -95,7 +96,15 @@ def test_a_network_runs_with_the_solver_its_manifest_entry_names(tmp_path):
     root = tmp_path / "weights"
     shutil.copytree(REGISTRY.root, root)
     manifest = yaml.safe_load((root / "manifest.yaml").read_text())
-    name = manifest["default"]["network"]
+    default = next(e for e in manifest["networks"] if e["name"] == manifest["default"]["network"])
+    default["solver"] = {"solver": "admm", "iterations": 7, "tolerance": 0.02}
+    (root / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    if WeightsRegistry(root).network("default").network.config().get("background"):
+        with pytest.raises(ValueError, match="ADMM solver does not take the background weight"):
+            Reconstructor(weights_dir=str(root), device="cpu", compiled=False)
+    name = next(e["name"] for e in manifest["networks"] if e.get("version") == "v3"
+                and not WeightsRegistry(root).network(e["name"]).network.config().get("background"))
+    manifest["default"]["network"] = name
     entry = next(e for e in manifest["networks"] if e["name"] == name)
     entry["solver"] = {"solver": "admm", "iterations": 7, "tolerance": 0.02}
     (root / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
