@@ -425,6 +425,9 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
                 "iterations": config.iterations, "grad_iterations": config.grad_iterations,
                 "base_channels": config.base_channels, "stages": config.stages, "seed": config.seed,
                 "solver": config.solver, "tolerance": config.tolerance}
+    if config.background:  # recon.background: how its weight was trained
+        training["background"] = {"supervision": config.background_supervision,
+                                  "pretrain_steps": config.background_pretrain, "pretrain_lr": config.background_lr}
     if config.init_network:  # the whole campaign: this run plus every run the starting network came from
         training["fine_tuned_from"] = config.init_network
         registry = WeightsRegistry(weights_dir)

@@ -138,6 +138,10 @@ def test_a_background_weight_trains_from_a_network_without_one(registry, tmp_pat
     second.train_step()
     for name, parameter in second.model.lambda_net.background.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    second.save(tmp_path / "background.ckpt")
+    entry = train.export(tmp_path / "background.ckpt", "with-background", root)
+    assert entry["training"]["background"] == {"supervision": 0.1, "pretrain_steps": 0, "pretrain_lr": 1e-3}
+    assert WeightsRegistry(root).network("with-background").network.config()["background"] is True
     with pytest.raises(ValueError, match="architecture"):
         make_trainer(WeightsRegistry(root), "v3", init_network="plain", weights_dir=str(root), base_channels=8)
 
