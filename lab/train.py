@@ -137,13 +137,11 @@ def load_shipped_network(network: nn.Module, shipped: nn.Module, name: str) -> N
     """Copy a shipped Λ network's weights into ``network`` of the same architecture; a shipped network without a
     background weight may start one that has it (the new weight keeps its initialisation)."""
     own, theirs = dict(network.config()), dict(shipped.config())
-    adds_background = own.pop("background", False) and not theirs.pop("background", False)
-    if own != theirs or (not adds_background and network.config() != shipped.config()):
+    own_background, their_background = own.pop("background", False), theirs.pop("background", False)
+    if own != theirs or (their_background and not own_background):
         raise ValueError(f"--init-network {name}: its architecture {shipped.config()} differs from the configured "
                          f"{network.config()}")
-    result = network.load_state_dict(shipped.state_dict(), strict=not adds_background)
-    if any(not key.startswith("background.") for key in result.missing_keys):
-        raise ValueError(f"--init-network {name}: weights missing for {result.missing_keys}")
+    network.load_state_dict(shipped.state_dict(), strict=own_background == their_background)
 
 
 def shipped_baseline_state(config: TrainConfig, model: nn.Module) -> dict:

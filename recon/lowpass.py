@@ -65,10 +65,11 @@ def data_consistent_lowpass(op, x0: torch.Tensor, beta: torch.Tensor | float, it
     """x_L = (AᴴA + β∇ᴴ∇ + diag(w))⁻¹ x₀ with x₀ = Aᴴy, by ``iterations`` CG steps from the paper's filtered x₀.
     ``op`` is any operator with ``normal`` (layout-independent: ∇ᴴ∇ is circulant); ``weight`` w ≥ 0 ``(B, ny, nx)``
     in ``op``'s layout (the background term of :mod:`recon.background`), None for none."""
-    start = tikhonov_lowpass(x0, beta)
-    if weight is None:
-        return conjugate_gradient(lambda x: op.normal(x) + beta * gradient_normal(x), x0, start, iterations)
-    return conjugate_gradient(lambda x: op.normal(x) + beta * gradient_normal(x) + weight * x, x0, start, iterations)
+    def normal(x: torch.Tensor) -> torch.Tensor:
+        out = op.normal(x) + beta * gradient_normal(x)
+        return out if weight is None else out + weight * x
+
+    return conjugate_gradient(normal, x0, tikhonov_lowpass(x0, beta), iterations)
 
 
 class LowPassSplit(nn.Module):

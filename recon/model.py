@@ -174,9 +174,13 @@ class CDLLambda(nn.Module):
             with torch.no_grad():
                 disagreement = data_disagreement(scan.op, scan.y, image, background.native)
             withdrawn = disagreement > self.withdraw_z
-            if bool(withdrawn.any()):
-                plain = self._reconstruct(scan, x0, lam_native, dictionary, iterations, grad_iterations, None)
-                image, x_low, info = _pick(withdrawn, plain, (image, x_low, info))
+            if bool(withdrawn.any()):  # only those slices solved again, without the weight
+                rows = withdrawn.nonzero().flatten()
+                again = self._scan_in_noise_units(kspace[rows], mask[rows] if mask.ndim == 3 else mask,
+                                                  None if coil_maps is None else coil_maps[rows], scan.sigma[rows])
+                plain = self._reconstruct(again, x0[rows], lam_native[rows], dictionary, iterations,
+                                          grad_iterations, None)
+                image, x_low, info = _replace_rows(rows, plain, (image, x_low, info))
         output = self._output(scan, image, x0, x_low, lam, info)
         output.background = background.centred
         output.background_disagreement, output.background_withdrawn = disagreement, withdrawn
@@ -250,21 +254,19 @@ class CDLLambda(nn.Module):
         b_hat = _fft.fft2(op.adjoint(residual_data)) if scan.multi else residual_data
         shape = tuple(d_hat.shape[-2:])
         step = self.step_factor / dictionary.lipschitz(shape)
-        image_weight = None
+        normal_fourier = op.normal_fourier
         if background is not None:
             image_weight = background.image_gain * background.native
             b_hat = b_hat - _fft.fft2(image_weight * x_low)
             step = step / (1 + background.image_gain)
+            normal_fourier = _weighted_normal_fourier(op, image_weight, scan.multi)
         step_conj = step * d_hat.conj()
 
         def forward_step(z: torch.Tensor) -> torch.Tensor:
             """z − τ Dᴴ (AᴴA D z + γ_R b ⊙ D z − b̂), computed as F⁻¹(ẑ − τ d̂ᴴ (F (AᴴA + γ_R b) D z − b̂)) in the
             Fourier domain (b̂ = F(Aᴴy′ − γ_R b ⊙ x_L); without a background weight b = 0)."""
             z_hat = _fft.fft2(z)
-            synthesis = dictionary.synthesize_fourier(z_hat)
-            residual = op.normal_fourier(synthesis) - b_hat
-            if image_weight is not None:
-                residual = residual + _fft.fft2(image_weight * _fft.ifft2(synthesis))
+            residual = normal_fourier(dictionary.synthesize_fourier(z_hat)) - b_hat
             return _fft.ifft2(torch.addcmul(z_hat, residual.unsqueeze(1), step_conj, value=-1))
 
         codes0 = torch.zeros(residual_data.shape[0], dictionary.num_filters, *shape, dtype=d_hat.dtype,
@@ -287,12 +289,25 @@ class CDLLambda(nn.Module):
                            final_relative_change=info.relative_change)
 
 
-def _pick(chosen: torch.Tensor, replacement: tuple, current: tuple) -> tuple:
-    """(image, x_L, SolveInfo) taking ``replacement``'s items where ``chosen`` ``(B,)`` is true, ``current``'s
-    elsewhere."""
+def _replace_rows(rows: torch.Tensor, replacement: tuple, current: tuple) -> tuple:
+    """(image, x_L, SolveInfo) of the batch ``current`` with its items ``rows`` taken from ``replacement`` (the
+    solve of those items alone)."""
     (image, x_low, info), (image0, x_low0, info0) = replacement, current
-    rows = chosen.view(-1, 1, 1)
-    merged = SolveInfo(torch.where(chosen.to(info.iterations.device), info.iterations, info0.iterations),
-                       torch.where(chosen.to(info.relative_change.device), info.relative_change,
-                                   info0.relative_change))
-    return torch.where(rows, image, image0), torch.where(rows, x_low, x_low0), merged
+    on = lambda t: rows.to(t.device)  # noqa: E731 - SolveInfo's counts live on the CPU
+    merged = SolveInfo(info0.iterations.index_copy(0, on(info0.iterations), info.iterations),
+                       info0.relative_change.index_copy(0, on(info0.relative_change), info.relative_change))
+    return image0.index_copy(0, rows, image), x_low0.index_copy(0, rows, x_low), merged
+
+
+def _weighted_normal_fourier(op, weight: torch.Tensor, multi: bool):
+    """u ↦ F (AᴴA + diag(w)) F⁻¹ u, w the background term in the operator's layout. Several coils: one inverse and
+    one forward FFT around both terms (AᴴA works on the image anyway); one coil: AᴴA is the mask in Fourier, and
+    only the diagonal term needs the image."""
+    if multi:
+        def apply(u: torch.Tensor) -> torch.Tensor:
+            x = _fft.ifft2(u)
+            return _fft.fft2(op.normal(x) + weight * x)
+    else:
+        def apply(u: torch.Tensor) -> torch.Tensor:
+            return op.normal_fourier(u) + _fft.fft2(weight * _fft.ifft2(u))
+    return apply

@@ -158,3 +158,31 @@ def test_a_weight_on_the_object_is_withdrawn_and_one_beside_it_is_kept(monkeypat
     assert torch.allclose(on_object.image, plain.image, atol=1e-5 * plain.image.abs().max())
     border = box_background()[0] > 0
     assert beside.image[0].abs()[border].mean() < 0.5 * plain.image[0].abs()[border].mean()
+
+
+def test_in_a_batch_only_the_disagreeing_slice_is_solved_again(monkeypatch):
+    """Two slices, the weight beside the object in the first and on it in the second: the first keeps its weighted
+    image, the second gets the weight-free one, each as if solved alone."""
+    (k1, mask, maps1), (k2, _, maps2) = scan(4), scan(5)
+    kspace, maps = torch.cat([k1, k2]), torch.cat([maps1, maps2])
+    d = random_dictionary(6, 5)
+    model = CDLLambda(None, beta=2.0, scalar_lambda=0.5, iterations=60).eval()
+    beside, on_object = box_background(), torch.zeros(1, *SHAPE)
+    on_object[:, 8:16, 8:24] = 1
+
+    def terms(b):
+        return SimpleNamespace(centred=b, native=_fft.to_native(b), lowpass_gain=torch.tensor(10.0),
+                               image_gain=torch.tensor(2.0))
+
+    with torch.no_grad():
+        monkeypatch.setattr(model, "background_terms", lambda x0: terms(torch.cat([beside, on_object])))
+        both = model(kspace, mask, d, coil_maps=maps, noise_std=0.05)
+        monkeypatch.setattr(model, "background_terms", lambda x0: terms(beside))
+        first = model(k1, mask, d, coil_maps=maps1, noise_std=0.05)
+        monkeypatch.setattr(model, "background_terms", lambda x0: None)
+        second = model(k2, mask, d, coil_maps=maps2, noise_std=0.05)
+    assert both.background_withdrawn.tolist() == [False, True]
+    scale = both.image.abs().max()
+    assert torch.allclose(both.image[:1], first.image, atol=1e-5 * scale)
+    assert torch.allclose(both.image[1:], second.image, atol=1e-5 * scale)
+    assert both.iterations_used.tolist() == [first.iterations_used.item(), second.iterations_used.item()]
