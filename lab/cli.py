@@ -168,6 +168,8 @@ TRAIN_HELP = {
                               "target's background",
     "background_pretrain": "with --background: first train the weight alone for this many steps",
     "background_lr": "learning rate of those steps",
+    "background_dropout": "with --background: share of the batches solved without the weight, as a slice whose "
+                          "weight the data check withdraws is",
 }
 
 

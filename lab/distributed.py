@@ -59,14 +59,15 @@ class Rank:
             return torch.device("cuda", self.local_rank)
         return chosen
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, skips_parameters: bool = False) -> nn.Module:
         """The module the training step calls: ``model`` itself, or DistributedDataParallel around it (which
-        broadcasts rank 0's parameters now and averages the gradients in every backward pass)."""
+        broadcasts rank 0's parameters now and averages the gradients in every backward pass).
+        ``skips_parameters``: some steps leave parameters unused (DDP then looks for them in every backward)."""
         if not self.distributed:
             return model
         device = next(model.parameters()).device
         ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=skips_parameters)
 
     def agree(self, flag: bool) -> bool:
         """True on every process when it is True on any (the time limit is measured per process)."""

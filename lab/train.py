@@ -99,6 +99,8 @@ class TrainConfig:
     background_supervision: float = 0.0  # loss += this · BCE(b, the target's background) (lab.losses)
     background_pretrain: int = 0   # before step 1: this many steps training b alone on that BCE
     background_lr: float = 1e-3    # Adam learning rate of b's network in those steps
+    background_dropout: float = 0.0  # share of training batches solved without b, as a withdrawn slice is
+                                     # (recon.background.data_disagreement): keeps that image good
 
 
 # ---- models ----------------------------------------------------------------------------------------------------
@@ -115,6 +117,10 @@ def build_model(config: TrainConfig, num_filters: int | None = None) -> nn.Modul
                       upper_bound=config.upper_bound)
     if config.method in ("v1", "v2"):
         net_config["num_filters"] = num_filters
+    if not 0 <= config.background_dropout < 1:
+        raise ValueError(f"--background-dropout must be in [0, 1), got {config.background_dropout}")
+    if config.background_dropout and not config.background:
+        raise ValueError("--background-dropout needs --background")
     if config.background:
         if config.method != "v3":
             raise ValueError("--background needs --method v3")
@@ -249,7 +255,8 @@ class Trainer:
         self.validation = ([b.to(self.device) for b in validation] if isinstance(validation, list)
                            else validation.to(self.device))
         self.sampler = torch.Generator().manual_seed(data_seed + 2)
-        self.forward_model = self.rank.wrap(self.model)  # DistributedDataParallel under torchrun
+        self.forward_model = self.rank.wrap(self.model,  # DistributedDataParallel under torchrun
+                                            skips_parameters=config.background_dropout > 0)
         self.step = 0
         self.seconds = 0.0
         self.history: list[dict] = []
@@ -296,7 +303,11 @@ class Trainer:
         batch = next(self.stream).to(self.device)
         dictionary = self.next_dictionary()
         self.optimizer.zero_grad(set_to_none=True)
-        output = reconstruct(self.forward_model, batch, dictionary)
+        extra = {}
+        if self.config.background_dropout:  # some batches solved as a withdrawn slice is: without the weight
+            drop = float(torch.rand((), generator=self.sampler)) < self.config.background_dropout
+            extra = {"with_background": not drop}
+        output = reconstruct(self.forward_model, batch, dictionary, **extra)
         loss = image_loss(output.image, batch.target, self.config.ssim_weight)
         if self.config.background_supervision and getattr(output, "background", None) is not None:
             loss = loss + self.config.background_supervision * background_loss(output.background, batch.target)
@@ -425,7 +436,8 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
                 "solver": config.solver, "tolerance": config.tolerance}
     if config.background:  # recon.background: how its weight was trained
         training["background"] = {"supervision": config.background_supervision,
-                                  "pretrain_steps": config.background_pretrain, "pretrain_lr": config.background_lr}
+                                  "pretrain_steps": config.background_pretrain, "pretrain_lr": config.background_lr,
+                                  "dropout": config.background_dropout}
     if config.init_network:  # the whole campaign: this run plus every run the starting network came from
         training["fine_tuned_from"] = config.init_network
         registry = WeightsRegistry(weights_dir)

@@ -154,15 +154,18 @@ class CDLLambda(nn.Module):
 
     def forward(self, kspace: torch.Tensor, mask: torch.Tensor, dictionary: Dictionary,
                 coil_maps: torch.Tensor | None = None, noise_std: torch.Tensor | float | None = None,
-                iterations: int | None = None, grad_iterations: int | None = None) -> ReconOutput:
+                iterations: int | None = None, grad_iterations: int | None = None,
+                with_background: bool = True) -> ReconOutput:
         """kspace: complex centred ``(B, ny, nx)`` (single coil) or ``(B, C, ny, nx)`` with ``coil_maps`` of the
-        same shape; mask ``(ny, nx)`` or ``(B, ny, nx)``; noise_std: σ per batch item (None: estimated)."""
+        same shape; mask ``(ny, nx)`` or ``(B, ny, nx)``; noise_std: σ per batch item (None: estimated).
+        ``with_background=False`` solves without the network's background weight, as a withdrawn slice is solved
+        (training uses it to keep that image good)."""
         iterations = self.iterations if iterations is None else iterations
         grad_iterations = self.grad_iterations if grad_iterations is None else grad_iterations
         scan = self._scan_in_noise_units(kspace, mask, coil_maps, noise_std)      # checks, σ, native layout
         x0 = scan.op.adjoint(scan.y)
         x0_centred = _fft.from_native(x0)
-        background = self.background_terms(x0_centred)                             # b = NET_Θ(x₀), or None
+        background = self.background_terms(x0_centred) if with_background else None  # b = NET_Θ(x₀), or None
         lam = self.lambda_maps(x0_centred, dictionary).to(x0.real.dtype)           # Λ = NET_Θ(x₀, D)
         lam_native = _fft.to_native(lam)
         image, x_low, info = self._reconstruct(scan, x0, lam_native, dictionary,   # (PH), (PR)

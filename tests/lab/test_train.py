@@ -140,7 +140,8 @@ def test_a_background_weight_trains_from_a_network_without_one(registry, tmp_pat
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
     second.save(tmp_path / "background.ckpt")
     entry = train.export(tmp_path / "background.ckpt", "with-background", root)
-    assert entry["training"]["background"] == {"supervision": 0.1, "pretrain_steps": 0, "pretrain_lr": 1e-3}
+    assert entry["training"]["background"] == {"supervision": 0.1, "pretrain_steps": 0, "pretrain_lr": 1e-3,
+                                               "dropout": 0.0}
     assert WeightsRegistry(root).network("with-background").network.config()["background"] is True
     with pytest.raises(ValueError, match="architecture"):
         make_trainer(WeightsRegistry(root), "v3", init_network="plain", weights_dir=str(root), base_channels=8)
@@ -152,6 +153,33 @@ def test_pretraining_the_background_weight_lowers_its_cross_entropy(registry):
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
     with pytest.raises(ValueError, match="needs --background"):
         make_trainer(registry, "v3").pretrain_background(1)
+
+
+def test_background_dropout_trains_some_steps_as_a_withdrawn_slice_is_solved(registry, monkeypatch):
+    """--background-dropout p: about a share p of the steps run without the weight (so its network gets no
+    gradient there, the Λ network does), the rest with it; out-of-range or weight-less settings are refused."""
+    trainer = make_trainer(registry, "v3", background=True, background_dropout=0.5)
+    calls, real = [], train.reconstruct
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("with_background"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "reconstruct", recording)
+    without_grad = 0
+    for _ in range(12):
+        trainer.train_step()
+        unet = trainer.model.lambda_net.background.unet
+        if calls[-1] is False:
+            assert all(p.grad is None for p in unet.parameters())
+            without_grad += 1
+        else:
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in unet.parameters())
+    assert 2 <= without_grad <= 10 and set(calls) == {True, False}
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        make_trainer(registry, "v3", background=True, background_dropout=1.0)
+    with pytest.raises(ValueError, match="needs --background"):
+        make_trainer(registry, "v3", background_dropout=0.2)
 
 
 @pytest.mark.parametrize("method", ["ablation", "unrolled"])

@@ -186,3 +186,23 @@ def test_in_a_batch_only_the_disagreeing_slice_is_solved_again(monkeypatch):
     assert torch.allclose(both.image[:1], first.image, atol=1e-5 * scale)
     assert torch.allclose(both.image[1:], second.image, atol=1e-5 * scale)
     assert both.iterations_used.tolist() == [first.iterations_used.item(), second.iterations_used.item()]
+
+
+def test_solving_without_the_weight_is_how_a_withdrawn_slice_is_solved(monkeypatch):
+    """with_background=False (what training's dropout runs) gives a withdrawn slice's image, and no weight."""
+    kspace, mask, maps = scan(4)
+    d = random_dictionary(6, 5)
+    model = CDLLambda(None, beta=2.0, scalar_lambda=0.5, iterations=40).eval()
+    on_object = torch.zeros(1, *SHAPE)
+    on_object[:, 8:16, 8:24] = 1
+    terms = SimpleNamespace(centred=on_object, native=_fft.to_native(on_object), lowpass_gain=torch.tensor(10.0),
+                            image_gain=torch.tensor(2.0))
+    monkeypatch.setattr(model, "background_terms", lambda x0: terms)
+    with torch.no_grad():
+        withdrawn = model(kspace, mask, d, coil_maps=maps, noise_std=0.05)
+        without = model(kspace, mask, d, coil_maps=maps, noise_std=0.05, with_background=False)
+        weighted = model.train()(kspace, mask, d, coil_maps=maps, noise_std=0.05)  # training: never withdrawn
+    assert withdrawn.background_withdrawn.all() and without.background is None
+    scale = withdrawn.image.abs().max()
+    assert torch.allclose(without.image, withdrawn.image, atol=1e-5 * scale)
+    assert (weighted.image - without.image).abs().max() > 0.05 * scale
