@@ -18,7 +18,8 @@ For several coils the coil maps are support-cropped (zero outside the object): t
 (x* ⊙ 1[Σ|c|² > 0]) rather than reconstructed from noise.
 
 A network that infers a background weight b (:mod:`recon.background`) adds (γ_L/2)‖√b ⊙ x‖² to (PH) and
-(γ_R/2)‖√b ⊙ (x_L + D s)‖² to (PR): the image is pulled to zero where b says the object is absent (FISTA only).
+(γ_R/2)‖√b ⊙ (x_L + D s)‖² to (PR): the image is pulled to zero where b says the object is absent (FISTA only),
+and the image is (1 − b) ⊙ (x_L + D s*): what the quadratic terms leave of noise there is taken out too.
 Outside training every image is checked against its data (:func:`recon.background.data_disagreement`); above
 ``withdraw_z`` the slice is solved again without the weight, and the output says which slices were.
 
@@ -191,11 +192,13 @@ class CDLLambda(nn.Module):
 
     # ---- the steps of forward ------------------------------------------------------------------------------
     def _reconstruct(self, scan, x0, lam, dictionary, iterations, grad_iterations, background):
-        """(PH) and (PR) with or without the background weight: x* = x_L + D s*, x_L and the solver's info,
-        set to 0 outside the coil maps' support."""
+        """(PH) and (PR) with or without the background weight: x* = x_L + D s* (times 1 − b with the weight),
+        x_L and the solver's info, set to 0 outside the coil maps' support."""
         x_low = self._low_pass(scan, x0, background)                                          # (PH)
         codes, info = self._solve(scan, x_low, lam, dictionary, iterations, grad_iterations, background)  # (PR)
         image = x_low + _fft.ifft2(dictionary.synthesize_fourier(_fft.fft2(codes)))           # x* = x_L + D s*
+        if background is not None:  # the background's remaining noise out; the data check judges this image
+            image = image * (1 - background.native)
         if scan.support is not None:
             image, x_low = image * scan.support, x_low * scan.support
         return image, x_low, info

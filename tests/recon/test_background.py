@@ -38,7 +38,7 @@ def box_background() -> torch.Tensor:
     return b
 
 
-def test_without_gains_the_background_network_reconstructs_as_the_network_alone():
+def test_without_gains_or_weight_the_background_network_reconstructs_as_the_network_alone():
     kspace, mask, maps = scan()
     d = random_dictionary(6, 5)
     plain = LambdaNetV3(base_channels=4, stages=1)
@@ -47,6 +47,7 @@ def test_without_gains_the_background_network_reconstructs_as_the_network_alone(
     with torch.no_grad():
         with_background.background.raw_lowpass_gain.fill_(-40.0)   # softplus(−40) ≈ 4e−18
         with_background.background.raw_image_gain.fill_(-40.0)
+        with_background.background.unet.head.bias.fill_(-40.0)             # b ≈ 4e−18: the final (1 − b) is 1
         a = CDLLambda(plain, iterations=20)(kspace, mask, d, coil_maps=maps, noise_std=0.05)
         b = CDLLambda(with_background, iterations=20)(kspace, mask, d, coil_maps=maps, noise_std=0.05)
     assert a.background is None and b.background.shape == (1, *SHAPE)
@@ -206,3 +207,27 @@ def test_solving_without_the_weight_is_how_a_withdrawn_slice_is_solved(monkeypat
     scale = withdrawn.image.abs().max()
     assert torch.allclose(without.image, withdrawn.image, atol=1e-5 * scale)
     assert (weighted.image - without.image).abs().max() > 0.05 * scale
+
+
+def test_the_image_is_the_solution_times_one_minus_the_weight(monkeypatch):
+    """x = (1 − b) ⊙ (x_L + D s*): where b = ½ half the solution is shown, where b = 0 all of it."""
+    kspace, mask, maps = scan(3)
+    d = random_dictionary(6, 5)
+    model = CDLLambda(None, beta=2.0, scalar_lambda=0.5, iterations=30).eval()
+    b = 0.5 * box_background()
+    terms = SimpleNamespace(centred=b, native=_fft.to_native(b), lowpass_gain=torch.tensor(5.0),
+                            image_gain=torch.tensor(2.0))
+    monkeypatch.setattr(model, "background_terms", lambda x0: terms)
+    with torch.no_grad():
+        out = model(kspace, mask, d, coil_maps=maps, noise_std=1.0)
+        s = model._scan_in_noise_units(kspace, mask, maps, 1.0)
+        x_low = model._low_pass(s, s.op.adjoint(s.y), terms)
+        lam = torch.full((1, d.num_filters, *SHAPE), 0.5)
+        codes, _ = model._solve(s, x_low, lam, d, 30, 0, terms)
+        solution = _fft.from_native((x_low + _fft.ifft2(d.synthesize_fourier(_fft.fft2(codes)))) * s.support)
+    assert not out.background_withdrawn.any()
+    border = b[0] > 0
+    scale = solution.abs().max()
+    assert torch.allclose(out.image[0][border], 0.5 * solution[0][border], atol=1e-5 * scale)
+    assert torch.allclose(out.image[0][~border], solution[0][~border], atol=1e-5 * scale)
+    assert solution[0][border].abs().max() > 1e-3 * scale
