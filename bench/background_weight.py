@@ -44,13 +44,15 @@ FIGURE_SCANS = (("test", "itk-head", 2, 20.0), ("ood", "knee", 1, 10.0))  # the 
 
 
 def run(model, dictionary, scan, with_background: bool = True):
-    """(image, b or None, whether the weight was withdrawn) of ``model`` on ``scan``; ``with_background=False``:
-    the image a withdrawn slice gets."""
+    """(image, b or None, the data check's value or None) of ``model`` on ``scan`` (the check is computed on the
+    weighted image, so it is the weight's own value also where it withdrew it); ``with_background=False``: the image
+    a withdrawn slice gets."""
     with torch.no_grad():
         out = model(scan.kspace[None], scan.mask, dictionary, coil_maps=S.espirit_maps(scan)[None], noise_std=1.0,
                     with_background=with_background)
     background = None if out.background is None else out.background[0].numpy()
-    return out.image[0].numpy(), background, bool(out.background_withdrawn is not None and out.background_withdrawn[0])
+    check = None if out.background_disagreement is None else float(out.background_disagreement[0])
+    return out.image[0].numpy(), background, check
 
 
 def sweep(networks: dict, dictionary, size: int = 128) -> tuple[dict, dict]:
@@ -65,11 +67,12 @@ def sweep(networks: dict, dictionary, size: int = 128) -> tuple[dict, dict]:
             tissue = reference > TISSUE * reference.max()
             obj = metrics.foreground_mask(reference, fraction=OBJECT_FRACTION)[0]
             for label, model in networks.items():
-                image, b, withdrawn = run(model, dictionary, scan)
+                image, b, check = run(model, dictionary, scan)
+                withdrawn = check is not None and check > model.withdraw_z
                 scores = score(image, scan.reference)
                 scores["tissue_kept"] = float(np.percentile(np.abs(image)[tissue] / reference[tissue], 1))
                 if b is not None:
-                    scores["withdrawn"] = withdrawn
+                    scores["withdrawn"], scores["check"] = withdrawn, check
                     scores["as_withdrawn"] = score(run(model, dictionary, scan, with_background=False)[0],
                                                    scan.reference)
                     under = b > 0.5
@@ -77,6 +80,8 @@ def sweep(networks: dict, dictionary, size: int = 128) -> tuple[dict, dict]:
                     scores["brightest_under_weight"] = float(reference[under].max() / reference.max()) \
                         if under.any() else 0.0
                 rows.setdefault((split, label), []).append(scores)
+                if split == "ood":  # sources far apart: each on its own row too
+                    rows.setdefault((f"ood: {scan.source}", label), []).append(scores)
                 if first_of_split:
                     title = f"{label} (weight withdrawn)" if withdrawn else label
                     figure.setdefault(key, {})[title] = (image, b)  # b as inferred, even where withdrawn
@@ -93,27 +98,31 @@ def table(rows: dict, size: int) -> str:
              "Mean over R = 1, 2, 4 and SNR 10, 20. Tissue kept: the 1st percentile of |x| / reference over pixels "
              "brighter than 5 % of the maximum (worst scan). Under the weight (b > ½): the share of the object "
              "(above 1 % of the 99th percentile) and the brightest reference pixel relative to the maximum (worst "
-             "scans; b as inferred, before the check against the data). Withdrawn: scans where the data disagreed "
-             "and the image was reconstructed without the weight. Without the weight: SSIM / NRMSE of every scan "
+             "scans; b as inferred, before the check against the data). Check: least – largest value of the data check "
+             "(recon.background.data_disagreement). Withdrawn: scans where it exceeded its threshold and the image "
+             "was reconstructed without the weight. Without the weight: SSIM / NRMSE of every scan "
              "solved as a withdrawn one is (what a site gets wherever the check withdraws it). Regenerate with "
              "`python bench/background_weight.py`.", "",
              "| split | network | SSIM | inside the anatomy | outside it | NRMSE | tissue kept (worst) | "
-             "object under b > ½ (worst) | brightest pixel under b > ½ (worst) | withdrawn | "
+             "object under b > ½ (worst) | brightest pixel under b > ½ (worst) | check | withdrawn | "
              "without the weight: SSIM / NRMSE |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (split, label), scores in rows.items():
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = list(dict.fromkeys(split for split, _ in rows))  # splits as first seen, each split's networks together
+    for (split, label), scores in sorted(rows.items(), key=lambda item: order.index(item[0][0])):
         mean = {k: np.mean([s[k] for s in scores]) for k in ("ssim", "ssim_anatomy", "ssim_background", "nrmse")}
         under = [s["object_under_weight"] for s in scores if "object_under_weight" in s]
         bright = [s["brightest_under_weight"] for s in scores if "brightest_under_weight" in s]
         flags = [s["withdrawn"] for s in scores if "withdrawn" in s]
         withdrawn = f"{sum(flags)} of {len(flags)}" if flags else "–"
+        checks = [s["check"] for s in scores if "check" in s]
+        check = f"{min(checks):.2f} – {max(checks):.2f}" if checks else "–"
         plain = [s["as_withdrawn"] for s in scores if "as_withdrawn" in s]
         without = (f"{np.mean([q['ssim'] for q in plain]):.3f} / {np.mean([q['nrmse'] for q in plain]):.3f}"
                    if plain else "–")
         lines.append(f"| {split} | {label} | {mean['ssim']:.3f} | {mean['ssim_anatomy']:.3f} | "
                      f"{mean['ssim_background']:.3f} | {mean['nrmse']:.3f} | "
                      f"{min(s['tissue_kept'] for s in scores):.2f} | {(f'{max(under):.3f}' if under else '–')} | "
-                     f"{(f'{max(bright):.2f}' if bright else '–')} | {withdrawn} | {without} |")
+                     f"{(f'{max(bright):.2f}' if bright else '–')} | {check} | {withdrawn} | {without} |")
     return "\n".join(lines) + "\n"
 
 

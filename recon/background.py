@@ -12,12 +12,16 @@ small U-Net, weights a quadratic penalty on the image in both steps:
 Both stay convex for any b ≥ 0: (PH) is solved by the same conjugate gradients with γ_L b added to the diagonal,
 (PR)'s smooth part gains Dᴴ(γ_R b ⊙ x) in its gradient, and its Lipschitz constant at most (1 + γ_R)‖D‖². The gains
 γ_L = softplus(·) and γ_R = softplus(·) are learned with the network; b = 0 gives CDL-Λ without the weight.
+A quadratic pull leaves a little of the noise where b ≈ 1, and a flat region's SSIM counts errors far below 1 % of the
+maximum, so the image shown is (1 − b) ⊙ (x_L + D s*).
 
 Where b is wrongly high on tissue, that tissue is darkened: x_L keeps about 1/(1 + γ_L) of it and the high-pass
 D s cannot put a region's mean back. The weight is only as safe as b, so b is trained to call background nothing
 brighter than 1 % of the image (lab.losses.background_loss), judged out of distribution on what it darkens
-(bench/background_weight.py), and checked against the data for every image (:func:`data_disagreement`): where the
-data show signal the weight removed, the image is reconstructed without it and says so.
+(bench/background_weight.py), and checked against the data for every image (:func:`data_disagreement`, on the image
+shown, after the factor 1 − b): where the data show signal the weight removed, the image is reconstructed without it
+and says so. Training solves a share of its batches without the weight (``--background-dropout``), so that image,
+a withdrawn slice's, stays good.
 """
 
 from __future__ import annotations
