@@ -71,8 +71,9 @@ def ground_truth(path: Path) -> np.ndarray:
 
 
 def relative_error(image: np.ndarray, reference: np.ndarray) -> float:
-    """‖s·x − ref‖ / ‖ref‖ with the best real scale s."""
-    x = np.abs(image)
+    """‖s·x − ref‖ / ‖ref‖ with the best real scale s (in float64: integer images as the scanner takes them would
+    overflow in x · x)."""
+    x = np.abs(image).astype(np.float64)
     scale = (x * reference).sum() / max((x * x).sum(), 1e-30)
     return float(np.linalg.norm(scale * x - reference) / np.linalg.norm(reference))
 

@@ -29,7 +29,8 @@ OPENRECON = ROOT / "docker" / "openrecon"
 SERVER_TARBALL = next((p for p in (ROOT.parent / "shared" / "peers" / "python-ismrmrd-server-df45f51.tar.gz",
                                    ROOT.parents[1] / "shared" / "peers" / "python-ismrmrd-server-df45f51.tar.gz")
                        if p.exists()), ROOT.parent / "shared" / "peers" / "python-ismrmrd-server-df45f51.tar.gz")
-ITERATIONS = 8
+ITERATIONS = 16  # the header's cap, half the default; at 8 the background weight's smaller FISTA step leaves
+                 # the 64² phantom at zero-filled level (relative error 0.34 either way; 0.24 at 16)
 
 
 def image_command() -> list[str]:
