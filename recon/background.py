@@ -35,7 +35,7 @@ import torch.nn.functional as F
 INITIAL_LOWPASS_GAIN = 10.0   # γ_L: (PH)'s weight, against AᴴA ≈ 1 and β∇ᴴ∇ ≤ 8β inside the support
 INITIAL_IMAGE_GAIN = 2.0      # γ_R: (PR)'s weight; FISTA's step shrinks by 1 / (1 + γ_R)
 WINDOW = 5                    # pixels: the box over which the data residual is averaged
-WITHDRAW_Z = 5.0              # above this disagreement the weight is withdrawn (docs/site-safety.md says why)
+WITHDRAW_Z = 5.5              # above this disagreement the weight is withdrawn (docs/site-safety.md says why)
 INITIAL_LOGIT = -6.0          # b ≈ 0.0025 everywhere before training: the network starts as it was
 
 
