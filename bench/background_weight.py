@@ -44,15 +44,16 @@ FIGURE_SCANS = (("test", "itk-head", 2, 20.0), ("ood", "knee", 1, 10.0))  # the 
 
 
 def run(model, dictionary, scan, with_background: bool = True):
-    """(image, b or None, the data check's value or None) of ``model`` on ``scan`` (the check is computed on the
-    weighted image, so it is the weight's own value also where it withdrew it); ``with_background=False``: the image
-    a withdrawn slice gets."""
+    """(image, b or None, the data check's value or None, whether the weight was withdrawn) of ``model`` on ``scan``
+    (the check is computed on the weighted image, so it is the weight's own value also where it withdrew it);
+    ``with_background=False``: the image a withdrawn slice gets."""
     with torch.no_grad():
         out = model(scan.kspace[None], scan.mask, dictionary, coil_maps=S.espirit_maps(scan)[None], noise_std=1.0,
                     with_background=with_background)
     background = None if out.background is None else out.background[0].numpy()
     check = None if out.background_disagreement is None else float(out.background_disagreement[0])
-    return out.image[0].numpy(), background, check
+    withdrawn = out.background_withdrawn is not None and bool(out.background_withdrawn[0])
+    return out.image[0].numpy(), background, check, withdrawn
 
 
 def sweep(networks: dict, dictionary, size: int = 128) -> tuple[dict, dict]:
@@ -67,8 +68,7 @@ def sweep(networks: dict, dictionary, size: int = 128) -> tuple[dict, dict]:
             tissue = reference > TISSUE * reference.max()
             obj = metrics.foreground_mask(reference, fraction=OBJECT_FRACTION)[0]
             for label, model in networks.items():
-                image, b, check = run(model, dictionary, scan)
-                withdrawn = check is not None and check > model.withdraw_z
+                image, b, check, withdrawn = run(model, dictionary, scan)
                 scores = score(image, scan.reference)
                 scores["tissue_kept"] = float(np.percentile(np.abs(image)[tissue] / reference[tissue], 1))
                 if b is not None:

@@ -75,6 +75,8 @@ NETWORK_INPUT_SCALE = 0.25   # the network sees x₀ / (4σ): inputs of a few un
 
 
 SOLVERS = ("admm", "fista")
+# checked at construction and again at the solve (a caller may switch ``solver`` afterwards)
+ADMM_REFUSES_BACKGROUND = "the ADMM solver does not take the background weight of this network: use FISTA"
 
 
 class CDLLambda(nn.Module):
@@ -114,7 +116,7 @@ class CDLLambda(nn.Module):
         self.admm = admm or ADMM()
         self.withdraw_z = withdraw_z
         if solver == "admm" and self._background_net() is not None:
-            raise ValueError("the ADMM solver does not take the background weight of this network: use FISTA")
+            raise ValueError(ADMM_REFUSES_BACKGROUND)
 
     @classmethod
     def deployed(cls, loaded, iterations: int | None = None, compiled: bool = False) -> "CDLLambda":
@@ -244,7 +246,7 @@ class CDLLambda(nn.Module):
         d_hat = dictionary.spectra(shape, x_low.device, x_low.dtype)
         if self.solver == "admm":
             if background is not None:
-                raise ValueError("the ADMM solver does not take the background weight of this network: use FISTA")
+                raise ValueError(ADMM_REFUSES_BACKGROUND)
             problem = Problem(d_hat, lam, scan.op.adjoint(residual_data),
                               normal=scan.op.normal if scan.multi else None,
                               mask=None if scan.multi else scan.op.mask, y_hat=None if scan.multi else residual_data)
