@@ -48,6 +48,7 @@ from cdl_lambda.lab import multicoil
 from cdl_lambda.lab.losses import background_loss, image_loss, relative_squared_error, ssim
 from cdl_lambda.lab.baselines import BASELINES, build_baseline
 from cdl_lambda.lab.manifest import update_manifest
+from cdl_lambda.recon.background import FORMS
 from cdl_lambda.recon.device import choose_device
 from cdl_lambda.recon.dictionary import Dictionary
 from cdl_lambda.recon.lambda_nets import NETWORKS, build_lambda_net
@@ -101,6 +102,7 @@ class TrainConfig:
     background_lr: float = 1e-3    # Adam learning rate of b's network in those steps
     background_dropout: float = 0.0  # share of training batches solved without b, as a withdrawn slice is
                                      # (recon.background.data_disagreement): keeps that image good
+    background_form: str = "penalty"  # how (PR) uses b: "penalty" or "factor" (recon.background.FORMS)
 
 
 # ---- models ----------------------------------------------------------------------------------------------------
@@ -121,10 +123,16 @@ def build_model(config: TrainConfig, num_filters: int | None = None) -> nn.Modul
         raise ValueError(f"--background-dropout must be in [0, 1), got {config.background_dropout}")
     if config.background_dropout and not config.background:
         raise ValueError("--background-dropout needs --background")
+    if config.background_form not in FORMS:
+        raise ValueError(f"--background-form must be one of {', '.join(FORMS)}, got {config.background_form!r}")
+    if config.background_form != "penalty" and not config.background:
+        raise ValueError("--background-form needs --background")
     if config.background:
         if config.method != "v3":
             raise ValueError("--background needs --method v3")
         net_config["background"] = True
+        if config.background_form != "penalty":
+            net_config["background_form"] = config.background_form
     network = build_lambda_net(net_config)
     beta = config.beta
     if config.init_network:  # fine-tuning: the shipped network's weights and β
@@ -144,6 +152,7 @@ def load_shipped_network(network: nn.Module, shipped: nn.Module, name: str) -> N
     background weight may start one that has it (the new weight keeps its initialisation)."""
     own, theirs = dict(network.config()), dict(shipped.config())
     own_background, their_background = own.pop("background", False), theirs.pop("background", False)
+    own.pop("background_form", None), theirs.pop("background_form", None)  # a network may move to the other form
     if own != theirs or (their_background and not own_background):
         raise ValueError(f"--init-network {name}: its architecture {shipped.config()} differs from the configured "
                          f"{network.config()}")
@@ -256,7 +265,8 @@ class Trainer:
                            else validation.to(self.device))
         self.sampler = torch.Generator().manual_seed(data_seed + 2)
         self.forward_model = self.rank.wrap(self.model,  # DistributedDataParallel under torchrun
-                                            skips_parameters=config.background_dropout > 0)
+                                            skips_parameters=config.background_dropout > 0
+                                            or config.background_form == "factor")  # γ_R unused
         self.step = 0
         self.seconds = 0.0
         self.history: list[dict] = []
@@ -437,7 +447,7 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
     if config.background:  # recon.background: how its weight was trained
         training["background"] = {"supervision": config.background_supervision,
                                   "pretrain_steps": config.background_pretrain, "pretrain_lr": config.background_lr,
-                                  "dropout": config.background_dropout}
+                                  "dropout": config.background_dropout, "form": config.background_form}
     if config.init_network:  # the whole campaign: this run plus every run the starting network came from
         training["fine_tuned_from"] = config.init_network
         registry = WeightsRegistry(weights_dir)

@@ -15,6 +15,16 @@ Both stay convex for any b ≥ 0: (PH) is solved by the same conjugate gradients
 A quadratic pull leaves a little of the noise where b ≈ 1, and a flat region's SSIM counts errors far below 1 % of the
 maximum, so the image shown is (1 − b) ⊙ (x_L + D s*).
 
+That is the ``"penalty"`` form. In the ``"factor"`` form (:data:`FORMS`) (PR) puts the factor in the forward model
+instead of the pull:
+
+    (PR′) s* = argmin_s ½‖A((1 − b) ⊙ (x_L + D s)) − y‖² + Σ_k ‖Λ_k ⊙ s_k‖₁,
+
+the image shown, (1 − b) ⊙ (x_L + D s*), is the one the data term fits, and since 0 ≤ 1 − b ≤ 1 the Lipschitz
+constant stays ‖D‖²: FISTA keeps its full step where the penalty form divides it by 1 + γ_R (γ_R ≈ 2.7 once trained,
+so the background pixels, not the anatomy, set the step). γ_R is unused in this form. The form is part of the network
+(its ``config()``), since Λ is trained for the solve it runs in.
+
 Where b is wrongly high on tissue, that tissue is darkened: x_L keeps about 1/(1 + γ_L) of it and the high-pass
 D s cannot put a region's mean back. The weight is only as safe as b, so b is trained to call background nothing
 brighter than 1 % of the image (lab.losses.background_loss), judged out of distribution on what it darkens
@@ -37,6 +47,7 @@ INITIAL_IMAGE_GAIN = 2.0      # γ_R: (PR)'s weight; FISTA's step shrinks by 1 /
 WINDOW = 5                    # pixels: the box over which the data residual is averaged
 WITHDRAW_Z = 5.5              # above this disagreement the weight is withdrawn (docs/site-safety.md says why)
 INITIAL_LOGIT = -6.0          # b ≈ 0.0025 everywhere before training: the network starts as it was
+FORMS = ("penalty", "factor")  # how (PR) uses b: the pull (γ_R/2)‖√b ⊙ x‖², or the factor 1 − b in the forward model
 
 
 def _softplus_inverse(value: float) -> float:
@@ -46,11 +57,14 @@ def _softplus_inverse(value: float) -> float:
 class BackgroundWeight(nn.Module):
     """b = sigmoid(U([Re, Im] x₀)) ``(B, ny, nx)`` from the normalised zero-filled image, with the gains γ_L, γ_R.
 
-    ``unet``: any 2 → 1 channel network (the Λ network's U-Net class)."""
+    ``unet``: any 2 → 1 channel network (the Λ network's U-Net class); ``form``: how (PR) uses b (:data:`FORMS`)."""
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, unet: nn.Module, form: str = "penalty"):
         super().__init__()
+        if form not in FORMS:
+            raise ValueError(f"unknown background form {form!r}: one of {', '.join(FORMS)}")
         self.unet = unet
+        self.form = form
         nn.init.constant_(self.unet.head.bias, INITIAL_LOGIT)
         self.raw_lowpass_gain = nn.Parameter(torch.tensor(_softplus_inverse(INITIAL_LOWPASS_GAIN)))
         self.raw_image_gain = nn.Parameter(torch.tensor(_softplus_inverse(INITIAL_IMAGE_GAIN)))

@@ -137,7 +137,7 @@ class CDLLambda(nn.Module):
             return None
         b = net(x0_centred * NETWORK_INPUT_SCALE).to(x0_centred.real.dtype)
         return SimpleNamespace(centred=b, native=_fft.to_native(b), lowpass_gain=net.lowpass_gain,
-                               image_gain=net.image_gain)
+                               image_gain=net.image_gain, form=net.form)
 
     def background_weight(self, kspace: torch.Tensor, mask: torch.Tensor, coil_maps: torch.Tensor | None = None,
                           noise_std: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -240,8 +240,10 @@ class CDLLambda(nn.Module):
 
     def _solve(self, scan, x_low, lam, dictionary: Dictionary, iterations: int,
                grad_iterations: int, background=None) -> tuple[torch.Tensor, SolveInfo]:
-        """s* of (PR) for y′ = y − A x_L with the chosen solver, its cap and stopping rule."""
-        residual_data = scan.y - scan.op.forward(x_low)
+        """s* of (PR) for y′ = y − A x_L (y − A((1 − b) ⊙ x_L) in the factor form) with the chosen solver, its cap
+        and stopping rule."""
+        factored = background is not None and background.form == "factor"
+        residual_data = scan.y - scan.op.forward((1 - background.native) * x_low if factored else x_low)
         shape = tuple(x_low.shape[-2:])
         d_hat = dictionary.spectra(shape, x_low.device, x_low.dtype)
         if self.solver == "admm":
@@ -257,13 +259,19 @@ class CDLLambda(nn.Module):
     def _fista(self, scan, residual_data, lam, dictionary, d_hat, iterations, grad_iterations, x_low=None,
                background=None):
         """FISTA with the step τ = c / ‖D‖² (≥ 1/‖A D‖² since ‖A‖ ≤ 1), fused in the Fourier domain. With a
-        background weight the smooth part gains (γ_R/2)‖√b ⊙ (x_L + D s)‖² and τ = c / ((1 + γ_R)‖D‖²)."""
+        background weight in the penalty form the smooth part gains (γ_R/2)‖√b ⊙ (x_L + D s)‖² and
+        τ = c / ((1 + γ_R)‖D‖²); in the factor form A becomes A (1 − b) and τ stays (``residual_data`` is then
+        y − A((1 − b) ⊙ x_L))."""
         op = scan.op
         b_hat = _fft.fft2(op.adjoint(residual_data)) if scan.multi else residual_data
         shape = tuple(d_hat.shape[-2:])
         step = self.step_factor / dictionary.lipschitz(shape)
         normal_fourier = op.normal_fourier
-        if background is not None:
+        if background is not None and background.form == "factor":
+            keep = 1 - background.native
+            b_hat = _fft.fft2(keep * op.adjoint(residual_data))
+            normal_fourier = _factored_normal_fourier(op, keep, scan.multi)
+        elif background is not None:
             image_weight = background.image_gain * background.native
             b_hat = b_hat - _fft.fft2(image_weight * x_low)
             step = step / (1 + background.image_gain)
@@ -272,7 +280,8 @@ class CDLLambda(nn.Module):
 
         def forward_step(z: torch.Tensor) -> torch.Tensor:
             """z − τ Dᴴ (AᴴA D z + γ_R b ⊙ D z − b̂), computed as F⁻¹(ẑ − τ d̂ᴴ (F (AᴴA + γ_R b) D z − b̂)) in the
-            Fourier domain (b̂ = F(Aᴴy′ − γ_R b ⊙ x_L); without a background weight b = 0)."""
+            Fourier domain (b̂ = F(Aᴴy′ − γ_R b ⊙ x_L); without a background weight b = 0). In the factor form
+            AᴴA + γ_R b is K AᴴA K and b̂ = F(K Aᴴy′), K = diag(1 − b)."""
             z_hat = _fft.fft2(z)
             residual = normal_fourier(dictionary.synthesize_fourier(z_hat)) - b_hat
             return _fft.ifft2(torch.addcmul(z_hat, residual.unsqueeze(1), step_conj, value=-1))
@@ -305,6 +314,17 @@ def _replace_rows(rows: torch.Tensor, replacement: tuple, current: tuple) -> tup
     merged = SolveInfo(info0.iterations.index_copy(0, on(info0.iterations), info.iterations),
                        info0.relative_change.index_copy(0, on(info0.relative_change), info.relative_change))
     return image0.index_copy(0, rows, image), x_low0.index_copy(0, rows, x_low), merged
+
+
+def _factored_normal_fourier(op, keep: torch.Tensor, multi: bool):
+    """u ↦ F K AᴴA K F⁻¹ u with K = diag(1 − b) (``keep``, the operator's layout): the normal operator of A K."""
+    if multi:
+        def apply(u: torch.Tensor) -> torch.Tensor:
+            return _fft.fft2(keep * op.normal(keep * _fft.ifft2(u)))
+    else:
+        def apply(u: torch.Tensor) -> torch.Tensor:
+            return _fft.fft2(keep * _fft.ifft2(op.normal_fourier(_fft.fft2(keep * _fft.ifft2(u)))))
+    return apply
 
 
 def _weighted_normal_fourier(op, weight: torch.Tensor, multi: bool):

@@ -141,7 +141,7 @@ def test_a_background_weight_trains_from_a_network_without_one(registry, tmp_pat
     second.save(tmp_path / "background.ckpt")
     entry = train.export(tmp_path / "background.ckpt", "with-background", root)
     assert entry["training"]["background"] == {"supervision": 0.1, "pretrain_steps": 0, "pretrain_lr": 1e-3,
-                                               "dropout": 0.0}
+                                               "dropout": 0.0, "form": "penalty"}
     assert WeightsRegistry(root).network("with-background").network.config()["background"] is True
     with pytest.raises(ValueError, match="architecture"):
         make_trainer(WeightsRegistry(root), "v3", init_network="plain", weights_dir=str(root), base_channels=8)
@@ -180,6 +180,37 @@ def test_background_dropout_trains_some_steps_as_a_withdrawn_slice_is_solved(reg
         make_trainer(registry, "v3", background=True, background_dropout=1.0)
     with pytest.raises(ValueError, match="needs --background"):
         make_trainer(registry, "v3", background_dropout=0.2)
+
+
+def test_a_penalty_network_fine_tunes_into_the_factor_form(registry, tmp_path):
+    """--background-form factor from a shipped penalty-form network: every weight carries over, the form is
+    recorded in the network's config and the manifest, γ_R gets no gradient (unused in that form) while b's
+    network does; a form without the weight, or an unknown one, is refused."""
+    import shutil
+
+    root = tmp_path / "weights"
+    shutil.copytree(registry.root, root)
+    first = make_trainer(registry, "v3", steps=1, background=True)
+    first.run(tmp_path / "first.ckpt", progress=False)
+    train.export(tmp_path / "first.ckpt", "penalty", root)
+    second = make_trainer(WeightsRegistry(root), "v3", init_network="penalty", weights_dir=str(root),
+                          background=True, background_form="factor", background_supervision=0.1)
+    penalty = WeightsRegistry(root).network("penalty").network
+    assert penalty.background.form == "penalty" and second.model.lambda_net.background.form == "factor"
+    for name, value in penalty.state_dict().items():
+        assert torch.equal(second.model.lambda_net.state_dict()[name], value), name
+    second.train_step()
+    weight = second.model.lambda_net.background
+    assert weight.raw_image_gain.grad is None
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in weight.unet.parameters())
+    second.save(tmp_path / "factor.ckpt")
+    entry = train.export(tmp_path / "factor.ckpt", "factor", root)
+    assert entry["training"]["background"]["form"] == "factor"
+    assert WeightsRegistry(root).network("factor").network.background.form == "factor"
+    with pytest.raises(ValueError, match="needs --background"):
+        make_trainer(registry, "v3", background_form="factor")
+    with pytest.raises(ValueError, match="must be one of"):
+        make_trainer(registry, "v3", background=True, background_form="mask")
 
 
 @pytest.mark.parametrize("method", ["ablation", "unrolled"])
