@@ -12,7 +12,8 @@ image (validation-tuned λ of the evaluation, BART's cropped maps) and b.
 
 Scans: lab.evaluation.scans (8-coil birdcage, correlated noise prewhitened, 16 calibration lines), R = 1, 2, 4,
 SNR 10 and 20, 128²; validation (two slices of each source), test, its T2-weighted contrast and out of distribution
-(one slice of each); every network runs FISTA at the cap of the shipped default's manifest entry.
+(one slice of each); every network runs FISTA at its own deployed cap (a shipped network's manifest entry, a
+checkpoint's training cap).
 
     python bench/background_weight.py --candidate runs/background.ckpt --threads 2
 """
@@ -152,6 +153,14 @@ def draw(figure: dict, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def deployed_cap(registry: WeightsRegistry, network: str) -> int:
+    """The FISTA cap ``network`` runs at: its manifest entry's for a shipped name, its training cap for a
+    checkpoint."""
+    if Path(network).suffix == ".ckpt":
+        return int(torch.load(network, map_location="cpu", weights_only=True)["config"]["iterations"])
+    return int(registry.network(network).solver_settings()["iterations"])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidate", action="append", default=[], help="a shipped network or a checkpoint")
@@ -164,8 +173,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     registry = WeightsRegistry()
     shipped = registry.network(args.baseline or "default")
-    cap = int(shipped.solver_settings()["iterations"])
-    networks = {name: model_of(name, "fista", cap, 0.0) for name in [shipped.name, *args.candidate]}
+    caps = {name: deployed_cap(registry, name) for name in [shipped.name, *args.candidate]}
+    networks = {f"{Path(name).name}, T = {cap}": model_of(name, "fista", cap, 0.0) for name, cap in caps.items()}
     rows, figure = sweep(networks, registry.dictionary(None))
     publish(table(rows, 128), args.out)
     draw(figure, Path(args.figure))

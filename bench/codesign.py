@@ -30,35 +30,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import publish
-from cdl_lambda.lab.contrasts import with_t2_weighted
 from cdl_lambda.lab.evaluation import scans as S
 from cdl_lambda.lab.evaluation.protocol import score
-from cdl_lambda.lab.images import load_split
 from cdl_lambda.recon.model import CDLLambda
 from cdl_lambda.recon.weights import WeightsRegistry
 
-ACCELERATIONS = (2, 3, 4)
-SNRS = (10, 20)
-
-
-def held_out_slices(split: str, per_contrast: int, size: int = 128) -> dict[str, np.ndarray]:
-    """``{contrast: (n, size, size)}``: evenly spread slices of the split's person, T1 and T2-weighted."""
-    stacks = with_t2_weighted(load_split(split, (size, size)))
-    pick = lambda stack: stack[np.unique(np.linspace(0.3 * (len(stack) - 1), 0.7 * (len(stack) - 1),  # noqa: E731 - a one-line helper
-                                                     per_contrast).round().astype(int))]
-    return {name: pick(stack) for name, stack in stacks.items()}
-
-
-def scans(split: str, per_contrast: int, size: int = 128) -> list[tuple[str, int, S.Scan]]:
-    out = []
-    for c_index, (contrast, stack) in enumerate(held_out_slices(split, per_contrast, size).items()):
-        for i, magnitude in enumerate(stack):
-            for acceleration in ACCELERATIONS:
-                for snr in SNRS:
-                    scan = S.simulate_scan(magnitude, acceleration, snr, seed=[7, c_index, i, acceleration, snr])
-                    S.espirit_maps(scan)
-                    out.append((contrast, acceleration, scan))
-    return out
+ACCELERATIONS = S.PRODUCT_ACCELERATIONS
+SNRS = S.SNRS
+scans = S.product_scans
 
 
 def model_of(network: str, solver: str, iterations: int, tolerance: float) -> CDLLambda:

@@ -47,6 +47,7 @@ from cdl_lambda.lab import distributed
 from cdl_lambda.lab import multicoil
 from cdl_lambda.lab.losses import background_loss, image_loss, relative_squared_error, ssim
 from cdl_lambda.lab.baselines import BASELINES, build_baseline
+from cdl_lambda.lab.evaluation import protocol, scans
 from cdl_lambda.lab.manifest import update_manifest
 from cdl_lambda.recon.background import FORMS
 from cdl_lambda.recon.device import choose_device
@@ -103,6 +104,8 @@ class TrainConfig:
     background_dropout: float = 0.0  # share of training batches solved without b, as a withdrawn slice is
                                      # (recon.background.data_disagreement): keeps that image good
     background_form: str = "penalty"  # how (PR) uses b: "penalty" or "factor" (recon.background.FORMS)
+    held_out_scans: int = 0        # CDL-Λ: also score this many slices per contrast of the validation person as the
+                                   # product sees them at every validation, and keep the best checkpoint by them
 
 
 # ---- models ----------------------------------------------------------------------------------------------------
@@ -123,6 +126,8 @@ def build_model(config: TrainConfig, num_filters: int | None = None) -> nn.Modul
         raise ValueError(f"--background-dropout must be in [0, 1), got {config.background_dropout}")
     if config.background_dropout and not config.background:
         raise ValueError("--background-dropout needs --background")
+    if config.held_out_scans and config.method != "v3":
+        raise ValueError("--held-out-scans needs --method v3 (the scans are scored with the default dictionary)")
     if config.background_form not in FORMS:
         raise ValueError(f"--background-form must be one of {', '.join(FORMS)}, got {config.background_form!r}")
     if config.background_form != "penalty" and not config.background:
@@ -220,6 +225,33 @@ def validate(model: nn.Module, examples, dictionaries: list[Dictionary], iterati
     return {"loss": sum(errors) / len(errors), "ssim": sum(similarities) / len(similarities)}
 
 
+@torch.no_grad()
+def score_held_out(model: nn.Module, items, dictionary: Dictionary, iterations: int, ssim_weight: float) -> dict:
+    """Mean SSIM and NRMSE of the magnitude (lab.evaluation.protocol.score) over ``items``
+    (:func:`lab.evaluation.scans.product_scans`: one scan each, its own coil maps) with the shipped default
+    dictionary and the data check on, as the product runs; ``score`` = mean NRMSE² + ``ssim_weight`` · (1 − mean
+    SSIM), the training loss's form, lower is better."""
+    model.eval()
+    device = next(model.parameters()).device
+    similarities, errors = [], []
+    for _, _, scan in items:
+        image = model(scan.kspace[None].to(device), scan.mask.to(device), dictionary,
+                      coil_maps=scan.maps[None].to(device), noise_std=1.0, iterations=iterations).image[0]
+        quality = protocol.score(image.cpu().numpy(), scan.reference)
+        similarities.append(quality["ssim"])
+        errors.append(quality["nrmse"])
+    model.train()
+    ssim_mean, nrmse = float(np.mean(similarities)), float(np.mean(errors))
+    return {"ssim": ssim_mean, "nrmse": nrmse,
+            "score": float(np.mean(np.square(errors))) + ssim_weight * (1 - ssim_mean)}
+
+
+def best_checkpoint_path(checkpoint: Path) -> Path:
+    """Where ``--held-out-scans`` keeps the best checkpoint of a run: beside it, ``NAME-best.ckpt``."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f"{checkpoint.stem}-best{checkpoint.suffix}")
+
+
 # ---- the loop --------------------------------------------------------------------------------------------------
 class Trainer:
     """Holds everything a checkpoint restores: model, optimiser, data stream, dictionary sampler, history."""
@@ -232,7 +264,7 @@ class Trainer:
         self.rank = distributed.current()  # torchrun: this process's rank (lab.distributed); else rank 0 of 1
         self.device = self.rank.device(choose_device(device))
         torch.manual_seed(config.seed)
-        registry = registry or WeightsRegistry(config.weights_dir)
+        registry = self.registry = registry or WeightsRegistry(config.weights_dir)
         self.train_dicts, self.val_dicts = training_dictionaries(registry, config)
         k = self.train_dicts[0].num_filters if config.method in ("v1", "v2") else None
         self.model = build_model(config, k).to(self.device)
@@ -356,17 +388,35 @@ class Trainer:
                           "val_loss": round(scores["loss"], 6), "val_ssim": round(scores["ssim"], 4)}
                 if self.beta() is not None:
                     record["beta"] = round(self.beta(), 4)
+                best = self.held_out_record(record)
                 self.history.append(record)
                 running = []
                 log.info("%s", record)
                 if checkpoint:
                     self.save(checkpoint)
+                    if best:
+                        self.save(best_checkpoint_path(checkpoint))
             elif checkpoint and config.checkpoint_every and self.step % config.checkpoint_every == 0:
                 self.save(checkpoint)
             if last:
                 break
         bar.close()
         return self.history
+
+    def held_out_record(self, record: dict) -> bool:
+        """With ``--held-out-scans``: add the held-out scans' SSIM, NRMSE and score to ``record`` and say whether
+        the score is the best of the run so far (the scans are simulated at the first call)."""
+        if not self.config.held_out_scans:
+            return False
+        if getattr(self, "held_out", None) is None:
+            self.held_out = scans.product_scans("val", self.config.held_out_scans, self.config.size)
+            self.held_out_dictionary = self.registry.dictionary(None)
+        scores = score_held_out(self.model, self.held_out, self.held_out_dictionary, self.config.val_iterations,
+                                self.config.ssim_weight)
+        record.update(held_out_ssim=round(scores["ssim"], 4), held_out_nrmse=round(scores["nrmse"], 4),
+                      held_out_score=round(scores["score"], 6))
+        earlier = [r["held_out_score"] for r in self.history if "held_out_score" in r]
+        return not earlier or record["held_out_score"] < min(earlier)
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def state(self) -> dict:

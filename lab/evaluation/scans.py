@@ -21,6 +21,8 @@ from itertools import product
 import numpy as np
 import torch
 
+from cdl_lambda.lab.contrasts import with_t2_weighted
+from cdl_lambda.lab.images import load_split
 from cdl_lambda.lab.physics import birdcage_maps, channel_covariance, complex_image, correlated_noise
 from cdl_lambda.recon import coils as _coils
 from cdl_lambda.recon import fft as _fft
@@ -102,3 +104,30 @@ def espirit_maps(scan: Scan) -> torch.Tensor:
     if scan.maps is None:
         scan.maps = _coils.estimate_coil_maps(scan.kspace, default_calibration_mask(scan.mask), noise_std=1.0)
     return scan.maps
+
+
+PRODUCT_ACCELERATIONS = (2, 3, 4)
+
+
+def held_out_slices(split: str, per_contrast: int, size: int = 128) -> dict[str, np.ndarray]:
+    """``{contrast: (n, size, size)}``: evenly spread slices (between 30 % and 70 % of the stack) of the split's
+    person, T1 and T2-weighted (:func:`lab.contrasts.with_t2_weighted`)."""
+    stacks = with_t2_weighted(load_split(split, (size, size)))
+    return {name: stack[np.unique(np.linspace(0.3 * (len(stack) - 1), 0.7 * (len(stack) - 1),
+                                              per_contrast).round().astype(int))]
+            for name, stack in stacks.items()}
+
+
+def product_scans(split: str, per_contrast: int, size: int = 128) -> list[tuple[str, int, Scan]]:
+    """(contrast, R, scan) for every slice of :func:`held_out_slices` at R = 2, 3, 4 and SNR 10, 20, with the
+    product's ESPIRiT maps: the scans the network and solver are judged on together (bench/codesign.py) and, with
+    ``--held-out-scans``, the ones training keeps its best checkpoint by (lab.train)."""
+    out = []
+    for c_index, (contrast, stack) in enumerate(held_out_slices(split, per_contrast, size).items()):
+        for i, magnitude in enumerate(stack):
+            for acceleration in PRODUCT_ACCELERATIONS:
+                for snr in SNRS:
+                    scan = simulate_scan(magnitude, acceleration, snr, seed=[7, c_index, i, acceleration, snr])
+                    espirit_maps(scan)
+                    out.append((contrast, acceleration, scan))
+    return out

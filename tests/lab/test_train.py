@@ -213,6 +213,35 @@ def test_a_penalty_network_fine_tunes_into_the_factor_form(registry, tmp_path):
         make_trainer(registry, "v3", background=True, background_form="mask")
 
 
+def test_held_out_scans_keep_the_best_checkpoint_beside_the_last(registry, tmp_path, monkeypatch):
+    """--held-out-scans: every validation scores the product's scans of the validation person, records SSIM, NRMSE
+    and score, and writes NAME-best.ckpt whenever the score is the lowest so far (here 0.5, 0.3, 0.4: the best is
+    step 2's, the last step 3's); the scoring itself is the protocol's on each scan."""
+    trainer = make_trainer(registry, "v3", steps=3, validate_every=1, held_out_scans=1, val_iterations=4)
+    real = train.score_held_out
+    first = real(trainer.model, trainer_scans(trainer), trainer.registry.dictionary(None), 4, 0.1)
+    assert 0 < first["ssim"] < 1 and first["nrmse"] > 0
+    unweighted = real(trainer.model, trainer.held_out, trainer.registry.dictionary(None), 4, 0.0)
+    assert first["score"] - unweighted["score"] == pytest.approx(0.1 * (1 - first["ssim"]), rel=1e-4)
+    assert unweighted["score"] >= first["nrmse"] ** 2  # the mean of squares, not less than the squared mean
+    scores = iter([0.5, 0.3, 0.4])
+    monkeypatch.setattr(train, "score_held_out", lambda *args: {"ssim": 0.9, "nrmse": 0.1, "score": next(scores)})
+    trainer.run(tmp_path / "run.ckpt", progress=False)
+    assert [r["held_out_score"] for r in trainer.history] == [0.5, 0.3, 0.4]
+    best = torch.load(train.best_checkpoint_path(tmp_path / "run.ckpt"), weights_only=True)
+    last = torch.load(tmp_path / "run.ckpt", weights_only=True)
+    assert best["step"] == 2 and last["step"] == 3
+    assert train.best_checkpoint_path(tmp_path / "run.ckpt").name == "run-best.ckpt"
+    with pytest.raises(ValueError, match="needs --method v3"):
+        make_trainer(registry, "v1", held_out_scans=1)
+
+
+def trainer_scans(trainer):
+    """The trainer's held-out scans, simulated as its first validation would."""
+    trainer.held_out_record({})
+    return trainer.held_out
+
+
 @pytest.mark.parametrize("method", ["ablation", "unrolled"])
 def test_a_baseline_fine_tunes_from_its_shipped_weights_and_adds_up_its_budget(registry, tmp_path, method):
     """--init-network names a shipped baseline: the run starts from its weights, the export records the whole
