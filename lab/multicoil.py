@@ -9,7 +9,7 @@ images that share it:
   W = L⁻¹ (Ψ = L Lᴴ) makes the noise white and mixes the sensitivities into W c, which is what the gadget
   reconstructs; the examples are simulated in that whitened space directly.
 * noise: white, σ chosen for an image SNR (mean object magnitude / noise std of the fully sampled SENSE-1 image)
-  log-uniform in [5, 40]; single-coil low-resolution examples use the paper's relative k-space noise variance
+  log-uniform in [5, 40] (the ``"site"`` mix of :data:`SCAN_MIXES`: 8–16 coils, R 2–4, SNR 8–30); single-coil low-resolution examples use the paper's relative k-space noise variance
   U(0.15, 0.30) instead.
 * sampling: Cartesian phase-encoding lines, R ∈ {1, 2, 3, 4} outside 12–32 fully sampled calibration lines,
   equispaced (random offset) or random; or, for a single coil, the paper's central low-resolution window.
@@ -35,6 +35,10 @@ from cdl_lambda.recon.espirit import espirit_maps
 
 COIL_CHOICES = (1, 2, 4, 6, 8, 8, 12, 16)
 ACCELERATIONS = (1, 2, 2, 3, 3, 4)
+# The draws of a scan mix: "broad" (the module docstring's) or "site" (head arrays of 8 or more channels at R 2–4,
+# SNR 8–30: what the held-out scans of lab.evaluation.scans.product_scans look like).
+SCAN_MIXES = {"broad": {"coils": COIL_CHOICES, "accelerations": ACCELERATIONS, "snr": (5.0, 40.0)},
+              "site": {"coils": (8, 8, 12, 16), "accelerations": (2, 3, 4), "snr": (8.0, 30.0)}}
 
 
 @dataclass
@@ -113,15 +117,17 @@ def augment(mag: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def simulate_batch(mags: np.ndarray, rng: np.random.Generator, coils: int | None = None,
                    acceleration: int | None = None, snr: float | None = None, calib: int | None = None,
-                   window: bool | None = None, train: bool = True) -> Batch:
-    """One batch from magnitude slices ``mags`` ``(B, n, n)`` (module docstring); arguments fix the draws."""
+                   window: bool | None = None, train: bool = True, mix: str = "broad") -> Batch:
+    """One batch from magnitude slices ``mags`` ``(B, n, n)`` (module docstring); arguments fix the draws, the
+    others come from the scan mix ``mix`` (:data:`SCAN_MIXES`)."""
+    draws = SCAN_MIXES[mix]
     b, n, _ = mags.shape
-    coils = int(rng.choice(COIL_CHOICES)) if coils is None else coils
+    coils = int(rng.choice(draws["coils"])) if coils is None else coils
     window = (coils == 1 and rng.random() < 0.5) if window is None else window
     if window:
         mask = window_mask(n, rng)
     else:
-        acceleration = int(rng.choice(ACCELERATIONS)) if acceleration is None else acceleration
+        acceleration = int(rng.choice(draws["accelerations"])) if acceleration is None else acceleration
         calib = int(rng.integers(12, 33)) if calib is None else calib
         calib = min(calib, n // 2)
         mask = line_mask(n, acceleration, calib, rng)
@@ -140,7 +146,8 @@ def simulate_batch(mags: np.ndarray, rng: np.random.Generator, coils: int | None
             measured = k[:, mask > 0]
             sigma = float(np.sqrt(rng.uniform(0.15, 0.30) * np.mean(np.abs(measured - measured.mean()) ** 2)))
         else:
-            level = float(np.exp(rng.uniform(np.log(5), np.log(40)))) if snr is None else snr
+            low, high = draws["snr"]
+            level = float(np.exp(rng.uniform(np.log(low), np.log(high)))) if snr is None else snr
             sigma = float(np.abs(x * norm)[obj].mean() / level)
         noise = (rng.normal(size=k.shape) + 1j * rng.normal(size=k.shape)) * (sigma / np.sqrt(2))
         kspaces.append(((k + noise) * mask).astype(np.complex64))
@@ -170,7 +177,10 @@ class TrainingStream:
     T1-, T2-, PD- or FLAIR-weighted contrast drawn afresh (:func:`lab.contrasts.random_contrast`) instead."""
 
     def __init__(self, images: np.ndarray, batch_size: int, seed: int = 0, fractions: np.ndarray | None = None,
-                 synthetic: float = 0.6):
+                 synthetic: float = 0.6, mix: str = "broad"):
+        if mix not in SCAN_MIXES:
+            raise ValueError(f"unknown scan mix {mix!r}: one of {', '.join(SCAN_MIXES)}")
+        self.mix = mix
         self.images = np.asarray(images, np.float32)
         self.fractions = None if fractions is None else np.asarray(fractions, np.float32)
         self.batch_size, self.seed, self.count, self.synthetic = batch_size, seed, 0, synthetic
@@ -183,7 +193,7 @@ class TrainingStream:
             mags = np.stack([random_contrast(self.fractions[p], rng) for p in picks])
         else:
             mags = self.images[rng.choice(len(self.images), self.batch_size)]
-        return simulate_batch(mags, rng)
+        return simulate_batch(mags, rng, mix=self.mix)
 
     def __iter__(self):
         return self

@@ -104,6 +104,7 @@ class TrainConfig:
     background_dropout: float = 0.0  # share of training batches solved without b, as a withdrawn slice is
                                      # (recon.background.data_disagreement): keeps that image good
     background_form: str = "penalty"  # how (PR) uses b: "penalty" or "factor" (recon.background.FORMS)
+    scan_mix: str = "broad"        # multicoil: the training scans' draws (lab.multicoil.SCAN_MIXES)
     held_out_scans: int = 0        # CDL-Λ: also score this many slices per contrast of the validation person as the
                                    # product sees them at every validation, and keep the best checkpoint by them
 
@@ -311,7 +312,8 @@ class Trainer:
             if self.config.contrasts and fractions is None:
                 fractions = data.training_fractions(size)
         return multicoil.TrainingStream(images.numpy(), self.config.batch_size, seed=seed,
-                                        fractions=None if fractions is None else fractions.numpy())
+                                        fractions=None if fractions is None else fractions.numpy(),
+                                        mix=self.config.scan_mix)
 
     def next_dictionary(self) -> Dictionary | None:
         if not self.train_dicts:
@@ -476,9 +478,12 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     config = TrainConfig(**state["config"])
     model, _ = load_trained(checkpoint)
-    described = ("lab.multicoil.TrainingStream: 1-16 coils (rings and arcs, prewhitened channel mixing), R 1-4 "
-                 "outside 12-32 calibration lines, image SNR 5-40, ESPIRiT maps from the calibration lines, and "
-                 "single-coil low-resolution windows" if config.data == "multicoil" else
+    described = (("lab.multicoil.TrainingStream: 1-16 coils (rings and arcs, prewhitened channel mixing), R 1-4 "
+                  "outside 12-32 calibration lines, image SNR 5-40, ESPIRiT maps from the calibration lines, and "
+                  "single-coil low-resolution windows" if config.scan_mix == "broad" else
+                  "lab.multicoil.TrainingStream, site mix: 8-16 coils (rings and arcs, prewhitened channel mixing), "
+                  "R 2-4 outside 12-32 calibration lines, image SNR 8-30, ESPIRiT maps from the calibration lines")
+                 if config.data == "multicoil" else
                  "lab.datasets.LowFieldDataset: central k-space window with 40-119/320 lines removed per side, "
                  "sigma^2 ~ U(0.15, 0.30)")
     contrasts = (", and 60 % of batches T1 (inversion recovery), T2, PD or FLAIR contrasts synthesised from the "
