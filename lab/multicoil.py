@@ -9,8 +9,8 @@ images that share it:
   W = L⁻¹ (Ψ = L Lᴴ) makes the noise white and mixes the sensitivities into W c, which is what the gadget
   reconstructs; the examples are simulated in that whitened space directly.
 * noise: white, σ chosen for an image SNR (mean object magnitude / noise std of the fully sampled SENSE-1 image)
-  log-uniform in [5, 40] (the ``"site"`` mix of :data:`SCAN_MIXES`: 8–16 coils, R 2–4, SNR 8–30); single-coil low-resolution examples use the paper's relative k-space noise variance
-  U(0.15, 0.30) instead.
+  log-uniform in [5, 40] (the ``"site"`` mix of :data:`SCAN_MIXES`: 8–16 coils, R 2–4, SNR 8–30); single-coil
+  low-resolution examples use the paper's relative k-space noise variance U(0.15, 0.30) instead.
 * sampling: Cartesian phase-encoding lines, R ∈ {1, 2, 3, 4} outside 12–32 fully sampled calibration lines,
   equispaced (random offset) or random; or, for a single coil, the paper's central low-resolution window.
 * coil maps: estimated from the calibration lines by ESPIRiT, as at the scanner (not the true maps).
