@@ -156,7 +156,7 @@ class LambdaNetV3(LambdaNet):
 
     def config(self) -> dict:
         extra = {}
-        if self.background is not None:  # the penalty form is left implicit: networks saved before the factor read so
+        if self.background is not None:  # the penalty form is the default and stays implicit
             extra["background"] = True
             if self.background.form != "penalty":
                 extra["background_form"] = self.background.form
