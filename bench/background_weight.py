@@ -13,7 +13,7 @@ image (validation-tuned λ of the evaluation, BART's cropped maps) and b.
 Scans: lab.evaluation.scans (8-coil birdcage, correlated noise prewhitened, 16 calibration lines), R = 1, 2, 4,
 SNR 10 and 20, 128²; validation (two slices of each source), test, its T2-weighted contrast and out of distribution
 (one slice of each); every network runs FISTA at its own deployed cap (a shipped network's manifest entry, a
-checkpoint's training cap).
+checkpoint's validation cap).
 
     python bench/background_weight.py --candidate runs/background.ckpt --threads 2
 """
@@ -154,10 +154,10 @@ def draw(figure: dict, out: Path) -> None:
 
 
 def deployed_cap(registry: WeightsRegistry, network: str) -> int:
-    """The FISTA cap ``network`` runs at: its manifest entry's for a shipped name, its training cap for a
-    checkpoint."""
+    """The FISTA cap ``network`` runs at: its manifest entry's for a shipped name; for a checkpoint the cap it was
+    validated at, which its export deploys (``--val-iterations``)."""
     if Path(network).suffix == ".ckpt":
-        return int(torch.load(network, map_location="cpu", weights_only=True)["config"]["iterations"])
+        return int(torch.load(network, map_location="cpu", weights_only=True)["config"]["val_iterations"])
     return int(registry.network(network).solver_settings()["iterations"])
 
 
