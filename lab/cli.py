@@ -172,6 +172,7 @@ TRAIN_HELP = {
                           "weight the data check withdraws is",
     "background_form": "with --background: how the solve uses the weight: penalty (a pull to zero, the step "
                        "divided by 1 + γ_R) or factor (1 − b in the forward model, the full step)",
+    "warmup_steps": "raise the learning rates linearly from 0 over this many steps (0: off)",
     "scan_mix": "multicoil: broad (1-16 coils, R 1-4, SNR 5-40) or site (8-16 coils, R 2-4, SNR 8-30)",
     "held_out_scans": "also score this many slices per contrast of the validation person as the product sees them "
                       "(8 coils, ESPIRiT maps, R 2-4, SNR 10 and 20, the default dictionary) at every validation, "

@@ -105,6 +105,8 @@ class TrainConfig:
                                      # (recon.background.data_disagreement): keeps that image good
     background_form: str = "penalty"  # how (PR) uses b: "penalty" or "factor" (recon.background.FORMS)
     scan_mix: str = "broad"        # multicoil: the training scans' draws (lab.multicoil.SCAN_MIXES)
+    warmup_steps: int = 0          # raise both learning rates linearly from 0 over this many steps (a fresh Adam's
+                                   # first steps move every weight by about lr, whatever its gradient)
     held_out_scans: int = 0        # CDL-Λ: also score this many slices per contrast of the validation person as the
                                    # product sees them at every validation, and keep the best checkpoint by them
 
@@ -180,11 +182,21 @@ def shipped_baseline_state(config: TrainConfig, model: nn.Module) -> dict:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam: network weights at ``lr`` with weight decay; scalar parameters (β, μ) at ``beta_lr`` without."""
+    """Adam: network weights at ``lr`` with weight decay; scalar parameters (β, μ) at ``beta_lr`` without (each
+    group keeps its rate as ``full_lr`` for the warm-up, :func:`set_warmup`)."""
     scalars = [p for p in model.parameters() if p.ndim == 0]
     weights = [p for p in model.parameters() if p.ndim > 0]
-    return torch.optim.Adam([{"params": weights, "lr": config.lr, "weight_decay": config.weight_decay},
-                             {"params": scalars, "lr": config.beta_lr, "weight_decay": 0.0}])
+    return torch.optim.Adam([{"params": weights, "lr": config.lr, "full_lr": config.lr,
+                              "weight_decay": config.weight_decay},
+                             {"params": scalars, "lr": config.beta_lr, "full_lr": config.beta_lr,
+                              "weight_decay": 0.0}])
+
+
+def set_warmup(optimizer: torch.optim.Optimizer, step: int, warmup_steps: int) -> None:
+    """Learning rates for training step ``step`` (1-based): full_lr · min(1, step / warmup_steps)."""
+    factor = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("full_lr", group["lr"]) * factor  # checkpoints from before keep their rate
 
 
 def training_dictionaries(registry: WeightsRegistry, config: TrainConfig) -> tuple[list[Dictionary], list[Dictionary]]:
@@ -347,6 +359,7 @@ class Trainer:
         batch = next(self.stream).to(self.device)
         dictionary = self.next_dictionary()
         self.optimizer.zero_grad(set_to_none=True)
+        set_warmup(self.optimizer, self.step + 1, self.config.warmup_steps)
         extra = {}
         if self.config.background_dropout:  # some batches solved as a withdrawn slice is: without the weight
             drop = float(torch.rand((), generator=self.sampler)) < self.config.background_dropout

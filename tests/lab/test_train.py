@@ -236,6 +236,27 @@ def test_held_out_scans_keep_the_best_checkpoint_beside_the_last(registry, tmp_p
         make_trainer(registry, "v1", held_out_scans=1)
 
 
+def test_the_warmup_raises_both_learning_rates_linearly_and_resumes_where_it_was(registry, tmp_path):
+    """--warmup-steps 4: steps 1-4 run at 1/4 … 4/4 of --lr and --beta-lr, later steps at the full rates, and a
+    resumed run continues the ramp from its step; without it every step runs at the full rates."""
+    trainer = make_trainer(registry, "v3", warmup_steps=4, lr=2e-3, beta_lr=1e-2)
+    seen = []
+    for _ in range(2):
+        trainer.train_step()
+        seen.append([group["lr"] for group in trainer.optimizer.param_groups])
+    trainer.save(tmp_path / "warm.ckpt")
+    resumed = make_trainer(registry, "v3", warmup_steps=4, lr=2e-3, beta_lr=1e-2)
+    resumed.load(tmp_path / "warm.ckpt")
+    for _ in range(3):
+        resumed.train_step()
+        seen.append([group["lr"] for group in resumed.optimizer.param_groups])
+    expected = [rate * f for f in (0.25, 0.5, 0.75, 1.0, 1.0) for rate in (2e-3, 1e-2)]
+    assert [rate for step in seen for rate in step] == pytest.approx(expected)
+    plain = make_trainer(registry, "v3", lr=2e-3, beta_lr=1e-2)
+    plain.train_step()
+    assert [group["lr"] for group in plain.optimizer.param_groups] == pytest.approx([2e-3, 1e-2])
+
+
 def trainer_scans(trainer):
     """The trainer's held-out scans, simulated as its first validation would."""
     trainer.held_out_record({})
