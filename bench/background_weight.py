@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.codesign import model_of
+from bench.codesign import deployed_cap, model_of
 from bench.report import publish
 from cdl_lambda.lab import bart, metrics
 from cdl_lambda.lab.losses import OBJECT_FRACTION
@@ -153,14 +153,6 @@ def draw(figure: dict, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
-def deployed_cap(registry: WeightsRegistry, network: str) -> int:
-    """The FISTA cap ``network`` runs at: its manifest entry's for a shipped name; for a checkpoint the cap it was
-    validated at, which its export deploys (``--val-iterations``)."""
-    if Path(network).suffix == ".ckpt":
-        return int(torch.load(network, map_location="cpu", weights_only=True)["config"]["val_iterations"])
-    return int(registry.network(network).solver_settings()["iterations"])
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidate", action="append", default=[], help="a shipped network or a checkpoint")
@@ -173,7 +165,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     registry = WeightsRegistry()
     shipped = registry.network(args.baseline or "default")
-    caps = {name: deployed_cap(registry, name) for name in [shipped.name, *args.candidate]}
+    caps = {name: deployed_cap(name, registry) for name in [shipped.name, *args.candidate]}
     networks = {f"{Path(name).name}, T = {cap}": model_of(name, "fista", cap, 0.0) for name, cap in caps.items()}
     rows, figure = sweep(networks, registry.dictionary(None))
     publish(table(rows, 128), args.out)

@@ -8,7 +8,8 @@ networks here) or ``--split test`` (itk-head: report only). ESPIRiT maps from th
 of the magnitude against the truth, no rescaling (lab.evaluation.protocol.score).
 
 Configurations: the shipped network with FISTA at T = 32, 64 and 256, and each ``--candidate NETWORK[:SOLVER:CAP:TOL]``
-(a shipped name or a training checkpoint; default solver FISTA at the cap the checkpoint was trained with).
+(a shipped name or a training checkpoint; default FISTA at its deployed cap: the manifest's, or the checkpoint's
+validation cap).
 Results are cached in ``--cache`` (JSON) by label, file time and scan set, so a later call only runs what is new.
 Writes a Markdown table.
 
@@ -68,14 +69,19 @@ def evaluate(model: CDLLambda, dictionary, items) -> dict:
             "residual": [min(residuals), max(residuals)]}
 
 
-def candidate_config(text: str) -> tuple[str, str, str, int, float]:
-    """``NETWORK[:SOLVER:CAP:TOL]`` → (label, network, solver, cap, tolerance); a checkpoint's default cap is the T it
-    was trained with."""
-    network, *rest = text.split(":")
-    cap = 64
+def deployed_cap(network: str, registry: WeightsRegistry | None = None) -> int:
+    """The FISTA cap ``network`` runs at: its manifest entry's for a shipped name; for a checkpoint the cap it was
+    validated at, which its export deploys (``--val-iterations``)."""
     if Path(network).suffix == ".ckpt":
-        cap = int(torch.load(network, map_location="cpu", weights_only=True)["config"]["iterations"])
-    solver, cap, tolerance = (rest[0], int(rest[1]), float(rest[2])) if rest else ("fista", cap, 0.0)
+        return int(torch.load(network, map_location="cpu", weights_only=True)["config"]["val_iterations"])
+    return int((registry or WeightsRegistry()).network(network).solver_settings()["iterations"])
+
+
+def candidate_config(text: str) -> tuple[str, str, str, int, float]:
+    """``NETWORK[:SOLVER:CAP:TOL]`` → (label, network, solver, cap, tolerance); without the rest: FISTA at the
+    network's deployed cap (:func:`deployed_cap`)."""
+    network, *rest = text.split(":")
+    solver, cap, tolerance = (rest[0], int(rest[1]), float(rest[2])) if rest else ("fista", deployed_cap(network), 0.0)
     stop = f", tol {tolerance:g}" if tolerance else ""
     return f"{Path(network).name} + {solver.upper()}, T = {cap}{stop}", network, solver, cap, tolerance
 

@@ -315,6 +315,7 @@ class Trainer:
         self.step = 0
         self.seconds = 0.0
         self.history: list[dict] = []
+        self.held_out = None  # --held-out-scans: the scans, simulated at the first validation
 
     def _multicoil_stream(self, size: int, seed: int, images=None, fractions=None) -> multicoil.TrainingStream:
         """Scans of the training split at ``size``² (``images``, default: loaded), with contrasts synthesised from
@@ -423,7 +424,7 @@ class Trainer:
         the score is the best of the run so far (the scans are simulated at the first call)."""
         if not self.config.held_out_scans:
             return False
-        if getattr(self, "held_out", None) is None:
+        if self.held_out is None:
             self.held_out = scans.product_scans("val", self.config.held_out_scans, self.config.size)
             self.held_out_dictionary = self.registry.dictionary(None)
         scores = score_held_out(self.model, self.held_out, self.held_out_dictionary, self.config.val_iterations,

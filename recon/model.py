@@ -263,15 +263,16 @@ class CDLLambda(nn.Module):
         τ = c / ((1 + γ_R)‖D‖²); in the factor form A becomes A (1 − b) and τ stays (``residual_data`` is then
         y − A((1 − b) ⊙ x_L))."""
         op = scan.op
-        b_hat = _fft.fft2(op.adjoint(residual_data)) if scan.multi else residual_data
         shape = tuple(d_hat.shape[-2:])
         step = self.step_factor / dictionary.lipschitz(shape)
-        normal_fourier = op.normal_fourier
         if background is not None and background.form == "factor":
             keep = 1 - background.native
             b_hat = _fft.fft2(keep * op.adjoint(residual_data))
-            normal_fourier = _factored_normal_fourier(op, keep, scan.multi)
-        elif background is not None:
+            normal_fourier = _factored_normal_fourier(op, keep)
+        else:
+            b_hat = _fft.fft2(op.adjoint(residual_data)) if scan.multi else residual_data
+            normal_fourier = op.normal_fourier
+        if background is not None and background.form == "penalty":
             image_weight = background.image_gain * background.native
             b_hat = b_hat - _fft.fft2(image_weight * x_low)
             step = step / (1 + background.image_gain)
@@ -316,15 +317,10 @@ def _replace_rows(rows: torch.Tensor, replacement: tuple, current: tuple) -> tup
     return image0.index_copy(0, rows, image), x_low0.index_copy(0, rows, x_low), merged
 
 
-def _factored_normal_fourier(op, keep: torch.Tensor, multi: bool):
-    """u ↦ F K AᴴA K F⁻¹ u with K = diag(1 − b) (``keep``, the operator's layout): the normal operator of A K."""
-    if multi:
-        def apply(u: torch.Tensor) -> torch.Tensor:
-            return _fft.fft2(keep * op.normal(keep * _fft.ifft2(u)))
-    else:
-        def apply(u: torch.Tensor) -> torch.Tensor:
-            return _fft.fft2(keep * _fft.ifft2(op.normal_fourier(_fft.fft2(keep * _fft.ifft2(u)))))
-    return apply
+def _factored_normal_fourier(op, keep: torch.Tensor):
+    """u ↦ F K AᴴA K F⁻¹ u with K = diag(1 − b) (``keep``, the operator's layout): the normal operator of A K, for
+    one coil or several (K sits between the Fourier transforms either way)."""
+    return lambda u: _fft.fft2(keep * op.normal(keep * _fft.ifft2(u)))
 
 
 def _weighted_normal_fourier(op, weight: torch.Tensor, multi: bool):
