@@ -90,8 +90,7 @@ def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     return F.avg_pool2d(F.pad(x.unsqueeze(1), (pad, pad, pad, pad), mode="circular"), window, stride=1).squeeze(1)
 
 
-def data_disagreement(op, y: torch.Tensor, image: torch.Tensor, weight: torch.Tensor,
-                      window: int = WINDOW) -> torch.Tensor:
+def data_disagreement(op, residual: torch.Tensor, weight: torch.Tensor, window: int = WINDOW) -> torch.Tensor:
     """How strongly the data contradict the image where the background weight acts: ``(B,)``.
 
     In noise units the image-domain residual r = Aᴴ(y − A x*) of a faithful image is Aᴴn, complex Gaussian with
@@ -100,9 +99,9 @@ def data_disagreement(op, y: torch.Tensor, image: torch.Tensor, weight: torch.Te
     of view / R apart, not neighbours). Tissue that the weight removed leaves a residual of its own sign there, which
     the box average keeps while it averages the noise down. The measure is
     Z = max |box(r)| / √(v / window²) over the pixels with b > ½ and v > 0; 0 where b is nowhere above ½.
-    For pure noise P(|box(r)| > t √(v / window²)) = exp(−t²) per pixel. ``op``, ``y``, ``image`` and ``weight``
-    ``(B, ny, nx)`` in one layout (either: the box wraps around, as the FFT does)."""
-    residual = op.adjoint(y - op.forward(image))
+    For pure noise P(|box(r)| > t √(v / window²)) = exp(−t²) per pixel. ``residual`` is the k-space y − A x*,
+    ``op`` and ``weight`` ``(B, ny, nx)`` in its layout (either: the box wraps around, as the FFT does)."""
+    residual = op.adjoint(residual)
     mask = op.mask.reshape(-1, *op.mask.shape[-2:]).to(residual.real.dtype)
     sampled = mask.mean(dim=(-2, -1)).view(-1, 1, 1)
     maps = getattr(op, "coil_maps", None)

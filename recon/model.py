@@ -175,10 +175,11 @@ class CDLLambda(nn.Module):
                                                iterations, grad_iterations, background)
         if background is None:
             return self._output(scan, image, x0, x_low, lam, info)
-        disagreement = withdrawn = None
+        disagreement = withdrawn = residual = None
         if not self.training:  # the weight checked against the data; withdrawn where they disagree
             with torch.no_grad():
-                disagreement = data_disagreement(scan.op, scan.y, image, background.native)
+                residual = scan.y - scan.op.forward(image)                         # y − A x*, kept for _output
+                disagreement = data_disagreement(scan.op, residual, background.native)
             withdrawn = disagreement > self.withdraw_z
             if bool(withdrawn.any()):  # only those slices solved again, without the weight
                 rows = withdrawn.nonzero().flatten()
@@ -187,7 +188,8 @@ class CDLLambda(nn.Module):
                 plain = self._reconstruct(again, x0[rows], lam_native[rows], dictionary, iterations,
                                           grad_iterations, None)
                 image, x_low, info = _replace_rows(rows, plain, (image, x_low, info))
-        output = self._output(scan, image, x0, x_low, lam, info)
+                residual = None                                                    # the image changed
+        output = self._output(scan, image, x0, x_low, lam, info, residual)
         output.background = background.centred
         output.background_disagreement, output.background_withdrawn = disagreement, withdrawn
         return output
@@ -293,11 +295,12 @@ class CDLLambda(nn.Module):
                      compiled=self.compiled, tolerance=self.tolerance, with_info=True)
 
     @staticmethod
-    def _output(scan, image, x0, x_low, lam, info: SolveInfo) -> ReconOutput:
-        """Back to the centred layout and the input's units, with the data residual relative to the noise."""
+    def _output(scan, image, x0, x_low, lam, info: SolveInfo, residual=None) -> ReconOutput:
+        """Back to the centred layout and the input's units, with the data residual relative to the noise
+        (``residual`` y − A x* when the caller has it)."""
         y = scan.y
         with torch.no_grad():
-            residual = scan.op.forward(image) - y
+            residual = y - scan.op.forward(image) if residual is None else residual
             measured = scan.op.mask.expand(y.shape).sum(dim=tuple(range(1, y.ndim))).clamp_min(1)
             ratio = (residual.abs().pow(2).sum(dim=tuple(range(1, y.ndim))) / measured).sqrt()
         rescale = scan.sigma[:, None, None]
