@@ -242,55 +242,34 @@ class CDLLambda(nn.Module):
 
     def _solve(self, scan, x_low, lam, dictionary: Dictionary, iterations: int,
                grad_iterations: int, background=None) -> tuple[torch.Tensor, SolveInfo]:
-        """s* of (PR) for y′ = y − A x_L (y − A((1 − b) ⊙ x_L) in the factor form) with the chosen solver, its cap
-        and stopping rule."""
-        factored = background is not None and background.form == "factor"
-        residual_data = scan.y - scan.op.forward((1 - background.native) * x_low if factored else x_low)
+        """s* of (PR) for y′ = y − A x_L with the chosen solver, its cap and stopping rule."""
         shape = tuple(x_low.shape[-2:])
         d_hat = dictionary.spectra(shape, x_low.device, x_low.dtype)
         if self.solver == "admm":
             if background is not None:
                 raise ValueError(ADMM_REFUSES_BACKGROUND)
+            residual_data = scan.y - scan.op.forward(x_low)
             problem = Problem(d_hat, lam, scan.op.adjoint(residual_data),
                               normal=scan.op.normal if scan.multi else None,
                               mask=None if scan.multi else scan.op.mask, y_hat=None if scan.multi else residual_data)
             return self.admm(problem, iterations, self.tolerance, grad_iterations)
-        return self._fista(scan, residual_data, lam, dictionary, d_hat, iterations, grad_iterations, x_low,
-                           background)
+        b_hat, normal_fourier, curvature = _smooth_term(scan, x_low, background)
+        return self._fista(b_hat, normal_fourier, curvature, lam, dictionary, d_hat, iterations, grad_iterations)
 
-    def _fista(self, scan, residual_data, lam, dictionary, d_hat, iterations, grad_iterations, x_low=None,
-               background=None):
-        """FISTA with the step τ = c / ‖D‖² (≥ 1/‖A D‖² since ‖A‖ ≤ 1), fused in the Fourier domain. With a
-        background weight in the penalty form the smooth part gains (γ_R/2)‖√b ⊙ (x_L + D s)‖² and
-        τ = c / ((1 + γ_R)‖D‖²); in the factor form A becomes A (1 − b) and τ stays (``residual_data`` is then
-        y − A((1 − b) ⊙ x_L))."""
-        op = scan.op
+    def _fista(self, b_hat, normal_fourier, curvature, lam, dictionary, d_hat, iterations, grad_iterations):
+        """FISTA on ½⟨D s, N D s⟩ − Re⟨D s, F⁻¹b̂⟩ + ‖Λ ⊙ s‖₁ (N and b̂ from :func:`_smooth_term`) with the step
+        τ = c / (curvature · ‖D‖²) (≥ 1/‖N^½ D‖² since ‖A‖ ≤ 1), fused in the Fourier domain."""
         shape = tuple(d_hat.shape[-2:])
-        step = self.step_factor / dictionary.lipschitz(shape)
-        if background is not None and background.form == "factor":
-            keep = 1 - background.native
-            b_hat = _fft.fft2(keep * op.adjoint(residual_data))
-            normal_fourier = _factored_normal_fourier(op, keep)
-        else:
-            b_hat = _fft.fft2(op.adjoint(residual_data)) if scan.multi else residual_data
-            normal_fourier = op.normal_fourier
-        if background is not None and background.form == "penalty":
-            image_weight = background.image_gain * background.native
-            b_hat = b_hat - _fft.fft2(image_weight * x_low)
-            step = step / (1 + background.image_gain)
-            normal_fourier = _weighted_normal_fourier(op, image_weight, scan.multi)
+        step = self.step_factor / (curvature * dictionary.lipschitz(shape))
         step_conj = step * d_hat.conj()
 
         def forward_step(z: torch.Tensor) -> torch.Tensor:
-            """z − τ Dᴴ (AᴴA D z + γ_R b ⊙ D z − b̂), computed as F⁻¹(ẑ − τ d̂ᴴ (F (AᴴA + γ_R b) D z − b̂)) in the
-            Fourier domain (b̂ = F(Aᴴy′ − γ_R b ⊙ x_L); without a background weight b = 0). In the factor form
-            AᴴA + γ_R b is K AᴴA K and b̂ = F(K Aᴴy′), K = diag(1 − b)."""
+            """z − τ Dᴴ (N D z − F⁻¹b̂), computed as F⁻¹(ẑ − τ d̂ᴴ (F N D z − b̂)) in the Fourier domain."""
             z_hat = _fft.fft2(z)
             residual = normal_fourier(dictionary.synthesize_fourier(z_hat)) - b_hat
             return _fft.ifft2(torch.addcmul(z_hat, residual.unsqueeze(1), step_conj, value=-1))
 
-        codes0 = torch.zeros(residual_data.shape[0], dictionary.num_filters, *shape, dtype=d_hat.dtype,
-                             device=d_hat.device)
+        codes0 = torch.zeros(b_hat.shape[0], dictionary.num_filters, *shape, dtype=d_hat.dtype, device=d_hat.device)
         return fista(forward_step, step * lam, codes0, iterations, grad_iterations, self.inertia,
                      compiled=self.compiled, tolerance=self.tolerance, with_info=True)
 
@@ -324,6 +303,27 @@ def _factored_normal_fourier(op, keep: torch.Tensor):
     """u ↦ F K AᴴA K F⁻¹ u with K = diag(1 − b) (``keep``, the operator's layout): the normal operator of A K, for
     one coil or several (K sits between the Fourier transforms either way)."""
     return lambda u: _fft.fft2(keep * op.normal(keep * _fft.ifft2(u)))
+
+
+def _smooth_term(scan, x_low: torch.Tensor, background=None):
+    """The smooth part of (PR) in the Fourier domain, the one place the background weight's form is read:
+    (b̂, N, curvature) with the gradient Dᴴ(N D s − F⁻¹b̂) and N's norm at most ``curvature``.
+
+    Without a weight N = AᴴA and b̂ = F(Aᴴy′), y′ = y − A x_L. In the penalty form the smooth part gains
+    (γ_R/2)‖√b ⊙ (x_L + D s)‖²: N = AᴴA + γ_R b, b̂ = F(Aᴴy′ − γ_R b ⊙ x_L), curvature 1 + γ_R. In the factor form
+    A becomes A K, K = diag(1 − b): N = K AᴴA K, b̂ = F(K Aᴴ(y − A K x_L)), curvature 1."""
+    op = scan.op
+    if background is not None and background.form == "factor":
+        keep = 1 - background.native
+        residual_data = scan.y - op.forward(keep * x_low)
+        return _fft.fft2(keep * op.adjoint(residual_data)), _factored_normal_fourier(op, keep), 1.0
+    residual_data = scan.y - op.forward(x_low)
+    b_hat = _fft.fft2(op.adjoint(residual_data)) if scan.multi else residual_data  # one coil: F Aᴴ = the mask
+    if background is None:
+        return b_hat, op.normal_fourier, 1.0
+    image_weight = background.image_gain * background.native
+    return (b_hat - _fft.fft2(image_weight * x_low), _weighted_normal_fourier(op, image_weight, scan.multi),
+            1 + background.image_gain)
 
 
 def _weighted_normal_fourier(op, weight: torch.Tensor, multi: bool):
