@@ -172,6 +172,8 @@ TRAIN_HELP = {
                           "weight the data check withdraws is",
     "background_form": "with --background: how the solve uses the weight: penalty (a pull to zero, the step "
                        "divided by 1 + γ_R) or factor (1 − b in the forward model, the full step)",
+    "freeze_background": "with --background: keep the weight's network and gains as they start (only the Λ "
+                         "network and β train), so the weight and its data check stay the starting network's",
     "warmup_steps": "raise the learning rates linearly from 0 over this many steps (0: off)",
     "scan_mix": "multicoil: broad (1-16 coils, R 1-4, SNR 5-40) or site (8-16 coils, R 2-4, SNR 8-30)",
     "held_out_scans": "also score this many slices per contrast of the validation person as the product sees them "

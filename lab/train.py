@@ -104,6 +104,7 @@ class TrainConfig:
     background_dropout: float = 0.0  # share of training batches solved without b, as a withdrawn slice is
                                      # (recon.background.data_disagreement): keeps that image good
     background_form: str = "penalty"  # how (PR) uses b: "penalty" or "factor" (recon.background.FORMS)
+    freeze_background: bool = False  # keep b's network and its gains as they start: only Λ's network and β train
     scan_mix: str = "broad"        # multicoil: the training scans' draws (lab.multicoil.SCAN_MIXES)
     warmup_steps: int = 0          # raise both learning rates linearly from 0 over this many steps (a fresh Adam's
                                    # first steps move every weight by about lr, whatever its gradient)
@@ -183,9 +184,16 @@ def shipped_baseline_state(config: TrainConfig, model: nn.Module) -> dict:
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """Adam: network weights at ``lr`` with weight decay; scalar parameters (β, μ) at ``beta_lr`` without (each
-    group keeps its rate as ``full_lr`` for the warm-up, :func:`set_warmup`)."""
-    scalars = [p for p in model.parameters() if p.ndim == 0]
-    weights = [p for p in model.parameters() if p.ndim > 0]
+    group keeps its rate as ``full_lr`` for the warm-up, :func:`set_warmup`); with ``freeze_background`` the
+    background weight's parameters are left out and stop requiring gradients."""
+    if config.freeze_background:
+        frozen = getattr(getattr(model, "lambda_net", None), "background", None)
+        if frozen is None:
+            raise ValueError("--freeze-background needs a network with a background weight (--background)")
+        frozen.requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    scalars = [p for p in trained if p.ndim == 0]
+    weights = [p for p in trained if p.ndim > 0]
     return torch.optim.Adam([{"params": weights, "lr": config.lr, "full_lr": config.lr,
                               "weight_decay": config.weight_decay},
                              {"params": scalars, "lr": config.beta_lr, "full_lr": config.beta_lr,
@@ -516,7 +524,8 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
     if config.background:  # recon.background: how its weight was trained
         training["background"] = {"supervision": config.background_supervision,
                                   "pretrain_steps": config.background_pretrain, "pretrain_lr": config.background_lr,
-                                  "dropout": config.background_dropout, "form": config.background_form}
+                                  "dropout": config.background_dropout, "form": config.background_form,
+                                  "frozen": config.freeze_background}
     if config.init_network:  # the whole campaign: this run plus every run the starting network came from
         training["fine_tuned_from"] = config.init_network
         registry = WeightsRegistry(weights_dir)

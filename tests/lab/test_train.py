@@ -182,6 +182,23 @@ def test_background_dropout_trains_some_steps_as_a_withdrawn_slice_is_solved(reg
         make_trainer(registry, "v3", background_dropout=0.2)
 
 
+def test_a_frozen_background_weight_stays_as_it_started_while_the_lambda_network_trains(registry):
+    """--freeze-background: after training steps b's network and gains are bit for bit the starting ones (so the
+    weight and its data check are the starting network's), while Λ's network and β have moved."""
+    trainer = make_trainer(registry, "v3", background=True, freeze_background=True, background_supervision=0.05)
+    weight = trainer.model.lambda_net.background
+    before = {name: p.detach().clone() for name, p in weight.named_parameters()}
+    lambda_before = trainer.model.lambda_net.unet.head.weight.detach().clone()
+    beta_before = float(trainer.model.split.beta.detach())
+    for _ in range(3):
+        trainer.train_step()
+    assert before and all(torch.equal(before[name], p) for name, p in weight.named_parameters())
+    assert (trainer.model.lambda_net.unet.head.weight - lambda_before).abs().max() > 0
+    assert float(trainer.model.split.beta.detach()) != beta_before
+    with pytest.raises(ValueError, match="needs a network with a background weight"):
+        make_trainer(registry, "v3", freeze_background=True)
+
+
 def test_a_penalty_network_fine_tunes_into_the_factor_form(registry, tmp_path):
     """--background-form factor from a shipped penalty-form network: every weight carries over, the form is
     recorded in the network's config and the manifest, γ_R gets no gradient (unused in that form) while b's
