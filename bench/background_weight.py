@@ -11,9 +11,9 @@ A figure shows the test head and the out-of-distribution knee: the reference, ea
 image (validation-tuned λ of the evaluation, BART's cropped maps) and b.
 
 Scans: lab.evaluation.scans (8-coil birdcage, correlated noise prewhitened, 16 calibration lines), R = 1, 2, 4,
-SNR 10 and 20, 128²; validation (two slices of each source), test, its T2-weighted contrast and out of distribution
-(one slice of each); every network runs FISTA at its own deployed cap (a shipped network's manifest entry, a
-checkpoint's validation cap).
+SNR 10 and 20, 128² (``--size``: another matrix); validation (two slices of each source), test, its T2-weighted
+contrast and out of distribution (one slice of each); every network runs FISTA at its own deployed cap (a shipped
+network's manifest entry, a checkpoint's validation cap).
 
     python bench/background_weight.py --candidate runs/background.ckpt --threads 2
 """
@@ -103,7 +103,7 @@ def table(rows: dict, size: int) -> str:
              "(recon.background.data_disagreement). Withdrawn: scans where it exceeded its threshold and the image "
              "was reconstructed without the weight. Without the weight: SSIM / NRMSE of every scan "
              "solved as a withdrawn one is (what a site gets wherever the check withdraws it). Regenerate with "
-             "`python bench/background_weight.py`.", "",
+             f"`python bench/background_weight.py{'' if size == 128 else f' --size {size}'}`.", "",
              "| split | network | SSIM | inside the anatomy | outside it | NRMSE | tissue kept (worst) | "
              "object under b > ½ (worst) | brightest pixel under b > ½ (worst) | check | withdrawn | "
              "without the weight: SSIM / NRMSE |",
@@ -158,6 +158,7 @@ def main(argv=None) -> int:
     parser.add_argument("--candidate", action="append", default=[], help="a shipped network or a checkpoint")
     parser.add_argument("--baseline", default=None, help="the network to compare against (default: the default)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--size", type=int, default=128, help="image matrix n (n × n)")
     parser.add_argument("--out", default="docs/bench_background_weight.md")
     parser.add_argument("--figure", default="docs/figures/background-weight.png")
     args = parser.parse_args(argv)
@@ -167,8 +168,8 @@ def main(argv=None) -> int:
     shipped = registry.network(args.baseline or "default")
     caps = {name: deployed_cap(name, registry) for name in [shipped.name, *args.candidate]}
     networks = {f"{Path(name).name}, T = {cap}": model_of(name, "fista", cap, 0.0) for name, cap in caps.items()}
-    rows, figure = sweep(networks, registry.dictionary(None))
-    publish(table(rows, 128), args.out)
+    rows, figure = sweep(networks, registry.dictionary(None), args.size)
+    publish(table(rows, args.size), args.out)
     draw(figure, Path(args.figure))
     return 0
 
