@@ -49,7 +49,7 @@ from cdl_lambda.lab.losses import background_loss, image_loss, relative_squared_
 from cdl_lambda.lab.baselines import BASELINES, build_baseline
 from cdl_lambda.lab.evaluation import protocol, scans
 from cdl_lambda.lab.manifest import update_manifest
-from cdl_lambda.recon.background import FORMS
+from cdl_lambda.recon.background import FORMS, set_trained_matrix
 from cdl_lambda.recon.device import choose_device
 from cdl_lambda.recon.dictionary import Dictionary
 from cdl_lambda.recon.lambda_nets import NETWORKS, build_lambda_net
@@ -480,6 +480,8 @@ def load_trained(path, device="cpu") -> tuple[nn.Module, dict]:
             k = payload["model"]["lambda_net.unet.head.weight"].shape[0]
         model = build_model(config, k)
         model.load_state_dict(payload["model"])
+        if config.method in NETWORKS:
+            set_trained_matrix(model.lambda_net, max(config.size, config.mixed_size or 0))
     elif payload["config"].get("kind") in BASELINES:
         model = build_baseline(payload["config"])
         model.load_state_dict(payload["state_dict"])
@@ -489,6 +491,7 @@ def load_trained(path, device="cpu") -> tuple[nn.Module, dict]:
                           iterations=settings.get("iterations", 64), solver=settings.get("solver", "fista"),
                           tolerance=settings.get("tolerance", 0.0))
         model.lambda_net.load_state_dict(payload["state_dict"])
+        set_trained_matrix(model.lambda_net, settings.get("size"))
     return model.to(device).eval(), payload
 
 

@@ -30,8 +30,10 @@ D s cannot put a region's mean back. The weight is only as safe as b, so b is tr
 brighter than 1 % of the image (lab.losses.background_loss), judged out of distribution on what it darkens
 (bench/background_weight.py), and checked against the data for every image (:func:`data_disagreement`, on the image
 shown, after the factor 1 − b): where the data show signal the weight removed, the image is reconstructed without it
-and says so. Training solves a share of its batches without the weight (``--background-dropout``), so that image,
-a withdrawn slice's, stays good.
+and says so. b reads where the object ends from the anatomy's shape, so it is inferred at the scale it was trained
+at: an image with more samples than that matrix is seen through the centre of its k-space (the same field of view
+in larger pixels, :func:`on_coarser_grid`) and b interpolated back. Training solves a share of its batches without
+the weight (``--background-dropout``), so that image, a withdrawn slice's, stays good.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from cdl_lambda.recon import fft as _fft
 
 INITIAL_LOWPASS_GAIN = 10.0   # γ_L: (PH)'s weight, against AᴴA ≈ 1 and β∇ᴴ∇ ≤ 8β inside the support
 INITIAL_IMAGE_GAIN = 2.0      # γ_R: (PR)'s weight; FISTA's step shrinks by 1 / (1 + γ_R)
@@ -68,6 +72,7 @@ class BackgroundWeight(nn.Module):
         nn.init.constant_(self.unet.head.bias, INITIAL_LOGIT)
         self.raw_lowpass_gain = nn.Parameter(torch.tensor(_softplus_inverse(INITIAL_LOWPASS_GAIN)))
         self.raw_image_gain = nn.Parameter(torch.tensor(_softplus_inverse(INITIAL_IMAGE_GAIN)))
+        self.matrix: int | None = None  # the matrix b was trained at, set when a trained network is loaded
 
     @property
     def lowpass_gain(self) -> torch.Tensor:
@@ -78,10 +83,41 @@ class BackgroundWeight(nn.Module):
         return F.softplus(self.raw_image_gain)
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
-        """b ``(B, ny, nx)`` in (0, 1) from complex ``x0`` ``(B, ny, nx)`` (any layout: the U-Net is translation
-        equivariant up to its borders; callers pass the centred layout)."""
+        """b ``(B, ny, nx)`` in (0, 1) from complex ``x0`` ``(B, ny, nx)`` in the centred layout, inferred on a grid
+        no finer than :attr:`matrix` (:func:`on_coarser_grid`; None: on the image's own grid)."""
+        if self.matrix is not None and max(x0.shape[-2:]) > self.matrix:
+            return on_coarser_grid(self._infer, x0, self.matrix)
+        return self._infer(x0)
+
+    def _infer(self, x0: torch.Tensor) -> torch.Tensor:
         channels = torch.view_as_real(x0).permute(0, 3, 1, 2)
         return torch.sigmoid(self.unet(channels.contiguous())[:, 0])
+
+
+def set_trained_matrix(network: nn.Module, size: int | None) -> None:
+    """Make ``network``'s background weight (if it has one) infer b at no finer a grid than ``size`` × ``size``, the
+    matrix it was trained at: b judges where the object ends from the anatomy's shape, which the U-Net learned at
+    that scale (at 256² the weight trained at 128² covers tissue the data then withdraw it from;
+    docs/bench_background_weight_256.md)."""
+    weight = getattr(network, "background", None)
+    if weight is not None and size:
+        weight.matrix = int(size)
+
+
+def on_coarser_grid(infer, x0: torch.Tensor, matrix: int) -> torch.Tensor:
+    """``infer`` (a map from complex images to ``(B, ny, nx)`` weights) applied to ``x0`` ``(B, ny, nx)`` (centred)
+    as if it had been acquired with at most ``matrix`` samples along its longer side: the central
+    (ny·s) × (nx·s) of its k-space, s = matrix / max(ny, nx), transformed back (the same field of view in larger
+    pixels; orthonormal FFTs keep the noise at 1 per pixel, as in a scan of that matrix), the weights bilinearly
+    interpolated back to ny × nx. The U-Net then sees the anatomy at the scale it was trained at, whatever the
+    matrix."""
+    ny, nx = x0.shape[-2:]
+    scale = matrix / max(ny, nx)
+    cy, cx = (max(2, 2 * round(n * scale / 2)) for n in (ny, nx))
+    sy, sx = ny // 2 - cy // 2, nx // 2 - cx // 2
+    small = _fft.ifft2c(_fft.fft2c(x0)[..., sy:sy + cy, sx:sx + cx])
+    weight = infer(small)
+    return F.interpolate(weight.unsqueeze(1), size=(ny, nx), mode="bilinear", align_corners=False).squeeze(1)
 
 
 def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:

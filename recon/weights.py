@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from cdl_lambda.recon.background import set_trained_matrix
 from cdl_lambda.recon.checksum import sha256_of, sha256_of_bytes  # noqa: F401 - re-exported
 from cdl_lambda.recon.dictionary import Dictionary, dct_dictionary
 from cdl_lambda.recon.lambda_nets import LambdaNet, build_lambda_net
@@ -209,8 +210,10 @@ class WeightsRegistry:
         except Exception as error:  # noqa: BLE001 - incl. pickle errors from weights_only refusing content
             raise WeightsError(f"network {name!r} ({path}) is unusable: {error}") from None
         network.eval()
+        settings = dict(payload.get("settings") or {})
+        set_trained_matrix(network, settings.get("size"))
         return LoadedNetwork(name=name, network=network, beta=float(payload.get("beta", 1.0)),
-                             settings=dict(payload.get("settings") or {}), sha256=entry["sha256"],
+                             settings=settings, sha256=entry["sha256"],
                              deployed=dict(entry.get("solver") or {}))
 
 

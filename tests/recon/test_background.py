@@ -8,13 +8,14 @@ import torch
 
 from support import phantom, random_dictionary, synthetic_maps
 from cdl_lambda.recon import fft as _fft
-from cdl_lambda.recon.background import WITHDRAW_Z, data_disagreement
+from cdl_lambda.recon.background import WITHDRAW_Z, data_disagreement, on_coarser_grid, set_trained_matrix
 from cdl_lambda.recon.fft import fft2c
 from cdl_lambda.recon.lambda_nets import LambdaNetV3, build_lambda_net
 from cdl_lambda.recon.lowpass import gradient_normal
 from cdl_lambda.recon.model import CDLLambda
 from cdl_lambda.recon.sampling import equispaced_line_mask
 from cdl_lambda.recon.solvers import soft_threshold
+from cdl_lambda.recon.weights import WeightsRegistry
 
 SHAPE = (32, 32)
 
@@ -293,3 +294,35 @@ def test_the_image_is_the_solution_times_one_minus_the_weight(monkeypatch):
     assert torch.allclose(out.image[0][border], 0.5 * solution[0][border], atol=1e-5 * scale)
     assert torch.allclose(out.image[0][~border], solution[0][~border], atol=1e-5 * scale)
     assert solution[0][border].abs().max() > 1e-3 * scale
+
+
+def test_a_larger_matrix_gets_the_weight_its_own_field_of_view_gets_at_the_trained_matrix():
+    """on_coarser_grid: a band-limited image at 64² (its 32² k-space zero-padded) gets exactly the weights the 32²
+    image gets, interpolated, whatever the map; white noise of 1 per pixel stays 1 per pixel on the coarse grid; at
+    or below the trained matrix the network runs on the image's own grid."""
+    torch.manual_seed(5)
+    small = phantom(32, 32).to(torch.complex64) * 7 + torch.randn(32, 32, dtype=torch.complex64)
+    big = _fft.ifft2c(torch.nn.functional.pad(fft2c(small[None]), (16, 16, 16, 16)))
+
+    def infer(x):  # any nonlinear map of the image: the test is where it is evaluated
+        return torch.sigmoid(x.abs() - 3 + x.real.roll(1, dims=-1))
+
+    expected = torch.nn.functional.interpolate(infer(small[None]).unsqueeze(1), size=(64, 64), mode="bilinear",
+                                               align_corners=False).squeeze(1)
+    assert torch.allclose(on_coarser_grid(infer, big, 32), expected, atol=1e-5)
+    noise = torch.randn(8, 128, 128, dtype=torch.complex64)
+    seen = []
+    on_coarser_grid(lambda x: seen.append(x) or x.real, noise, 64)
+    assert seen[0].shape[-2:] == (64, 64) and abs(float(seen[0].abs().pow(2).mean()) - 1.0) < 0.03  # E|n|² = 1
+
+    network = LambdaNetV3(base_channels=4, stages=1, background=True)
+    set_trained_matrix(network, 32)
+    weight, x = network.background, small[None] / 10
+    assert weight.matrix == 32 and torch.equal(weight(x), weight._infer(x))               # at the trained matrix
+    assert torch.allclose(weight(big / 10), on_coarser_grid(weight._infer, big / 10, 32))  # above it
+    assert weight(big / 10).shape == (1, 64, 64)
+
+
+def test_a_shipped_network_infers_its_weight_at_the_matrix_it_was_trained_at():
+    loaded = WeightsRegistry().network(None)
+    assert loaded.settings["size"] == 128 and loaded.network.background.matrix == 128
