@@ -491,7 +491,7 @@ def load_trained(path, device="cpu") -> tuple[nn.Module, dict]:
                           iterations=settings.get("iterations", 64), solver=settings.get("solver", "fista"),
                           tolerance=settings.get("tolerance", 0.0))
         model.lambda_net.load_state_dict(payload["state_dict"])
-        set_trained_matrix(model.lambda_net, settings.get("size"))
+        set_trained_matrix(model.lambda_net, settings.get("matrix", settings.get("size")))
     return model.to(device).eval(), payload
 
 
@@ -550,6 +550,7 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
                                     if config.method == "v3" else config.dictionary)
         sha = save_network(path, model.lambda_net, float(model.split.beta.detach()),
                            settings={"iterations": config.iterations, "size": config.size,
+                                     "matrix": max(config.size, config.mixed_size or 0),  # the largest trained at
                                      "solver": config.solver, "tolerance": config.tolerance})
         entry = {"name": name, "file": f"{buffer_dir}/{name}.pt", "version": config.method, "sha256": sha,
                  "beta": round(float(model.split.beta.detach()), 4),

@@ -97,8 +97,7 @@ class BackgroundWeight(nn.Module):
 def set_trained_matrix(network: nn.Module, size: int | None) -> None:
     """Make ``network``'s background weight (if it has one) infer b at no finer a grid than ``size`` × ``size``, the
     matrix it was trained at: b judges where the object ends from the anatomy's shape, which the U-Net learned at
-    that scale (at 256² the weight trained at 128² covers tissue the data then withdraw it from;
-    docs/bench_background_weight_256.md)."""
+    that scale (on a 256² image's own grid the weight trained at 128² reached onto tissue; docs/site-safety.md)."""
     weight = getattr(network, "background", None)
     if weight is not None and size:
         weight.matrix = int(size)

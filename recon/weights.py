@@ -211,7 +211,7 @@ class WeightsRegistry:
             raise WeightsError(f"network {name!r} ({path}) is unusable: {error}") from None
         network.eval()
         settings = dict(payload.get("settings") or {})
-        set_trained_matrix(network, settings.get("size"))
+        set_trained_matrix(network, settings.get("matrix", settings.get("size")))  # the largest it was trained at
         return LoadedNetwork(name=name, network=network, beta=float(payload.get("beta", 1.0)),
                              settings=settings, sha256=entry["sha256"],
                              deployed=dict(entry.get("solver") or {}))
