@@ -86,11 +86,18 @@ def test_a_successful_replay_replaces_the_output_and_its_previews(tmp_path, monk
     assert not list(tmp_path.glob(".out.h5.*"))  # no temporary file left behind
 
 
+def _as_from_a_terminal():
+    """In the child before it starts: SIGINT at its default and unblocked, as a user's shell starts a command (a
+    process inherits an ignored or blocked SIGINT, and Python then never turns Ctrl-C into KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_ends_a_replay_with_status_130_and_no_traceback(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "cdl_lambda.gadgets.cli", "replay", "--out",
                                 str(tmp_path / "o.h5"),
                                 "--no-progress", "--param", "iterations=5000"], env=ENV, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=_as_from_a_terminal)
     lines = []
     for line in process.stderr:  # wait until the reconstruction runs
         lines.append(line)
