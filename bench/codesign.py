@@ -36,11 +36,6 @@ from cdl_lambda.lab.evaluation.protocol import score
 from cdl_lambda.recon.model import CDLLambda
 from cdl_lambda.recon.weights import WeightsRegistry
 
-ACCELERATIONS = S.PRODUCT_ACCELERATIONS
-SNRS = S.SNRS
-scans = S.product_scans
-
-
 def model_of(network: str, solver: str, iterations: int, tolerance: float) -> CDLLambda:
     """The named shipped network, or the network of a training checkpoint, with the given solver settings."""
     if Path(network).suffix == ".ckpt":
@@ -105,7 +100,7 @@ def main(argv=None) -> int:
     args.baseline = args.baseline or registry.defaults["network"]
     configs = [(f"{args.baseline} + FISTA, T = {t}", args.baseline, "fista", t, 0.0) for t in (32, 64, 256)]
     configs += [candidate_config(c) for c in args.candidate]
-    items = scans(args.split, args.per_contrast, args.size)
+    items = S.product_scans(args.split, args.per_contrast, args.size)
     cache_path = Path(args.cache)
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     for label, network, solver, cap, tolerance in configs:
@@ -133,7 +128,8 @@ def main(argv=None) -> int:
         "# Network and solver together, on held-out scans",
         "",
         f"`python bench/codesign.py {' '.join(argv if argv is not None else sys.argv[1:])}`: {len(items)} scans "
-        f"({args.size}², 8 coils, SNR {' and '.join(map(str, SNRS))}, R = {', '.join(map(str, ACCELERATIONS))}; up to "
+        f"({args.size}², 8 coils, SNR {' and '.join(map(str, S.SNRS))}, "
+        f"R = {', '.join(map(str, S.PRODUCT_ACCELERATIONS))}; up to "
         f"{args.per_contrast} slices each of the {args.split} split's person in T1 and T2 weighting), SSIM / NRMSE "
         "against the truth, no rescaling; residual / noise: the range of the data residual relative to σ over the "
         "scans (CDL_ResidualToNoise: a complete scan must stay within 0.75–1.25, gadgets.completeness); dictionary "

@@ -55,7 +55,7 @@ from cdl_lambda.recon.dictionary import Dictionary
 from cdl_lambda.recon.lambda_nets import NETWORKS, build_lambda_net
 from cdl_lambda.recon.model import CDLLambda
 from cdl_lambda.recon.checksum import sha256_of
-from cdl_lambda.recon.weights import WeightsRegistry, save_network
+from cdl_lambda.recon.weights import WeightsRegistry, save_network, trained_matrix
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,11 @@ class TrainConfig:
     held_out_scans: int = 0        # CDL-Λ: also score this many slices per contrast of the validation person as the
                                    # product sees them at every validation, and keep the best checkpoint by them
 
+    @property
+    def trained_matrix(self) -> int:
+        """The largest matrix the run trains at (``size``, or ``mixed_size`` when larger)."""
+        return max(self.size, self.mixed_size or 0)
+
 
 # ---- models ----------------------------------------------------------------------------------------------------
 def build_model(config: TrainConfig, num_filters: int | None = None) -> nn.Module:
@@ -136,6 +141,8 @@ def build_model(config: TrainConfig, num_filters: int | None = None) -> nn.Modul
         raise ValueError(f"--background-form must be one of {', '.join(FORMS)}, got {config.background_form!r}")
     if config.background_form != "penalty" and not config.background:
         raise ValueError("--background-form needs --background")
+    if config.freeze_background and not config.background:
+        raise ValueError("--freeze-background needs --background")
     if config.background:
         if config.method != "v3":
             raise ValueError("--background needs --method v3")
@@ -152,6 +159,8 @@ def build_model(config: TrainConfig, num_filters: int | None = None) -> nn.Modul
         with torch.no_grad():  # start where soft-thresholding neither keeps all noise nor kills every code
             fraction = min(max(config.initial_lambda / config.upper_bound, 1e-3), 1 - 1e-3)
             network.unet.head.bias.fill_(math.log(fraction / (1 - fraction)))
+    if config.freeze_background:  # b's network and gains stay as they start: the optimiser leaves them out
+        network.background.requires_grad_(False)
     return CDLLambda(network, beta=beta, iterations=config.iterations, grad_iterations=config.grad_iterations,
                      solver=config.solver, tolerance=config.tolerance)
 
@@ -184,13 +193,8 @@ def shipped_baseline_state(config: TrainConfig, model: nn.Module) -> dict:
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """Adam: network weights at ``lr`` with weight decay; scalar parameters (β, μ) at ``beta_lr`` without (each
-    group keeps its rate as ``full_lr`` for the warm-up, :func:`set_warmup`); with ``freeze_background`` the
-    background weight's parameters are left out and stop requiring gradients."""
-    if config.freeze_background:
-        frozen = getattr(getattr(model, "lambda_net", None), "background", None)
-        if frozen is None:
-            raise ValueError("--freeze-background needs a network with a background weight (--background)")
-        frozen.requires_grad_(False)
+    group keeps its rate as ``full_lr`` for the warm-up, :func:`set_warmup`); parameters that do not require
+    gradients (a frozen background weight, :func:`build_model`) are left out."""
     trained = [p for p in model.parameters() if p.requires_grad]
     scalars = [p for p in trained if p.ndim == 0]
     weights = [p for p in trained if p.ndim > 0]
@@ -481,7 +485,7 @@ def load_trained(path, device="cpu") -> tuple[nn.Module, dict]:
         model = build_model(config, k)
         model.load_state_dict(payload["model"])
         if config.method in NETWORKS:
-            set_trained_matrix(model.lambda_net, max(config.size, config.mixed_size or 0))
+            set_trained_matrix(model.lambda_net, config.trained_matrix)
     elif payload["config"].get("kind") in BASELINES:
         model = build_baseline(payload["config"])
         model.load_state_dict(payload["state_dict"])
@@ -491,7 +495,7 @@ def load_trained(path, device="cpu") -> tuple[nn.Module, dict]:
                           iterations=settings.get("iterations", 64), solver=settings.get("solver", "fista"),
                           tolerance=settings.get("tolerance", 0.0))
         model.lambda_net.load_state_dict(payload["state_dict"])
-        set_trained_matrix(model.lambda_net, settings.get("matrix", settings.get("size")))
+        set_trained_matrix(model.lambda_net, trained_matrix(settings))
     return model.to(device).eval(), payload
 
 
@@ -550,7 +554,7 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
                                     if config.method == "v3" else config.dictionary)
         sha = save_network(path, model.lambda_net, float(model.split.beta.detach()),
                            settings={"iterations": config.iterations, "size": config.size,
-                                     "matrix": max(config.size, config.mixed_size or 0),  # the largest trained at
+                                     "matrix": config.trained_matrix,
                                      "solver": config.solver, "tolerance": config.tolerance})
         entry = {"name": name, "file": f"{buffer_dir}/{name}.pt", "version": config.method, "sha256": sha,
                  "beta": round(float(model.split.beta.detach()), 4),

@@ -211,10 +211,16 @@ class WeightsRegistry:
             raise WeightsError(f"network {name!r} ({path}) is unusable: {error}") from None
         network.eval()
         settings = dict(payload.get("settings") or {})
-        set_trained_matrix(network, settings.get("matrix", settings.get("size")))  # the largest it was trained at
+        set_trained_matrix(network, trained_matrix(settings))
         return LoadedNetwork(name=name, network=network, beta=float(payload.get("beta", 1.0)),
                              settings=settings, sha256=entry["sha256"],
                              deployed=dict(entry.get("solver") or {}))
+
+
+def trained_matrix(settings: dict) -> int | None:
+    """The largest matrix a saved network was trained at: its settings' ``matrix``, or ``size`` in files written
+    before that was recorded."""
+    return settings.get("matrix", settings.get("size"))
 
 
 def save_network(path: str | Path, network: LambdaNet, beta: float, settings: dict | None = None) -> str:

@@ -197,7 +197,7 @@ def test_a_frozen_background_weight_stays_as_it_started_while_the_lambda_network
     assert before and all(torch.equal(before[name], p) for name, p in weight.named_parameters())
     assert (trainer.model.lambda_net.unet.head.weight - lambda_before).abs().max() > 0
     assert float(trainer.model.split.beta.detach()) != beta_before
-    with pytest.raises(ValueError, match="needs a network with a background weight"):
+    with pytest.raises(ValueError, match="needs --background"):
         make_trainer(registry, "v3", freeze_background=True)
 
 
