@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import publish
 from cdl_lambda.lab.evaluation import scans as S
-from cdl_lambda.lab.evaluation.protocol import score
+from cdl_lambda.lab.evaluation import product
 from cdl_lambda.recon.model import CDLLambda
 from cdl_lambda.recon.weights import WeightsRegistry
 
@@ -49,18 +48,16 @@ def model_of(network: str, solver: str, iterations: int, tolerance: float) -> CD
 
 
 def evaluate(model: CDLLambda, dictionary, items) -> dict:
-    rows, seconds, used, residuals = {}, 0.0, [], []
-    for contrast, acceleration, scan in items:
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = model(scan.kspace[None], scan.mask, dictionary, coil_maps=scan.maps[None], noise_std=1.0)
-        seconds += time.perf_counter() - start
-        used.append(int(out.iterations_used[0]))
-        residuals.append(float(out.residual_to_noise[0]))
-        q = score(out.image[0].numpy(), scan.reference)
-        rows.setdefault(f"{contrast}|{acceleration}", []).append((q["ssim"], q["nrmse"]))
-    means = {k: [float(np.mean([r[0] for r in v])), float(np.mean([r[1] for r in v]))] for k, v in rows.items()}
-    return {"means": means, "seconds": seconds / len(items), "iterations": float(np.mean(used)),
+    """Per contrast and R the mean SSIM / NRMSE (lab.evaluation.product), seconds per slice, mean iterations used
+    and the range of the residual relative to the noise."""
+    results = product.reconstruct_and_score(model, items, dictionary)
+    rows = {}
+    for r in results:
+        rows.setdefault(f"{r.contrast}|{r.acceleration}", []).append((r.ssim, r.nrmse))
+    means = {k: [float(np.mean([q[0] for q in v])), float(np.mean([q[1] for q in v]))] for k, v in rows.items()}
+    residuals = [r.residual_to_noise for r in results]
+    return {"means": means, "seconds": float(np.mean([r.seconds for r in results])),
+            "iterations": float(np.mean([r.iterations_used for r in results])),
             "residual": [min(residuals), max(residuals)]}
 
 

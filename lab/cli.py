@@ -174,10 +174,13 @@ TRAIN_HELP = {
                        "divided by 1 + γ_R) or factor (1 − b in the forward model, the full step)",
     "freeze_background": "with --background: keep the weight's network and gains as they start (only the Λ "
                          "network and β train), so the weight and its data check stay the starting network's",
+    "background_only": "with --background and --init-network: train only the weight's network and gains (the Λ "
+                       "network and β stay as they start), e.g. to fit the weight to another matrix size",
     "warmup_steps": "raise the learning rates linearly from 0 over this many steps (0: off)",
     "scan_mix": "multicoil: broad (1-16 coils, R 1-4, SNR 5-40) or site (8-16 coils, R 2-4, SNR 8-30)",
     "held_out_scans": "also score this many slices per contrast of the validation person as the product sees them "
-                      "(8 coils, ESPIRiT maps, R 2-4, SNR 10 and 20, the default dictionary) at every validation, "
+                      "(8 coils, ESPIRiT maps, R 2-4, SNR 10 and 20, the default dictionary; at --size and "
+                      "--mixed-size) at every validation, "
                       "and keep the best checkpoint by them beside --checkpoint as NAME-best.ckpt (0: off)",
 }
 

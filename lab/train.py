@@ -47,7 +47,7 @@ from cdl_lambda.lab import distributed
 from cdl_lambda.lab import multicoil
 from cdl_lambda.lab.losses import background_loss, image_loss, relative_squared_error, ssim
 from cdl_lambda.lab.baselines import BASELINES, build_baseline
-from cdl_lambda.lab.evaluation import protocol, scans
+from cdl_lambda.lab.evaluation import product, scans
 from cdl_lambda.lab.manifest import update_manifest
 from cdl_lambda.recon.background import FORMS, set_trained_matrix
 from cdl_lambda.recon.device import choose_device
@@ -105,11 +105,13 @@ class TrainConfig:
                                      # (recon.background.data_disagreement): keeps that image good
     background_form: str = "penalty"  # how (PR) uses b: "penalty" or "factor" (recon.background.FORMS)
     freeze_background: bool = False  # keep b's network and its gains as they start: only Λ's network and β train
+    background_only: bool = False  # train b's network and its gains alone: Λ's network and β stay as they start
     scan_mix: str = "broad"        # multicoil: the training scans' draws (lab.multicoil.SCAN_MIXES)
     warmup_steps: int = 0          # raise both learning rates linearly from 0 over this many steps (a fresh Adam's
                                    # first steps move every weight by about lr, whatever its gradient)
     held_out_scans: int = 0        # CDL-Λ: also score this many slices per contrast of the validation person as the
-                                   # product sees them at every validation, and keep the best checkpoint by them
+                                   # product sees them (at each matrix it trains at) at every validation, and keep
+                                   # the best checkpoint by them
 
     @property
     def trained_matrix(self) -> int:
@@ -143,6 +145,10 @@ def build_model(config: TrainConfig, num_filters: int | None = None) -> nn.Modul
         raise ValueError("--background-form needs --background")
     if config.freeze_background and not config.background:
         raise ValueError("--freeze-background needs --background")
+    if config.background_only and not (config.background and config.init_network):
+        raise ValueError("--background-only needs --background and --init-network (a trained Λ network to keep)")
+    if config.background_only and config.freeze_background:
+        raise ValueError("--background-only and --freeze-background leave nothing to train")
     if config.background:
         if config.method != "v3":
             raise ValueError("--background needs --method v3")
@@ -161,8 +167,14 @@ def build_model(config: TrainConfig, num_filters: int | None = None) -> nn.Modul
             network.unet.head.bias.fill_(math.log(fraction / (1 - fraction)))
     if config.freeze_background:  # b's network and gains stay as they start: the optimiser leaves them out
         network.background.requires_grad_(False)
-    return CDLLambda(network, beta=beta, iterations=config.iterations, grad_iterations=config.grad_iterations,
-                     solver=config.solver, tolerance=config.tolerance)
+    if config.background_only:  # Λ's network and β stay as they start: only b's network and gains train
+        network.requires_grad_(False)
+        network.background.requires_grad_(True)
+    model = CDLLambda(network, beta=beta, iterations=config.iterations, grad_iterations=config.grad_iterations,
+                      solver=config.solver, tolerance=config.tolerance)
+    if config.background_only:
+        model.split.requires_grad_(False)
+    return model
 
 
 def load_shipped_network(network: nn.Module, shipped: nn.Module, name: str) -> None:
@@ -250,24 +262,17 @@ def validate(model: nn.Module, examples, dictionaries: list[Dictionary], iterati
     return {"loss": sum(errors) / len(errors), "ssim": sum(similarities) / len(similarities)}
 
 
-@torch.no_grad()
 def score_held_out(model: nn.Module, items, dictionary: Dictionary, iterations: int, ssim_weight: float) -> dict:
-    """Mean SSIM and NRMSE of the magnitude (lab.evaluation.protocol.score) over ``items``
-    (:func:`lab.evaluation.scans.product_scans`: one scan each, its own coil maps) with the shipped default
-    dictionary and the data check on, as the product runs; ``score`` = mean NRMSE² + ``ssim_weight`` · (1 − mean
-    SSIM), the training loss's form, lower is better."""
-    model.eval()
-    device = next(model.parameters()).device
-    similarities, errors = [], []
-    for _, _, scan in items:
-        image = model(scan.kspace[None].to(device), scan.mask.to(device), dictionary,
-                      coil_maps=scan.maps[None].to(device), noise_std=1.0, iterations=iterations).image[0]
-        quality = protocol.score(image.cpu().numpy(), scan.reference)
-        similarities.append(quality["ssim"])
-        errors.append(quality["nrmse"])
-    model.train()
-    ssim_mean, nrmse = float(np.mean(similarities)), float(np.mean(errors))
-    return {"ssim": ssim_mean, "nrmse": nrmse,
+    """Mean SSIM and NRMSE of the product's reconstruction of ``items`` (:mod:`lab.evaluation.product`: each scan
+    with its own coil maps, the data check on) with ``dictionary``; ``score`` = mean NRMSE² + ``ssim_weight`` ·
+    (1 − mean SSIM), the training loss's form, lower is better; ``by_size``: {matrix: (SSIM, NRMSE)}."""
+    results = product.reconstruct_and_score(model, items, dictionary, iterations)
+    errors = [r.nrmse for r in results]
+    ssim_mean, nrmse = float(np.mean([r.ssim for r in results])), float(np.mean(errors))
+    by_size = {size: (float(np.mean([r.ssim for r in results if r.size == size])),
+                      float(np.mean([r.nrmse for r in results if r.size == size])))
+               for size in sorted({r.size for r in results})}
+    return {"ssim": ssim_mean, "nrmse": nrmse, "by_size": by_size,
             "score": float(np.mean(np.square(errors))) + ssim_weight * (1 - ssim_mean)}
 
 
@@ -436,13 +441,17 @@ class Trainer:
         the score is the best of the run so far (the scans are simulated at the first call)."""
         if not self.config.held_out_scans:
             return False
-        if self.held_out is None:
-            self.held_out = scans.product_scans("val", self.config.held_out_scans, self.config.size)
+        if self.held_out is None:  # at every matrix the run trains at
+            self.held_out = [item for size in (self.config.size, self.config.mixed_size) if size
+                             for item in scans.product_scans("val", self.config.held_out_scans, size)]
             self.held_out_dictionary = self.registry.dictionary(None)
         scores = score_held_out(self.model, self.held_out, self.held_out_dictionary, self.config.val_iterations,
                                 self.config.ssim_weight)
         record.update(held_out_ssim=round(scores["ssim"], 4), held_out_nrmse=round(scores["nrmse"], 4),
                       held_out_score=round(scores["score"], 6))
+        if len(scores["by_size"]) > 1:  # a mixed-size run: each matrix's own figures too
+            for size, (ssim_mean, nrmse) in scores["by_size"].items():
+                record[f"held_out_{size}"] = [round(ssim_mean, 4), round(nrmse, 4)]
         earlier = [r["held_out_score"] for r in self.history if "held_out_score" in r]
         return not earlier or record["held_out_score"] < min(earlier)
 

@@ -201,6 +201,38 @@ def test_a_frozen_background_weight_stays_as_it_started_while_the_lambda_network
         make_trainer(registry, "v3", freeze_background=True)
 
 
+def test_background_only_trains_the_weight_and_keeps_the_lambda_network_and_beta(registry, tmp_path):
+    """--background-only from a shipped network with a weight: after training steps Λ's network and β are bit for
+    bit the starting ones while b's network has moved; without --init-network, or with --freeze-background too
+    (nothing left to train), it is refused."""
+    import shutil
+
+    root = tmp_path / "weights"
+    shutil.copytree(registry.root, root)
+    first = make_trainer(registry, "v3", steps=1, background=True)
+    first.run(tmp_path / "first.ckpt", progress=False)
+    train.export(tmp_path / "first.ckpt", "with-weight", root)
+    trainer = make_trainer(WeightsRegistry(root), "v3", init_network="with-weight", weights_dir=str(root),
+                           background=True, background_only=True, background_supervision=0.05, lr=1e-2)
+    network = trainer.model.lambda_net
+    weight_before = {name: p.detach().clone() for name, p in network.background.named_parameters()}
+    rest_before = {name: p.detach().clone() for name, p in network.named_parameters()
+                   if not name.startswith("background.")}
+    beta_before = trainer.model.split.raw_beta.detach().clone()
+    for _ in range(3):
+        trainer.train_step()
+    assert rest_before and all(torch.equal(rest_before[name], p) for name, p in network.named_parameters()
+                               if name in rest_before)
+    assert torch.equal(trainer.model.split.raw_beta, beta_before)
+    assert max(float((weight_before[name] - p.detach()).abs().max())
+               for name, p in network.background.named_parameters()) > 0
+    with pytest.raises(ValueError, match="needs --background and --init-network"):
+        make_trainer(registry, "v3", background=True, background_only=True)
+    with pytest.raises(ValueError, match="nothing to train"):
+        make_trainer(WeightsRegistry(root), "v3", init_network="with-weight", weights_dir=str(root),
+                     background=True, background_only=True, freeze_background=True)
+
+
 def test_a_penalty_network_fine_tunes_into_the_factor_form(registry, tmp_path):
     """--background-form factor from a shipped penalty-form network: every weight carries over, the form is
     recorded in the network's config and the manifest, γ_R gets no gradient (unused in that form) while b's
@@ -244,7 +276,8 @@ def test_held_out_scans_keep_the_best_checkpoint_beside_the_last(registry, tmp_p
     assert first["score"] - unweighted["score"] == pytest.approx(0.1 * (1 - first["ssim"]), rel=1e-4)
     assert unweighted["score"] >= first["nrmse"] ** 2  # the mean of squares, not less than the squared mean
     scores = iter([0.5, 0.3, 0.4])
-    monkeypatch.setattr(train, "score_held_out", lambda *args: {"ssim": 0.9, "nrmse": 0.1, "score": next(scores)})
+    monkeypatch.setattr(train, "score_held_out", lambda *args: {"ssim": 0.9, "nrmse": 0.1, "score": next(scores),
+                                                                "by_size": {32: (0.9, 0.1)}})
     trainer.run(tmp_path / "run.ckpt", progress=False)
     assert [r["held_out_score"] for r in trainer.history] == [0.5, 0.3, 0.4]
     best = torch.load(train.best_checkpoint_path(tmp_path / "run.ckpt"), weights_only=True)
@@ -274,6 +307,18 @@ def test_the_warmup_raises_both_learning_rates_linearly_and_resumes_where_it_was
     plain = make_trainer(registry, "v3", lr=2e-3, beta_lr=1e-2)
     plain.train_step()
     assert [group["lr"] for group in plain.optimizer.param_groups] == pytest.approx([2e-3, 1e-2])
+
+
+def test_held_out_scans_are_drawn_at_every_matrix_the_run_trains_at(registry):
+    """With --mixed-size the held-out scans are the product's scans at --size and at --mixed-size, the same slices
+    and settings at each, and the score reports each matrix's means (whose mean is the whole mean: equal counts)."""
+    trainer = make_trainer(registry, "v3", held_out_scans=1, mixed_size=48, val_iterations=2)
+    shapes = [tuple(scan.kspace.shape[-2:]) for _, _, scan in trainer_scans(trainer)]
+    assert len(shapes) % 2 == 0 and shapes[:len(shapes) // 2] == [(32, 32)] * (len(shapes) // 2)
+    assert shapes[len(shapes) // 2:] == [(48, 48)] * (len(shapes) // 2)
+    scores = train.score_held_out(trainer.model, trainer.held_out, trainer.registry.dictionary(None), 2, 0.0)
+    assert sorted(scores["by_size"]) == [32, 48]
+    assert scores["ssim"] == pytest.approx(sum(s for s, _ in scores["by_size"].values()) / 2)
 
 
 def trainer_scans(trainer):
