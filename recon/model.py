@@ -188,7 +188,8 @@ class CDLLambda(nn.Module):
                 plain = self._reconstruct(again, x0[rows], lam_native[rows], dictionary, iterations,
                                           grad_iterations, None)
                 image, x_low, info = _replace_rows(rows, plain, (image, x_low, info))
-                residual = None                                                    # the image changed
+                with torch.no_grad():                                              # their images changed
+                    residual = residual.index_copy(0, rows, again.y - again.op.forward(plain[0]))
         output = self._output(scan, image, x0, x_low, lam, info, residual)
         output.background = background.centred
         output.background_disagreement, output.background_withdrawn = disagreement, withdrawn

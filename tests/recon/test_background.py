@@ -326,3 +326,30 @@ def test_a_larger_matrix_gets_the_weight_its_own_field_of_view_gets_at_the_train
 def test_a_shipped_network_infers_its_weight_at_the_matrix_it_was_trained_at():
     loaded = WeightsRegistry().network(None)
     assert loaded.settings["size"] == 128 and loaded.network.background.matrix == 128
+
+
+def test_in_a_batch_only_the_withdrawn_slice_is_solved_again_and_each_residual_is_its_own_images(monkeypatch):
+    """A batch of two slices, the weight on the object in the first (withdrawn) and beside it in the second (kept):
+    each image and its data residual relative to the noise are those of the slice reconstructed alone."""
+    kspace, mask, maps = scan(4)
+    d = random_dictionary(6, 5)
+    model = CDLLambda(None, beta=2.0, scalar_lambda=0.5, iterations=60).eval()
+    on_object, beside = torch.zeros(1, *SHAPE), box_background()
+    on_object[:, 8:16, 8:24] = 1
+
+    def terms_of(b):
+        return SimpleNamespace(centred=b, native=_fft.to_native(b), lowpass_gain=torch.tensor(10.0),
+                               image_gain=torch.tensor(2.0), form="penalty")
+
+    alone = []
+    for b in (on_object, beside):
+        monkeypatch.setattr(model, "background_terms", lambda x0, terms=terms_of(b): terms)
+        with torch.no_grad():
+            alone.append(model(kspace, mask, d, coil_maps=maps, noise_std=0.05))
+    monkeypatch.setattr(model, "background_terms", lambda x0: terms_of(torch.cat([on_object, beside])))
+    with torch.no_grad():
+        both = model(kspace.repeat(2, 1, 1, 1), mask, d, coil_maps=maps.repeat(2, 1, 1, 1), noise_std=0.05)
+    assert both.background_withdrawn.tolist() == [True, False]
+    for i, single in enumerate(alone):
+        assert torch.allclose(both.image[i], single.image[0], atol=1e-5 * single.image.abs().max())
+        assert float(both.residual_to_noise[i]) == pytest.approx(float(single.residual_to_noise[0]), rel=1e-4)
