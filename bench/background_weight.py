@@ -94,7 +94,7 @@ def sweep(networks: dict, dictionary, size: int = 128) -> tuple[dict, dict]:
     return rows, figure
 
 
-def table(rows: dict, size: int) -> str:
+def table(rows: dict, size: int, command: str) -> str:
     lines = [f"# The background weight on held-out scans ({size}²)", "",
              "Mean over R = 1, 2, 4 and SNR 10, 20. Tissue kept: the 1st percentile of |x| / reference over pixels "
              "brighter than 5 % of the maximum (worst scan). Under the weight (b > ½): the share of the object "
@@ -103,7 +103,7 @@ def table(rows: dict, size: int) -> str:
              "(recon.background.data_disagreement). Withdrawn: scans where it exceeded its threshold and the image "
              "was reconstructed without the weight. Without the weight: SSIM / NRMSE of every scan "
              "solved as a withdrawn one is (what a site gets wherever the check withdraws it). Regenerate with "
-             f"`python bench/background_weight.py{'' if size == 128 else f' --size {size}'}`.", "",
+             f"`{command}`.", "",
              "| split | network | SSIM | inside the anatomy | outside it | NRMSE | tissue kept (worst) | "
              "object under b > ½ (worst) | brightest pixel under b > ½ (worst) | check | withdrawn | "
              "without the weight: SSIM / NRMSE |",
@@ -169,7 +169,8 @@ def main(argv=None) -> int:
     caps = {name: deployed_cap(name, registry) for name in [shipped.name, *args.candidate]}
     networks = {f"{Path(name).name}, T = {cap}": model_of(name, "fista", cap, 0.0) for name, cap in caps.items()}
     rows, figure = sweep(networks, registry.dictionary(None), args.size)
-    publish(table(rows, args.size), args.out)
+    command = " ".join(["python bench/background_weight.py", *(argv if argv is not None else sys.argv[1:])])
+    publish(table(rows, args.size, command), args.out)
     draw(figure, Path(args.figure))
     return 0
 
