@@ -64,6 +64,8 @@ class CDLLambdaGadget:
             start = time.perf_counter()
             for item in connection:
                 scan.on_item(item)
+                if scan.abandoned:  # the peer has gone: what it sent after this reaches no one (and a reset
+                    break           # connection reads as a message cut short)
             scan.finish(complete=getattr(connection, "ended_with_close", True))
             sent = scan.sent
             log.info("scan done: %d item(s) sent in %.2f s", sent, time.perf_counter() - start)

@@ -75,7 +75,12 @@ class ScanSession:
 
     def finish(self, complete: bool = True) -> None:
         """End of the stream: reconstruct the images still open, or, when the stream did not end with CLOSE
-        (``complete`` False: the peer vanished mid-scan), report them instead of reconstructing partial k-space."""
+        (``complete`` False: the peer vanished mid-scan), report them instead of reconstructing partial k-space;
+        after the peer has gone (:attr:`abandoned`) they are counted with the dropped slices."""
+        if self.abandoned or self.peer_gone():  # the images still open, and those queued, are dropped
+            self._abandon(len(self.buffer.flush()))
+            self._run_pending()
+            return
         for group in self.buffer.flush():
             if complete:
                 self._queue(group)

@@ -88,3 +88,20 @@ def test_bad_slice_reported_in_its_place_with_slice_errors_report(reconstructor)
     assert "NOT RECONSTRUCTED" not in sent[0].meta["GADGETRON_ImageComment"]
     with pytest.raises(InputError, match="slice_errors"):
         Parameters.from_sources({"slice_errors": "ignore"})
+
+
+def test_after_the_peer_has_gone_the_slices_still_to_do_are_dropped_not_failed(reconstructor):
+    """The peer goes after the first image: the next complete slice and the one still open at the end of the
+    stream are counted as dropped, nothing more is sent and nothing is reported as a failure (no one to tell)."""
+    sent, gone = [], []
+    scan = ScanSession(header(slices=3), Parameters(iterations=4), reconstructor, "test", sent.append,
+                       peer_gone=lambda: bool(gone))
+    for s in range(3):
+        for e1 in range(16 if s < 2 else 8):  # slice 2 is cut off half way
+            scan.on_item(acquisition(e1, slice_=s, flags=(ismrmrd.ACQ_LAST_IN_SLICE,) if e1 == 15 else ()))
+        if s == 0:
+            assert [im.slice for im in sent] == [0]
+            gone.append(True)
+    scan.finish(complete=False)
+    assert [im.slice for im in sent] == [0] and scan.failures == []
+    assert scan.abandoned == 2 and scan.reconstructed == 1
