@@ -201,17 +201,24 @@ def test_a_frozen_background_weight_stays_as_it_started_while_the_lambda_network
         make_trainer(registry, "v3", freeze_background=True)
 
 
-def test_background_only_trains_the_weight_and_keeps_the_lambda_network_and_beta(registry, tmp_path):
-    """--background-only from a shipped network with a weight: after training steps Λ's network and β are bit for
-    bit the starting ones while b's network has moved; without --init-network, or with --freeze-background too
-    (nothing left to train), it is refused."""
+def registry_with_a_weighted_network(registry, tmp_path, name: str):
+    """A copy of the test weights folder holding ``name``: a penalty-form network with a background weight,
+    trained one step and exported; returns the folder."""
     import shutil
 
     root = tmp_path / "weights"
     shutil.copytree(registry.root, root)
     first = make_trainer(registry, "v3", steps=1, background=True)
     first.run(tmp_path / "first.ckpt", progress=False)
-    train.export(tmp_path / "first.ckpt", "with-weight", root)
+    train.export(tmp_path / "first.ckpt", name, root)
+    return root
+
+
+def test_background_only_trains_the_weight_and_keeps_the_lambda_network_and_beta(registry, tmp_path):
+    """--background-only from a shipped network with a weight: after training steps Λ's network and β are bit for
+    bit the starting ones while b's network has moved; without --init-network, or with --freeze-background too
+    (nothing left to train), it is refused."""
+    root = registry_with_a_weighted_network(registry, tmp_path, "with-weight")
     trainer = make_trainer(WeightsRegistry(root), "v3", init_network="with-weight", weights_dir=str(root),
                            background=True, background_only=True, background_supervision=0.05, lr=1e-2)
     network = trainer.model.lambda_net
@@ -237,13 +244,7 @@ def test_a_penalty_network_fine_tunes_into_the_factor_form(registry, tmp_path):
     """--background-form factor from a shipped penalty-form network: every weight carries over, the form is
     recorded in the network's config and the manifest, γ_R gets no gradient (unused in that form) while b's
     network does; a form without the weight, or an unknown one, is refused."""
-    import shutil
-
-    root = tmp_path / "weights"
-    shutil.copytree(registry.root, root)
-    first = make_trainer(registry, "v3", steps=1, background=True)
-    first.run(tmp_path / "first.ckpt", progress=False)
-    train.export(tmp_path / "first.ckpt", "penalty", root)
+    root = registry_with_a_weighted_network(registry, tmp_path, "penalty")
     second = make_trainer(WeightsRegistry(root), "v3", init_network="penalty", weights_dir=str(root),
                           background=True, background_form="factor", background_supervision=0.1)
     penalty = WeightsRegistry(root).network("penalty").network
