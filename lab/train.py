@@ -147,8 +147,9 @@ def build_model(config: TrainConfig, num_filters: int | None = None) -> nn.Modul
         raise ValueError("--freeze-background needs --background")
     if config.background_only and not (config.background and config.init_network):
         raise ValueError("--background-only needs --background and --init-network (a trained Λ network to keep)")
-    if config.background_only and config.freeze_background:
-        raise ValueError("--background-only and --freeze-background leave nothing to train")
+    if config.background_only and (config.freeze_background or config.background_dropout):
+        raise ValueError("--background-only leaves nothing to train with --freeze-background, or in the batches "
+                         "--background-dropout solves without the weight")
     if config.background:
         if config.method != "v3":
             raise ValueError("--background needs --method v3")

@@ -216,8 +216,8 @@ def registry_with_a_weighted_network(registry, tmp_path, name: str):
 
 def test_background_only_trains_the_weight_and_keeps_the_lambda_network_and_beta(registry, tmp_path):
     """--background-only from a shipped network with a weight: after training steps Λ's network and β are bit for
-    bit the starting ones while b's network has moved; without --init-network, or with --freeze-background too
-    (nothing left to train), it is refused."""
+    bit the starting ones while b's network has moved; without --init-network, or with --freeze-background or
+    --background-dropout (nothing, or batches with nothing, to train), it is refused."""
     root = registry_with_a_weighted_network(registry, tmp_path, "with-weight")
     trainer = make_trainer(WeightsRegistry(root), "v3", init_network="with-weight", weights_dir=str(root),
                            background=True, background_only=True, background_supervision=0.05, lr=1e-2)
@@ -235,9 +235,10 @@ def test_background_only_trains_the_weight_and_keeps_the_lambda_network_and_beta
                for name, p in network.background.named_parameters()) > 0
     with pytest.raises(ValueError, match="needs --background and --init-network"):
         make_trainer(registry, "v3", background=True, background_only=True)
-    with pytest.raises(ValueError, match="nothing to train"):
-        make_trainer(WeightsRegistry(root), "v3", init_network="with-weight", weights_dir=str(root),
-                     background=True, background_only=True, freeze_background=True)
+    for other in ({"freeze_background": True}, {"background_dropout": 0.2}):
+        with pytest.raises(ValueError, match="nothing to train"):
+            make_trainer(WeightsRegistry(root), "v3", init_network="with-weight", weights_dir=str(root),
+                         background=True, background_only=True, **other)
 
 
 def test_a_penalty_network_fine_tunes_into_the_factor_form(registry, tmp_path):
