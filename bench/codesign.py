@@ -30,10 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import publish
-from cdl_lambda.lab.evaluation import scans as S
-from cdl_lambda.lab.evaluation import product
+from cdl_lambda.lab.evaluation import product, scans as S
 from cdl_lambda.recon.model import CDLLambda
 from cdl_lambda.recon.weights import WeightsRegistry
+
 
 def model_of(network: str, solver: str, iterations: int, tolerance: float) -> CDLLambda:
     """The named shipped network, or the network of a training checkpoint, with the given solver settings."""
