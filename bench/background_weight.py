@@ -45,16 +45,18 @@ FIGURE_SCANS = (("test", "itk-head", 2, 20.0), ("ood", "knee", 1, 10.0))  # the 
 
 
 def run(model, dictionary, scan, with_background: bool = True):
-    """(image, b or None, the data check's value or None, whether the weight was withdrawn) of ``model`` on ``scan``
-    (the check is computed on the weighted image, so it is the weight's own value also where it withdrew it);
-    ``with_background=False``: the image a withdrawn slice gets."""
+    """(image, b or None, the data check's value or None, whether the weight was withdrawn, the share of it kept or
+    None) of ``model`` on ``scan`` (the check is computed on the weighted image, so it is the weight's own value also
+    where it withdrew it); ``with_background=False``: the weight-free solve, before a withdrawn slice's image gets
+    the weight's factor back where the data agree."""
     with torch.no_grad():
         out = model(scan.kspace[None], scan.mask, dictionary, coil_maps=S.espirit_maps(scan)[None], noise_std=1.0,
                     with_background=with_background)
     background = None if out.background is None else out.background[0].numpy()
     check = None if out.background_disagreement is None else float(out.background_disagreement[0])
     withdrawn = out.background_withdrawn is not None and bool(out.background_withdrawn[0])
-    return out.image[0].numpy(), background, check, withdrawn
+    kept = None if out.background_kept is None else float(out.background_kept[0])
+    return out.image[0].numpy(), background, check, withdrawn, kept
 
 
 def sweep(networks: dict, dictionary, size: int = 128) -> tuple[dict, dict]:
@@ -69,11 +71,11 @@ def sweep(networks: dict, dictionary, size: int = 128) -> tuple[dict, dict]:
             tissue = reference > TISSUE * reference.max()
             obj = metrics.foreground_mask(reference, fraction=OBJECT_FRACTION)[0]
             for label, model in networks.items():
-                image, b, check, withdrawn = run(model, dictionary, scan)
+                image, b, check, withdrawn, kept = run(model, dictionary, scan)
                 scores = score(image, scan.reference)
                 scores["tissue_kept"] = float(np.percentile(np.abs(image)[tissue] / reference[tissue], 1))
                 if b is not None:
-                    scores["withdrawn"], scores["check"] = withdrawn, check
+                    scores["withdrawn"], scores["check"], scores["kept"] = withdrawn, check, kept
                     scores["as_withdrawn"] = score(run(model, dictionary, scan, with_background=False)[0],
                                                    scan.reference)
                     under = b > 0.5
@@ -84,7 +86,8 @@ def sweep(networks: dict, dictionary, size: int = 128) -> tuple[dict, dict]:
                 if split == "ood":  # sources far apart: each on its own row too
                     rows.setdefault((f"ood: {scan.source}", label), []).append(scores)
                 if first_of_split:
-                    title = f"{label} (weight withdrawn)" if withdrawn else label
+                    title = (label if not withdrawn else f"{label} (weight withdrawn, {100 * kept:.0f} % kept)"
+                             if kept else f"{label} (weight withdrawn)")
                     figure.setdefault(key, {})[title] = (image, b)  # b as inferred, even where withdrawn
             if first_of_split:
                 figure[key]["reference"] = (scan.reference, None)
@@ -101,8 +104,10 @@ def table(rows: dict, size: int, command: str) -> str:
              "(above 1 % of the 99th percentile) and the brightest reference pixel relative to the maximum (worst "
              "scans; b as inferred, before the check against the data). Check: least – largest value of the data check "
              "(recon.background.data_disagreement). Withdrawn: scans where it exceeded its threshold and the image "
-             "was reconstructed without the weight. Without the weight: SSIM / NRMSE of every scan "
-             "solved as a withdrawn one is (what a site gets wherever the check withdraws it). Regenerate with "
+             "was reconstructed without the weight; in part: the weight's factor then kept where the data agree "
+             "(recon.background.kept_where_data_agree), with the share of b > ½ kept. Without the weight: SSIM / "
+             "NRMSE of every scan solved without the weight and shown without its factor (what a withdrawn slice "
+             "got before the factor was kept where the data agree). Regenerate with "
              f"`{command}`.", "",
              "| split | network | SSIM | inside the anatomy | outside it | NRMSE | tissue kept (worst) | "
              "object under b > ½ (worst) | brightest pixel under b > ½ (worst) | check | withdrawn | "
@@ -114,7 +119,10 @@ def table(rows: dict, size: int, command: str) -> str:
         under = [s["object_under_weight"] for s in scores if "object_under_weight" in s]
         bright = [s["brightest_under_weight"] for s in scores if "brightest_under_weight" in s]
         flags = [s["withdrawn"] for s in scores if "withdrawn" in s]
+        in_part = [s["kept"] for s in scores if s.get("withdrawn") and s.get("kept")]
         withdrawn = f"{sum(flags)} of {len(flags)}" if flags else "–"
+        if in_part:
+            withdrawn += f" ({len(in_part)} in part, {100 * min(in_part):.0f}–{100 * max(in_part):.0f} % kept)"
         checks = [s["check"] for s in scores if "check" in s]
         check = f"{min(checks):.2f} – {max(checks):.2f}" if checks else "–"
         plain = [s["as_withdrawn"] for s in scores if "as_withdrawn" in s]

@@ -225,8 +225,9 @@ def slice_note(outcome, assessment: Assessment | None = None) -> str:
 def noise_meta(outcome) -> dict:
     """The noise level the slice was reconstructed in the units of, where it came from, and the final data
     residual relative to it (≈ 1 when the fit stops at the noise; well above 1 means over-regularisation); the
-    solver's iterations; for a network with a background weight, whether it was applied or withdrawn and the
-    data's disagreement with it (recon.background)."""
+    solver's iterations; for a network with a background weight, whether it was applied, withdrawn in part (its
+    factor kept where the data agree) or withdrawn, the share of it kept and the data's disagreement with it
+    (recon.background)."""
     meta = {}
     if getattr(outcome, "noise_source", ""):
         meta["CDL_NoiseSource"] = outcome.noise_source
@@ -238,8 +239,12 @@ def noise_meta(outcome) -> dict:
         meta["CDL_IterationsUsed"] = str(int(outcome.iterations_used))
         meta["CDL_FinalRelativeChange"] = f"{outcome.final_relative_change:.3g}"
     if getattr(outcome, "background_disagreement", None) is not None:  # recon.background: the weight's check
-        meta["CDL_BackgroundWeight"] = "withdrawn" if outcome.background_withdrawn else "applied"
+        kept = getattr(outcome, "background_kept", None)
+        meta["CDL_BackgroundWeight"] = ("applied" if not outcome.background_withdrawn
+                                        else "withdrawn-in-part" if kept else "withdrawn")
         meta["CDL_BackgroundDisagreement"] = f"{outcome.background_disagreement:.2f}"
+        if kept is not None:
+            meta["CDL_BackgroundWeightKept"] = f"{kept:.2f}"
     return meta
 
 

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 DIMENSIONS = ("slice", "repetition")
 ORDER = ("image_series_index", "slice", "contrast", "phase", "repetition", "set", "average")
 PER_SLICE_META = ("CDL_NoiseStd", "CDL_NoiseSource", "CDL_ResidualToNoise", "CDL_Readouts",  # measured per slice
-                  "CDL_BackgroundWeight", "CDL_BackgroundDisagreement")
+                  "CDL_BackgroundWeight", "CDL_BackgroundDisagreement", "CDL_BackgroundWeightKept")
 
 
 def expected_count(header, dimension: str) -> int | None:

@@ -30,15 +30,19 @@ D s cannot put a region's mean back. The weight is only as safe as b, so b is tr
 brighter than 1 % of the image (lab.losses.background_loss), judged out of distribution on what it darkens
 (bench/background_weight.py), and checked against the data for every image (:func:`data_disagreement`, on the image
 shown, after the factor 1 − b): where the data show signal the weight removed, the image is reconstructed without it
-and says so. b reads where the object ends from the anatomy's shape, so it is inferred at the scale it was trained
-at: an image with more samples than that matrix is seen through the centre of its k-space (the same field of view
-in larger pixels, :func:`on_coarser_grid`) and b interpolated back. Training solves a share of its batches without
-the weight (``--background-dropout``), so that image, a withdrawn slice's, stays good.
+and says so. That image keeps the weight's factor 1 − b where the data agree (:func:`kept_where_data_agree`): the
+weight is withdrawn around every box where they disagree, the factor applied to the weight-free image elsewhere, and
+the result checked again, so a knee whose dim edge b covered keeps its clean background everywhere else.
+b reads where the object ends from the anatomy's shape, so it is inferred at the scale it was trained at: an image
+with more samples than that matrix is seen through the centre of its k-space (the same field of view in larger
+pixels, :func:`on_coarser_grid`) and b interpolated back. Training solves a share of its batches without the weight
+(``--background-dropout``), so that image, a withdrawn slice's, stays good.
 """
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -50,6 +54,9 @@ INITIAL_LOWPASS_GAIN = 10.0   # γ_L: (PH)'s weight, against AᴴA ≈ 1 and β�
 INITIAL_IMAGE_GAIN = 2.0      # γ_R: (PR)'s weight; FISTA's step shrinks by 1 / (1 + γ_R)
 WINDOW = 5                    # pixels: the box over which the data residual is averaged
 WITHDRAW_Z = 5.5              # above this disagreement the weight is withdrawn (docs/site-safety.md says why)
+DISAGREE_Z = 3.0              # a box above this is where the data disagree (pure noise: exp(−9) ≈ 1e-4 per pixel)
+DISAGREE_MARGIN = 4           # pixels a disagreeing box is grown by before the weight is withdrawn there
+DISAGREE_ROUNDS = 3           # times the withdrawn region may grow before the weight is withdrawn everywhere
 INITIAL_LOGIT = -6.0          # b ≈ 0.0025 everywhere before training: the network starts as it was
 FORMS = ("penalty", "factor")  # how (PR) uses b: the pull (γ_R/2)‖√b ⊙ x‖², or the factor 1 − b in the forward model
 
@@ -125,6 +132,20 @@ def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     return F.avg_pool2d(F.pad(x.unsqueeze(1), (pad, pad, pad, pad), mode="circular"), window, stride=1).squeeze(1)
 
 
+def disagreement_map(op, residual: torch.Tensor, window: int = WINDOW) -> torch.Tensor:
+    """Z per pixel ``(B, ny, nx)``: the image-domain residual averaged over a ``window`` × ``window`` box, in units
+    of its noise-only standard deviation (0 outside the coil maps' support); see :func:`data_disagreement`."""
+    residual = op.adjoint(residual)
+    mask = op.mask.reshape(-1, *op.mask.shape[-2:]).to(residual.real.dtype)
+    sampled = mask.mean(dim=(-2, -1)).view(-1, 1, 1)
+    maps = getattr(op, "coil_maps", None)
+    energy = maps.abs().pow(2).sum(dim=-3) if maps is not None else torch.ones_like(residual.real)
+    variance = sampled * energy / window ** 2
+    mean = torch.complex(_box_mean(residual.real, window), _box_mean(residual.imag, window))
+    z = mean.abs() / variance.clamp_min(torch.finfo(variance.dtype).tiny).sqrt()
+    return torch.where(variance > 0, z, torch.zeros_like(z))
+
+
 def data_disagreement(op, residual: torch.Tensor, weight: torch.Tensor, window: int = WINDOW) -> torch.Tensor:
     """How strongly the data contradict the image where the background weight acts: ``(B,)``.
 
@@ -136,13 +157,46 @@ def data_disagreement(op, residual: torch.Tensor, weight: torch.Tensor, window: 
     Z = max |box(r)| / √(v / window²) over the pixels with b > ½ and v > 0; 0 where b is nowhere above ½.
     For pure noise P(|box(r)| > t √(v / window²)) = exp(−t²) per pixel. ``residual`` is the k-space y − A x*,
     ``op`` and ``weight`` ``(B, ny, nx)`` in its layout (either: the box wraps around, as the FFT does)."""
-    residual = op.adjoint(residual)
-    mask = op.mask.reshape(-1, *op.mask.shape[-2:]).to(residual.real.dtype)
-    sampled = mask.mean(dim=(-2, -1)).view(-1, 1, 1)
-    maps = getattr(op, "coil_maps", None)
-    energy = maps.abs().pow(2).sum(dim=-3) if maps is not None else torch.ones_like(residual.real)
-    variance = sampled * energy / window ** 2
-    mean = torch.complex(_box_mean(residual.real, window), _box_mean(residual.imag, window))
-    z = mean.abs() / variance.clamp_min(torch.finfo(variance.dtype).tiny).sqrt()
-    checked = (weight > 0.5) & (variance > 0)
-    return torch.where(checked, z, torch.zeros_like(z)).amax(dim=(-2, -1))
+    return _largest_where_weighted(disagreement_map(op, residual, window), weight)
+
+
+def _largest_where_weighted(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.where(weight > 0.5, z, torch.zeros_like(z)).amax(dim=(-2, -1))
+
+
+def _grown(region: torch.Tensor, margin: int) -> torch.Tensor:
+    """``region`` ``(B, ny, nx)`` bool grown by ``margin`` pixels (a square; wrapping around, as the FFT does)."""
+    padded = F.pad(region.to(torch.float32).unsqueeze(1), (margin,) * 4, mode="circular")
+    return F.max_pool2d(padded, 2 * margin + 1, stride=1).squeeze(1) > 0
+
+
+def kept_where_data_agree(op, y: torch.Tensor, plain: torch.Tensor, weight: torch.Tensor, disagreement: torch.Tensor,
+                          limit: float = WITHDRAW_Z) -> SimpleNamespace:
+    """The weight-free image of slices whose weighted image the data contradicted, given back the weight's factor
+    where the data agree.
+
+    b′ = b withdrawn (set to 0) within :data:`DISAGREE_MARGIN` pixels of every box whose Z (``disagreement``, the
+    map :func:`disagreement_map` of the weighted image) exceeds :data:`DISAGREE_Z`; the image is ``plain`` ⊙ (1 − b′)
+    and is checked as every image is, where b′ > ½. Where it still exceeds ``limit`` the region grows by the boxes
+    of its own map, up to :data:`DISAGREE_ROUNDS` times; a slice that never passes gets ``plain`` (b′ = 0).
+    Each step only lowers the factor's reach, and the data decide every pixel it keeps. ``op``, ``y``, ``plain``
+    (already 0 outside the maps' support), ``weight`` b and ``disagreement`` in the native layout, ``(B, …)``.
+
+    Returns ``image``, ``weight`` b′, ``check`` (the final image's Z where b′ > ½) and ``kept`` (B,): the share of
+    b > ½ where b′ > ½ still (0 where the weight was withdrawn everywhere)."""
+    withdrawn = _grown(disagreement > DISAGREE_Z, DISAGREE_MARGIN)
+    for round_ in range(DISAGREE_ROUNDS + 1):
+        kept_weight = weight * (~withdrawn).to(weight.dtype)
+        image = plain * (1 - kept_weight)
+        z = disagreement_map(op, y - op.forward(image))
+        check = _largest_where_weighted(z, kept_weight)
+        passed = check <= limit
+        if bool(passed.all()) or round_ == DISAGREE_ROUNDS:
+            break
+        withdrawn = withdrawn | (_grown(z > DISAGREE_Z, DISAGREE_MARGIN) & ~passed.view(-1, 1, 1))
+    kept_weight = torch.where(passed.view(-1, 1, 1), kept_weight, torch.zeros_like(kept_weight))
+    image = torch.where(passed.view(-1, 1, 1), image, plain)
+    weighted = (weight > 0.5).sum(dim=(-2, -1)).clamp_min(1)
+    kept = (kept_weight > 0.5).sum(dim=(-2, -1)) / weighted
+    return SimpleNamespace(image=image, weight=kept_weight, check=torch.where(passed, check, torch.zeros_like(check)),
+                           kept=kept.to(weight.dtype))

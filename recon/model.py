@@ -21,7 +21,9 @@ A network that infers a background weight b (:mod:`recon.background`) adds (γ_L
 (γ_R/2)‖√b ⊙ (x_L + D s)‖² to (PR): the image is pulled to zero where b says the object is absent (FISTA only),
 and the image is (1 − b) ⊙ (x_L + D s*): what the quadratic terms leave of noise there is taken out too.
 Outside training every image is checked against its data (:func:`recon.background.data_disagreement`); above
-``withdraw_z`` the slice is solved again without the weight, and the output says which slices were.
+``withdraw_z`` the slice is solved again without the weight, the factor 1 − b given back where the data agree
+(:func:`recon.background.kept_where_data_agree`), and the output says which slices were and how much of the weight
+each kept.
 
 Solvers (``solver``): ADMM (:mod:`recon.admm`: x = D s and u = s split off, the codes solved exactly per
 frequency, the image by warm-started CG) or FISTA (:mod:`recon.solvers`). One FISTA gradient costs 2K FFTs
@@ -46,7 +48,8 @@ from cdl_lambda.recon.lowpass import LowPassSplit
 from cdl_lambda.recon.noise import noise_level
 from cdl_lambda.recon.operators import make_operator
 from cdl_lambda.recon.admm import ADMM, Problem
-from cdl_lambda.recon.background import WITHDRAW_Z, data_disagreement
+from cdl_lambda.recon.background import (WITHDRAW_Z, data_disagreement, disagreement_map,
+                                         kept_where_data_agree)
 from cdl_lambda.recon.solvers import fista
 from cdl_lambda.recon.stopping import SolveInfo
 
@@ -67,6 +70,7 @@ class ReconOutput:
     background: torch.Tensor | None = None             # (B, ny, nx) the background weight b in (0, 1), if inferred
     background_disagreement: torch.Tensor | None = None  # (B,) how strongly the data contradict it (recon.background)
     background_withdrawn: torch.Tensor | None = None     # (B,) bool: reconstructed without it, the data disagreeing
+    background_kept: torch.Tensor | None = None          # (B,) share of b > ½ whose factor the image keeps (1: all)
 
 
 DEFAULT_SCALAR_LAMBDA = 1.0  # noise units; with β = DEFAULT_SCALAR_BETA the best pair on the validation split
@@ -175,24 +179,30 @@ class CDLLambda(nn.Module):
                                                iterations, grad_iterations, background)
         if background is None:
             return self._output(scan, image, x0, x_low, lam, info)
-        disagreement = withdrawn = residual = None
+        disagreement = withdrawn = residual = kept = None
         if not self.training:  # the weight checked against the data; withdrawn where they disagree
             with torch.no_grad():
                 residual = scan.y - scan.op.forward(image)                         # y − A x*, kept for _output
                 disagreement = data_disagreement(scan.op, residual, background.native)
             withdrawn = disagreement > self.withdraw_z
+            kept = torch.where(withdrawn, 0.0, 1.0).to(disagreement.dtype)
             if bool(withdrawn.any()):  # only those slices solved again, without the weight
                 rows = withdrawn.nonzero().flatten()
                 again = self._scan_in_noise_units(kspace[rows], mask[rows] if mask.ndim == 3 else mask,
                                                   None if coil_maps is None else coil_maps[rows], scan.sigma[rows])
-                plain = self._reconstruct(again, x0[rows], lam_native[rows], dictionary, iterations,
-                                          grad_iterations, None)
-                image, x_low, info = _replace_rows(rows, plain, (image, x_low, info))
+                plain, plain_low, plain_info = self._reconstruct(again, x0[rows], lam_native[rows], dictionary,
+                                                                 iterations, grad_iterations, None)
+                with torch.no_grad():  # the weight's factor given back where the data agree
+                    part = kept_where_data_agree(again.op, again.y, plain, background.native[rows],
+                                                 disagreement_map(again.op, residual[rows]), self.withdraw_z)
+                    kept = kept.index_copy(0, rows, part.kept)
+                image, x_low, info = _replace_rows(rows, (part.image, plain_low, plain_info), (image, x_low, info))
                 with torch.no_grad():                                              # their images changed
-                    residual = residual.index_copy(0, rows, again.y - again.op.forward(plain[0]))
+                    residual = residual.index_copy(0, rows, again.y - again.op.forward(part.image))
         output = self._output(scan, image, x0, x_low, lam, info, residual)
         output.background = background.centred
         output.background_disagreement, output.background_withdrawn = disagreement, withdrawn
+        output.background_kept = kept
         return output
 
     # ---- the steps of forward ------------------------------------------------------------------------------

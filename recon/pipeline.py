@@ -91,6 +91,7 @@ class ReconResult:
     final_relative_change: np.ndarray | None = None  # (slices,) the stopping measure at the last iteration
     background_disagreement: np.ndarray | None = None  # (slices,) the data against the background weight
     background_withdrawn: np.ndarray | None = None     # (slices,) bool: reconstructed without the weight
+    background_kept: np.ndarray | None = None          # (slices,) share of b > ½ whose factor the image keeps
 
 
 class Reconstructor:
@@ -203,7 +204,8 @@ class Reconstructor:
                            iterations_used=_joined([p.iterations_used for p in parts]),
                            final_relative_change=_joined([p.final_relative_change for p in parts]),
                            background_disagreement=_joined([p.background_disagreement for p in parts]),
-                           background_withdrawn=_joined([p.background_withdrawn for p in parts]))
+                           background_withdrawn=_joined([p.background_withdrawn for p in parts]),
+                           background_kept=_joined([p.background_kept for p in parts]))
 
 
 # ------------------------------------------------------------------------------------------------------- the door
@@ -252,6 +254,7 @@ class SliceOutcome:
     final_relative_change: float | None = None  # the stopping measure at the last iteration
     background_disagreement: float | None = None  # the data against the background weight (None: no weight)
     background_withdrawn: bool = False          # reconstructed without the weight: the data disagreed
+    background_kept: float | None = None        # share of b > ½ whose factor the image keeps (1: all, 0: none)
     status: str = ""
     device: str = "cpu"
     note: str = ""
@@ -347,10 +350,12 @@ def _solve(reconstructor, batch: list[PreparedSlice], note: str = "") -> list[Sl
     device = str(getattr(reconstructor, "device", "cpu"))
     disagreement = getattr(out, "background_disagreement", None)
     withdrawn = getattr(out, "background_withdrawn", None)
+    kept = getattr(out, "background_kept", None)
     outcomes = []
     for i, one in enumerate(batch):
         pulled = bool(withdrawn[i]) if withdrawn is not None else False
-        notes = (one.note, note, _withdrawal_note(_scalar(disagreement, i), reconstructor) if pulled else "")
+        notes = (one.note, note,
+                 _withdrawal_note(_scalar(disagreement, i), _scalar(kept, i), reconstructor) if pulled else "")
         outcomes.append(SliceOutcome(
             source=one.source, partition=one.partition, image=image[i], zero_filled=zero_filled[i],
             lambda_maps=None if lambdas is None else lambdas[i], noise_std=one.noise_std,
@@ -358,14 +363,18 @@ def _solve(reconstructor, batch: list[PreparedSlice], note: str = "") -> list[Sl
             iterations_used=_scalar(getattr(out, "iterations_used", None), i),
             final_relative_change=_scalar(getattr(out, "final_relative_change", None), i),
             background_disagreement=_scalar(disagreement, i), background_withdrawn=pulled,
+            background_kept=_scalar(kept, i),
             status=one.source.status, device=device, note="; ".join(n for n in notes if n)))
     return outcomes
 
 
-def _withdrawal_note(disagreement: float, reconstructor) -> str:
+def _withdrawal_note(disagreement: float, kept: float | None, reconstructor) -> str:
     limit = getattr(getattr(reconstructor, "model", None), "withdraw_z", None)
-    return (f"background weight withdrawn: the data show signal where it acted (disagreement {disagreement:.1f}"
-            f"{f' > {limit:g}' if limit is not None else ''}), reconstructed without it")
+    why = (f"background weight withdrawn: the data show signal where it acted (disagreement {disagreement:.1f}"
+           f"{f' > {limit:g}' if limit is not None else ''}), reconstructed without it")
+    if kept:  # recon.background.kept_where_data_agree
+        return f"{why}; its factor kept where the data agree ({100 * kept:.0f} % of its area)"
+    return why
 
 
 def _prepare_isolated(reconstructor, data: SliceData, cpu_fallback) -> tuple[list[PreparedSlice], list[SliceOutcome]]:

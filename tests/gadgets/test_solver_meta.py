@@ -18,10 +18,17 @@ def test_meta_leaves_the_keys_out_when_unknown():
     assert "CDL_IterationsUsed" not in meta and "CDL_FinalRelativeChange" not in meta
 
 
-def test_meta_says_whether_the_background_weight_was_applied_or_withdrawn():
+def test_meta_says_whether_the_background_weight_was_applied_withdrawn_in_part_or_withdrawn():
     base = dict(noise_source="", noise_std=None, residual_to_noise=None)
-    applied = noise_meta(SimpleNamespace(**base, background_disagreement=3.14159, background_withdrawn=False))
-    withdrawn = noise_meta(SimpleNamespace(**base, background_disagreement=11.5, background_withdrawn=True))
+    applied = noise_meta(SimpleNamespace(**base, background_disagreement=3.14159, background_withdrawn=False,
+                                         background_kept=1.0))
+    in_part = noise_meta(SimpleNamespace(**base, background_disagreement=8.25, background_withdrawn=True,
+                                         background_kept=0.6789))
+    withdrawn = noise_meta(SimpleNamespace(**base, background_disagreement=11.5, background_withdrawn=True,
+                                           background_kept=0.0))
     assert applied["CDL_BackgroundWeight"] == "applied" and applied["CDL_BackgroundDisagreement"] == "3.14"
+    assert applied["CDL_BackgroundWeightKept"] == "1.00"
+    assert in_part["CDL_BackgroundWeight"] == "withdrawn-in-part" and in_part["CDL_BackgroundWeightKept"] == "0.68"
     assert withdrawn["CDL_BackgroundWeight"] == "withdrawn" and withdrawn["CDL_BackgroundDisagreement"] == "11.50"
+    assert withdrawn["CDL_BackgroundWeightKept"] == "0.00"
     assert "CDL_BackgroundWeight" not in noise_meta(SimpleNamespace(**base))

@@ -8,7 +8,8 @@ import torch
 
 from support import phantom, random_dictionary, synthetic_maps
 from cdl_lambda.recon import fft as _fft
-from cdl_lambda.recon.background import WITHDRAW_Z, data_disagreement, on_coarser_grid, set_trained_matrix
+from cdl_lambda.recon.background import (WITHDRAW_Z, data_disagreement, kept_where_data_agree, on_coarser_grid,
+                                         set_trained_matrix)
 from cdl_lambda.recon.fft import fft2c
 from cdl_lambda.recon.lambda_nets import LambdaNetV3, build_lambda_net
 from cdl_lambda.recon.lowpass import gradient_normal
@@ -219,9 +220,70 @@ def test_a_weight_on_the_object_is_withdrawn_and_one_beside_it_is_kept(monkeypat
     beside, on_object = outcomes["beside"], outcomes["on the object"]
     assert not beside.background_withdrawn.any() and beside.background_disagreement < WITHDRAW_Z
     assert on_object.background_withdrawn.all() and on_object.background_disagreement > 2 * WITHDRAW_Z
+    assert float(on_object.background_kept[0]) == 0 and float(beside.background_kept[0]) == 1
     assert torch.allclose(on_object.image, plain.image, atol=1e-5 * plain.image.abs().max())
     border = box_background()[0] > 0
     assert beside.image[0].abs()[border].mean() < 0.5 * plain.image[0].abs()[border].mean()
+
+
+def terms_of(b: torch.Tensor, form: str = "penalty") -> SimpleNamespace:
+    return SimpleNamespace(centred=b, native=_fft.to_native(b), lowpass_gain=torch.tensor(10.0),
+                           image_gain=torch.tensor(2.0), form=form)
+
+
+def test_a_withdrawn_slice_keeps_the_weight_where_the_data_agree(monkeypatch):
+    """b on the empty border and on a patch of the object: the data contradict the patch, so the slice is solved
+    without the weight, and the image is that weight-free image on and around the patch but keeps the factor 1 − b
+    on the border far from it (0 where b = 1); the share of b > ½ kept is some of the border's (R = 2 folds the
+    patch's disagreement onto the border rows half a field of view away, which lose the weight too)."""
+    kspace, mask, maps = scan(4)
+    d = random_dictionary(6, 5)
+    model = CDLLambda(None, beta=2.0, scalar_lambda=0.5, iterations=60).eval()
+    b = box_background()
+    b[:, 12:20, 12:20] = 1
+    monkeypatch.setattr(model, "background_terms", lambda x0: terms_of(b))
+    with torch.no_grad():
+        out = model(kspace, mask, d, coil_maps=maps, noise_std=0.05)
+        plain = model(kspace, mask, d, coil_maps=maps, noise_std=0.05, with_background=False).image[0]
+    assert out.background_withdrawn.all() and out.background_disagreement > 2 * WITHDRAW_Z
+    border = box_background()[0] > 0
+    assert 0.2 < float(out.background_kept[0]) < float(border.sum() / (b[0] > 0.5).sum())
+    scale = plain.abs().max()
+    assert torch.allclose(out.image[0][6:26, 6:26], plain[6:26, 6:26], atol=1e-5 * scale)  # the patch, grown
+    side = (slice(8, 24), slice(0, 3))                                                      # border columns beside it
+    assert plain[side].abs().mean() > 1e-3 * scale and out.image[0][side].abs().max() < 1e-6 * scale
+
+
+def test_the_kept_weight_grows_its_withdrawal_until_the_data_agree():
+    """An image that fits its data to the noise (the truth, in noise units) and a weight on the empty border and on
+    half of the object, with no disagreement to start from: the weight is withdrawn round by round where the data
+    show what it removed, until the image passes the check with the object whole and part of the weight kept.
+    Allowed no round (the first image fails), the slice falls back to the weight-free image."""
+    from cdl_lambda.recon import background as background_module
+    from cdl_lambda.recon.operators import make_operator
+
+    torch.manual_seed(6)
+    truth = phantom(*SHAPE).to(torch.complex64) * 30
+    truth[:6], truth[-6:], truth[:, :6], truth[:, -6:] = 0, 0, 0, 0
+    maps = synthetic_maps(4, SHAPE)
+    maps = (maps / maps.abs().pow(2).sum(dim=0, keepdim=True).sqrt()).unsqueeze(0)
+    op = make_operator(_fft.to_native(equispaced_line_mask(SHAPE, 2, 8)), _fft.to_native(maps), centred=False)
+    plain = _fft.to_native(truth[None])
+    y = op.forward(plain) + op.mask * torch.randn(1, 4, *SHAPE, dtype=torch.complex64)
+    b = box_background()
+    b[:, 6:16, 6:-6] = 1                                                    # half the object
+    weight, nothing = _fft.to_native(b), torch.zeros(1, *SHAPE)
+    part = kept_where_data_agree(op, y, plain, weight, nothing)
+    assert float(part.check[0]) <= WITHDRAW_Z and 0 < float(part.kept[0]) < 1
+    assert data_disagreement(op, y - op.forward(part.image), part.weight) <= WITHDRAW_Z
+    assert torch.equal(_fft.from_native(part.image)[0], truth)  # every pixel of the object back, the border 0
+    rounds = background_module.DISAGREE_ROUNDS
+    try:
+        background_module.DISAGREE_ROUNDS = 0
+        none_passes = kept_where_data_agree(op, y, plain, weight, nothing)
+    finally:
+        background_module.DISAGREE_ROUNDS = rounds
+    assert float(none_passes.kept[0]) == 0 and torch.equal(none_passes.image, plain)
 
 
 def test_in_a_batch_only_the_disagreeing_slice_is_solved_again(monkeypatch):
