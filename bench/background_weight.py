@@ -8,7 +8,8 @@ pixels brighter than 5 % of the maximum (worst scan of the split; darkened tissu
 a background weight b where it lies: the share of the object (every pixel above 1 % of the 99th percentile, the
 training's definition) under b > ½, and the brightest reference pixel there relative to the maximum (worst scans).
 A figure shows the test head and the out-of-distribution knee: the reference, each network's image, the tuned BART TV
-image (validation-tuned λ of the evaluation, BART's cropped maps) and b.
+image (validation-tuned λ of the evaluation, BART's cropped maps) and b (where the check withdrew it, the part of it
+whose factor the image kept where the data agree).
 
 Scans: lab.evaluation.scans (8-coil birdcage, correlated noise prewhitened, 16 calibration lines), R = 1, 2, 4,
 SNR 10 and 20, 128² (``--size``: another matrix); validation (two slices of each source), test, its T2-weighted
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -45,18 +47,21 @@ FIGURE_SCANS = (("test", "itk-head", 2, 20.0), ("ood", "knee", 1, 10.0))  # the 
 
 
 def run(model, dictionary, scan, with_background: bool = True):
-    """(image, b or None, the data check's value or None, whether the weight was withdrawn, the share of it kept or
-    None) of ``model`` on ``scan`` (the check is computed on the weighted image, so it is the weight's own value also
-    where it withdrew it); ``with_background=False``: the weight-free solve, before a withdrawn slice's image gets
-    the weight's factor back where the data agree."""
+    """``image``, ``b`` as inferred, the weight ``applied`` (b, or where the weight was withdrawn what it kept),
+    the data ``check`` (computed on the weighted image, so the weight's own value also where it withdrew it), whether
+    it was ``withdrawn`` and the share ``kept`` (each None without a weight) of ``model`` on ``scan``;
+    ``with_background=False``: the weight-free solve, before a withdrawn slice's image gets the weight's factor back
+    where the data agree."""
     with torch.no_grad():
         out = model(scan.kspace[None], scan.mask, dictionary, coil_maps=S.espirit_maps(scan)[None], noise_std=1.0,
                     with_background=with_background)
     background = None if out.background is None else out.background[0].numpy()
+    applied = None if out.background_applied is None else out.background_applied[0].numpy()
     check = None if out.background_disagreement is None else float(out.background_disagreement[0])
     withdrawn = out.background_withdrawn is not None and bool(out.background_withdrawn[0])
     kept = None if out.background_kept is None else float(out.background_kept[0])
-    return out.image[0].numpy(), background, check, withdrawn, kept
+    return SimpleNamespace(image=out.image[0].numpy(), b=background, applied=applied, check=check,
+                           withdrawn=withdrawn, kept=kept)
 
 
 def sweep(networks: dict, dictionary, size: int = 128) -> tuple[dict, dict]:
@@ -71,12 +76,13 @@ def sweep(networks: dict, dictionary, size: int = 128) -> tuple[dict, dict]:
             tissue = reference > TISSUE * reference.max()
             obj = metrics.foreground_mask(reference, fraction=OBJECT_FRACTION)[0]
             for label, model in networks.items():
-                image, b, check, withdrawn, kept = run(model, dictionary, scan)
+                result = run(model, dictionary, scan)
+                image, b, withdrawn, kept = result.image, result.b, result.withdrawn, result.kept
                 scores = score(image, scan.reference)
                 scores["tissue_kept"] = float(np.percentile(np.abs(image)[tissue] / reference[tissue], 1))
                 if b is not None:
-                    scores["withdrawn"], scores["check"], scores["kept"] = withdrawn, check, kept
-                    scores["as_withdrawn"] = score(run(model, dictionary, scan, with_background=False)[0],
+                    scores["withdrawn"], scores["check"], scores["kept"] = withdrawn, result.check, kept
+                    scores["as_withdrawn"] = score(run(model, dictionary, scan, with_background=False).image,
                                                    scan.reference)
                     under = b > 0.5
                     scores["object_under_weight"] = float((obj & under).sum() / obj.sum())
@@ -86,9 +92,9 @@ def sweep(networks: dict, dictionary, size: int = 128) -> tuple[dict, dict]:
                 if split == "ood":  # sources far apart: each on its own row too
                     rows.setdefault((f"ood: {scan.source}", label), []).append(scores)
                 if first_of_split:
-                    title = (label if not withdrawn else f"{label} (weight withdrawn, {100 * kept:.0f} % kept)"
+                    title = (label if not withdrawn else f"{label}\n(weight withdrawn, {100 * kept:.0f} % kept)"
                              if kept else f"{label} (weight withdrawn)")
-                    figure.setdefault(key, {})[title] = (image, b)  # b as inferred, even where withdrawn
+                    figure.setdefault(key, {})[title] = (image, result.applied if withdrawn else b)
             if first_of_split:
                 figure[key]["reference"] = (scan.reference, None)
                 if bart.available():
@@ -122,7 +128,9 @@ def table(rows: dict, size: int, command: str) -> str:
         in_part = [s["kept"] for s in scores if s.get("withdrawn") and s.get("kept")]
         withdrawn = f"{sum(flags)} of {len(flags)}" if flags else "–"
         if in_part:
-            withdrawn += f" ({len(in_part)} in part, {100 * min(in_part):.0f}–{100 * max(in_part):.0f} % kept)"
+            share = (f"{100 * min(in_part):.0f}" if round(100 * min(in_part)) == round(100 * max(in_part))
+                     else f"{100 * min(in_part):.0f}–{100 * max(in_part):.0f}")
+            withdrawn += f" ({len(in_part)} in part, {share} % kept)"
         checks = [s["check"] for s in scores if "check" in s]
         check = f"{min(checks):.2f} – {max(checks):.2f}" if checks else "–"
         plain = [s["as_withdrawn"] for s in scores if "as_withdrawn" in s]
@@ -152,7 +160,7 @@ def draw(figure: dict, out: Path) -> None:
             ax.set_title(f"{label}\n{key[1]} R={key[2]} SNR {key[3]:g}", fontsize=7)
         for ax, label in zip(row[len(labels):], maps):
             ax.imshow(figure[key][label][1], cmap="viridis", vmin=0, vmax=1)
-            ax.set_title(f"b of {label}", fontsize=7)
+            ax.set_title(f"{'weight kept' if 'withdrawn' in label else 'b'} of {label}", fontsize=7)
         for ax in row:
             ax.axis("off")
     fig.suptitle("window 0–25 % of the maximum, to show the background", fontsize=8)

@@ -71,6 +71,7 @@ class ReconOutput:
     background_disagreement: torch.Tensor | None = None  # (B,) how strongly the data contradict it (recon.background)
     background_withdrawn: torch.Tensor | None = None     # (B,) bool: reconstructed without it, the data disagreeing
     background_kept: torch.Tensor | None = None          # (B,) share of b > ½ whose factor the image keeps (1: all)
+    background_applied: torch.Tensor | None = None       # (B, ny, nx) the weight whose factor 1 − b the image carries
 
 
 DEFAULT_SCALAR_LAMBDA = 1.0  # noise units; with β = DEFAULT_SCALAR_BETA the best pair on the validation split
@@ -179,13 +180,14 @@ class CDLLambda(nn.Module):
                                                iterations, grad_iterations, background)
         if background is None:
             return self._output(scan, image, x0, x_low, lam, info)
-        disagreement = withdrawn = residual = kept = None
+        disagreement = withdrawn = residual = kept = applied = None
         if not self.training:  # the weight checked against the data; withdrawn where they disagree
             with torch.no_grad():
                 residual = scan.y - scan.op.forward(image)                         # y − A x*, kept for _output
                 disagreement = data_disagreement(scan.op, residual, background.native)
             withdrawn = disagreement > self.withdraw_z
             kept = torch.where(withdrawn, 0.0, 1.0).to(disagreement.dtype)
+            applied = background.native
             if bool(withdrawn.any()):  # only those slices solved again, without the weight
                 rows = withdrawn.nonzero().flatten()
                 again = self._scan_in_noise_units(kspace[rows], mask[rows] if mask.ndim == 3 else mask,
@@ -196,6 +198,7 @@ class CDLLambda(nn.Module):
                     part = kept_where_data_agree(again.op, again.y, plain, background.native[rows],
                                                  disagreement_map(again.op, residual[rows]), self.withdraw_z)
                     kept = kept.index_copy(0, rows, part.kept)
+                    applied = applied.index_copy(0, rows, part.weight)
                 image, x_low, info = _replace_rows(rows, (part.image, plain_low, plain_info), (image, x_low, info))
                 with torch.no_grad():                                              # their images changed
                     residual = residual.index_copy(0, rows, again.y - again.op.forward(part.image))
@@ -203,6 +206,7 @@ class CDLLambda(nn.Module):
         output.background = background.centred
         output.background_disagreement, output.background_withdrawn = disagreement, withdrawn
         output.background_kept = kept
+        output.background_applied = None if kept is None else _fft.from_native(applied)
         return output
 
     # ---- the steps of forward ------------------------------------------------------------------------------

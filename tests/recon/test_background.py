@@ -252,6 +252,9 @@ def test_a_withdrawn_slice_keeps_the_weight_where_the_data_agree(monkeypatch):
     assert torch.allclose(out.image[0][6:26, 6:26], plain[6:26, 6:26], atol=1e-5 * scale)  # the patch, grown
     side = (slice(8, 24), slice(0, 3))                                                      # border columns beside it
     assert plain[side].abs().mean() > 1e-3 * scale and out.image[0][side].abs().max() < 1e-6 * scale
+    applied = out.background_applied[0]                                                    # what the image kept
+    assert applied[12:20, 12:20].max() == 0 and torch.equal(applied[side], b[0][side])
+    assert float(out.background_kept[0]) == float((applied > 0.5).sum() / (b[0] > 0.5).sum())
 
 
 def test_the_kept_weight_grows_its_withdrawal_until_the_data_agree():
