@@ -172,6 +172,9 @@ TRAIN_HELP = {
                           "weight the data check withdraws is",
     "background_form": "with --background: how the solve uses the weight: penalty (a pull to zero, the step "
                        "divided by 1 + γ_R) or factor (1 − b in the forward model, the full step)",
+    "background_step": "with --background in the penalty form: FISTA's step, uniform (1 / ((1 + γ_R)‖D‖²)) or "
+                       "local (per code pixel: the full step where no background is within the filters' reach; the "
+                       "same minimiser)",
     "freeze_background": "with --background: keep the weight's network and gains as they start (only the Λ "
                          "network and β train), so the weight and its data check stay the starting network's",
     "background_only": "with --background and --init-network: train only the weight's network and gains (the Λ "

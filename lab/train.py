@@ -49,7 +49,7 @@ from cdl_lambda.lab.losses import background_loss, image_loss, relative_squared_
 from cdl_lambda.lab.baselines import BASELINES, build_baseline
 from cdl_lambda.lab.evaluation import product, scans
 from cdl_lambda.lab.manifest import update_manifest
-from cdl_lambda.recon.background import FORMS, set_trained_matrix
+from cdl_lambda.recon.background import FORMS, STEPS, set_trained_matrix
 from cdl_lambda.recon.device import choose_device
 from cdl_lambda.recon.dictionary import Dictionary
 from cdl_lambda.recon.lambda_nets import NETWORKS, build_lambda_net
@@ -104,6 +104,7 @@ class TrainConfig:
     background_dropout: float = 0.0  # share of training batches solved without b, as a withdrawn slice is
                                      # (recon.background.data_disagreement): keeps that image good
     background_form: str = "penalty"  # how (PR) uses b: "penalty" or "factor" (recon.background.FORMS)
+    background_step: str = "uniform"  # the penalty form's FISTA step: "uniform" or "local" (recon.background.STEPS)
     freeze_background: bool = False  # keep b's network and its gains as they start: only Λ's network and β train
     background_only: bool = False  # train b's network and its gains alone: Λ's network and β stay as they start
     scan_mix: str = "broad"        # multicoil: the training scans' draws (lab.multicoil.SCAN_MIXES)
@@ -143,6 +144,10 @@ def build_model(config: TrainConfig, num_filters: int | None = None) -> nn.Modul
         raise ValueError(f"--background-form must be one of {', '.join(FORMS)}, got {config.background_form!r}")
     if config.background_form != "penalty" and not config.background:
         raise ValueError("--background-form needs --background")
+    if config.background_step not in STEPS:
+        raise ValueError(f"--background-step must be one of {', '.join(STEPS)}, got {config.background_step!r}")
+    if config.background_step != "uniform" and (not config.background or config.background_form != "penalty"):
+        raise ValueError("--background-step local needs --background in the penalty form")
     if config.freeze_background and not config.background:
         raise ValueError("--freeze-background needs --background")
     if config.background_only and not (config.background and config.init_network):
@@ -156,6 +161,8 @@ def build_model(config: TrainConfig, num_filters: int | None = None) -> nn.Modul
         net_config["background"] = True
         if config.background_form != "penalty":
             net_config["background_form"] = config.background_form
+        if config.background_step != "uniform":
+            net_config["background_step"] = config.background_step
     network = build_lambda_net(net_config)
     beta = config.beta
     if config.init_network:  # fine-tuning: the shipped network's weights and β
@@ -183,7 +190,8 @@ def load_shipped_network(network: nn.Module, shipped: nn.Module, name: str) -> N
     background weight may start one that has it (the new weight keeps its initialisation)."""
     own, theirs = dict(network.config()), dict(shipped.config())
     own_background, their_background = own.pop("background", False), theirs.pop("background", False)
-    own.pop("background_form", None), theirs.pop("background_form", None)  # a network may move to the other form
+    for solve in ("background_form", "background_step"):  # a network may move to another form or step
+        own.pop(solve, None), theirs.pop(solve, None)
     if own != theirs or (their_background and not own_background):
         raise ValueError(f"--init-network {name}: its architecture {shipped.config()} differs from the configured "
                          f"{network.config()}")
@@ -542,7 +550,7 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
         training["background"] = {"supervision": config.background_supervision,
                                   "pretrain_steps": config.background_pretrain, "pretrain_lr": config.background_lr,
                                   "dropout": config.background_dropout, "form": config.background_form,
-                                  "frozen": config.freeze_background}
+                                  "step": config.background_step, "frozen": config.freeze_background}
     if config.init_network:  # the whole campaign: this run plus every run the starting network came from
         training["fine_tuned_from"] = config.init_network
         registry = WeightsRegistry(weights_dir)

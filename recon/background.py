@@ -59,6 +59,7 @@ DISAGREE_MARGIN = 4           # pixels a disagreeing box is grown by before the 
 DISAGREE_ROUNDS = 3           # times the withdrawn region may grow before the weight is withdrawn everywhere
 INITIAL_LOGIT = -6.0          # b ≈ 0.0025 everywhere before training: the network starts as it was
 FORMS = ("penalty", "factor")  # how (PR) uses b: the pull (γ_R/2)‖√b ⊙ x‖², or the factor 1 − b in the forward model
+STEPS = ("uniform", "local")   # the penalty form's FISTA step: 1/((1 + γ_R)‖D‖²) everywhere, or per code pixel
 
 
 def _softplus_inverse(value: float) -> float:
@@ -68,14 +69,20 @@ def _softplus_inverse(value: float) -> float:
 class BackgroundWeight(nn.Module):
     """b = sigmoid(U([Re, Im] x₀)) ``(B, ny, nx)`` from the normalised zero-filled image, with the gains γ_L, γ_R.
 
-    ``unet``: any 2 → 1 channel network (the Λ network's U-Net class); ``form``: how (PR) uses b (:data:`FORMS`)."""
+    ``unet``: any 2 → 1 channel network (the Λ network's U-Net class); ``form``: how (PR) uses b (:data:`FORMS`);
+    ``step``: the penalty form's FISTA step (:data:`STEPS`, :func:`local_step`). Both are part of the network, as Λ
+    is trained for the solve it runs in."""
 
-    def __init__(self, unet: nn.Module, form: str = "penalty"):
+    def __init__(self, unet: nn.Module, form: str = "penalty", step: str = "uniform"):
         super().__init__()
         if form not in FORMS:
             raise ValueError(f"unknown background form {form!r}: one of {', '.join(FORMS)}")
+        if step not in STEPS:
+            raise ValueError(f"unknown background step {step!r}: one of {', '.join(STEPS)}")
+        if step != "uniform" and form != "penalty":
+            raise ValueError(f"the {step} step is for the penalty form (the {form} form keeps the full step)")
         self.unet = unet
-        self.form = form
+        self.form, self.step = form, step
         nn.init.constant_(self.unet.head.bias, INITIAL_LOGIT)
         self.raw_lowpass_gain = nn.Parameter(torch.tensor(_softplus_inverse(INITIAL_LOWPASS_GAIN)))
         self.raw_image_gain = nn.Parameter(torch.tensor(_softplus_inverse(INITIAL_IMAGE_GAIN)))
@@ -124,6 +131,21 @@ def on_coarser_grid(infer, x0: torch.Tensor, matrix: int) -> torch.Tensor:
     small = _fft.ifft2c(_fft.fft2c(x0)[..., sy:sy + cy, sx:sx + cx])
     weight = infer(small)
     return F.interpolate(weight.unsqueeze(1), size=(ny, nx), mode="bilinear", align_corners=False).squeeze(1)
+
+
+def local_step(weight: torch.Tensor, image_gain: torch.Tensor, lipschitz: float, kernel_size: int) -> torch.Tensor:
+    """The penalty form's FISTA step per code pixel, ``(B, 1, ny, nx)`` (native layout, as ``weight`` b):
+    τ(p) = 1 / (‖D‖² (1 + γ_R b̄(p))), b̄(p) the largest b within the filters' reach of p.
+
+    The smooth part's Hessian in the codes is Dᴴ(AᴴA + γ_R diag b)D. With ‖A‖ ≤ 1, DᴴAᴴAD ≤ ‖D‖² I. Writing
+    b = ∫₀¹ 1[b > t] dt, each Dᴴ diag(1[b > t]) D touches only the codes whose filters reach {b > t}, so it is at
+    most ‖D‖² diag(1[b̄ > t]); integrating, Dᴴ diag(b) D ≤ ‖D‖² diag(b̄). So diag(1/τ) majorises the Hessian and
+    FISTA with this diagonal metric converges to the same minimiser as with the uniform step 1/((1 + γ_R)‖D‖²),
+    while codes away from the background (b̄ ≈ 0, the anatomy) move (1 + γ_R) times as far per iteration."""
+    reach = kernel_size // 2  # the filters are centred (recon.dictionary): a code reaches ± k_f // 2 pixels
+    padded = F.pad(weight.unsqueeze(1), (reach,) * 4, mode="circular")
+    nearby = F.max_pool2d(padded, 2 * reach + 1, stride=1)
+    return 1.0 / (lipschitz * (1 + image_gain * nearby))
 
 
 def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:

@@ -134,13 +134,13 @@ class LambdaNetV3(LambdaNet):
     version = "v3"
 
     def __init__(self, base_channels: int = 16, stages: int = 2, upper_bound: float = 1.0, chunk: int = 256,
-                 background: bool = False, background_form: str = "penalty"):
+                 background: bool = False, background_form: str = "penalty", background_step: str = "uniform"):
         super().__init__(upper_bound)
         self.base_channels, self.stages, self.chunk = base_channels, stages, chunk
         self.unet = UNet(2, 1, base_channels, stages)
         self._init_head()
-        self.background = (BackgroundWeight(UNet(2, 1, base_channels, stages), background_form) if background
-                           else None)
+        self.background = (BackgroundWeight(UNet(2, 1, base_channels, stages), background_form, background_step)
+                           if background else None)
 
     def forward(self, x0: torch.Tensor, dictionary: Dictionary) -> torch.Tensor:
         coefficients = dictionary.analyze(x0)  # (B, K, ny, nx)
@@ -160,6 +160,8 @@ class LambdaNetV3(LambdaNet):
             extra["background"] = True
             if self.background.form != "penalty":
                 extra["background_form"] = self.background.form
+            if self.background.step != "uniform":
+                extra["background_step"] = self.background.step
         return dict(version=self.version, base_channels=self.base_channels, stages=self.stages,
                     upper_bound=self.upper_bound, **extra)
 

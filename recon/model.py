@@ -49,7 +49,7 @@ from cdl_lambda.recon.noise import noise_level
 from cdl_lambda.recon.operators import make_operator
 from cdl_lambda.recon.admm import ADMM, Problem
 from cdl_lambda.recon.background import (WITHDRAW_Z, data_disagreement, disagreement_map,
-                                         kept_where_data_agree)
+                                         kept_where_data_agree, local_step)
 from cdl_lambda.recon.solvers import fista
 from cdl_lambda.recon.stopping import SolveInfo
 
@@ -142,7 +142,7 @@ class CDLLambda(nn.Module):
             return None
         b = net(x0_centred * NETWORK_INPUT_SCALE).to(x0_centred.real.dtype)
         return SimpleNamespace(centred=b, native=_fft.to_native(b), lowpass_gain=net.lowpass_gain,
-                               image_gain=net.image_gain, form=net.form)
+                               image_gain=net.image_gain, form=net.form, step=net.step)
 
     def background_weight(self, kspace: torch.Tensor, mask: torch.Tensor, coil_maps: torch.Tensor | None = None,
                           noise_std: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -269,20 +269,32 @@ class CDLLambda(nn.Module):
                               mask=None if scan.multi else scan.op.mask, y_hat=None if scan.multi else residual_data)
             return self.admm(problem, iterations, self.tolerance, grad_iterations)
         b_hat, normal_fourier, curvature = _smooth_term(scan, x_low, background)
+        if background is not None and background.form == "penalty" and getattr(background, "step", "") == "local":
+            curvature = 1 / local_step(background.native, background.image_gain, 1.0, dictionary.kernel_size)
         return self._fista(b_hat, normal_fourier, curvature, lam, dictionary, d_hat, iterations, grad_iterations)
 
     def _fista(self, b_hat, normal_fourier, curvature, lam, dictionary, d_hat, iterations, grad_iterations):
         """FISTA on ½⟨D s, N D s⟩ − Re⟨D s, F⁻¹b̂⟩ + ‖Λ ⊙ s‖₁ (N and b̂ from :func:`_smooth_term`) with the step
-        τ = c / (curvature · ‖D‖²) (≥ 1/‖N^½ D‖² since ‖A‖ ≤ 1), fused in the Fourier domain."""
+        τ = c / (curvature · ‖D‖²) (≥ 1/‖N^½ D‖² since ‖A‖ ≤ 1), fused in the Fourier domain. ``curvature`` a
+        number, or a map ``(B, 1, ny, nx)`` per code pixel (:func:`recon.background.local_step`): then the step is
+        taken in the image domain."""
         shape = tuple(d_hat.shape[-2:])
         step = self.step_factor / (curvature * dictionary.lipschitz(shape))
-        step_conj = step * d_hat.conj()
+        if isinstance(step, torch.Tensor):
+            conj = d_hat.conj()
 
-        def forward_step(z: torch.Tensor) -> torch.Tensor:
-            """z − τ Dᴴ (N D z − F⁻¹b̂), computed as F⁻¹(ẑ − τ d̂ᴴ (F N D z − b̂)) in the Fourier domain."""
-            z_hat = _fft.fft2(z)
-            residual = normal_fourier(dictionary.synthesize_fourier(z_hat)) - b_hat
-            return _fft.ifft2(torch.addcmul(z_hat, residual.unsqueeze(1), step_conj, value=-1))
+            def forward_step(z: torch.Tensor) -> torch.Tensor:
+                """z − τ ⊙ Dᴴ (N D z − F⁻¹b̂), τ per code pixel."""
+                residual = normal_fourier(dictionary.synthesize_fourier(_fft.fft2(z))) - b_hat
+                return z - step * _fft.ifft2(residual.unsqueeze(1) * conj)
+        else:
+            step_conj = step * d_hat.conj()
+
+            def forward_step(z: torch.Tensor) -> torch.Tensor:
+                """z − τ Dᴴ (N D z − F⁻¹b̂), computed as F⁻¹(ẑ − τ d̂ᴴ (F N D z − b̂)) in the Fourier domain."""
+                z_hat = _fft.fft2(z)
+                residual = normal_fourier(dictionary.synthesize_fourier(z_hat)) - b_hat
+                return _fft.ifft2(torch.addcmul(z_hat, residual.unsqueeze(1), step_conj, value=-1))
 
         codes0 = torch.zeros(b_hat.shape[0], dictionary.num_filters, *shape, dtype=d_hat.dtype, device=d_hat.device)
         return fista(forward_step, step * lam, codes0, iterations, grad_iterations, self.inertia,

@@ -266,6 +266,33 @@ def test_a_penalty_network_fine_tunes_into_the_factor_form(registry, tmp_path):
         make_trainer(registry, "v3", background=True, background_form="mask")
 
 
+def test_a_penalty_network_fine_tunes_into_the_local_step(registry, tmp_path):
+    """--background-step local from a shipped network: every weight carries over, the training solves with the
+    local step (a step per code pixel), and the step is recorded in the exported network's
+    config and manifest; without the penalty form's weight it is refused."""
+    from cdl_lambda.recon import model as model_module
+
+    root = registry_with_a_weighted_network(registry, tmp_path, "penalty")
+    second = make_trainer(WeightsRegistry(root), "v3", init_network="penalty", weights_dir=str(root),
+                          background=True, background_step="local", background_supervision=0.1)
+    assert second.model.lambda_net.background.step == "local"
+    steps, real = [], model_module.local_step
+    model_module.local_step = lambda *args: steps.append(real(*args)) or steps[-1]
+    try:
+        second.train_step()
+    finally:
+        model_module.local_step = real
+    assert steps and steps[0].ndim == 4 and steps[0].shape[1] == 1  # one step per code pixel, every filter
+    second.save(tmp_path / "local.ckpt")
+    entry = train.export(tmp_path / "local.ckpt", "local", root)
+    assert entry["training"]["background"]["step"] == "local"
+    assert WeightsRegistry(root).network("local").network.background.step == "local"
+    with pytest.raises(ValueError, match="penalty form"):
+        make_trainer(registry, "v3", background=True, background_form="factor", background_step="local")
+    with pytest.raises(ValueError, match="must be one of"):
+        make_trainer(registry, "v3", background=True, background_step="adaptive")
+
+
 def test_held_out_scans_keep_the_best_checkpoint_beside_the_last(registry, tmp_path, monkeypatch):
     """--held-out-scans: every validation scores the product's scans of the validation person, records SSIM, NRMSE
     and score, and writes NAME-best.ckpt whenever the score is the lowest so far (here 0.5, 0.3, 0.4: the best is

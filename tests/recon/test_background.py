@@ -418,3 +418,66 @@ def test_in_a_batch_only_the_withdrawn_slice_is_solved_again_and_each_residual_i
     for i, single in enumerate(alone):
         assert torch.allclose(both.image[i], single.image[0], atol=1e-5 * single.image.abs().max())
         assert float(both.residual_to_noise[i]) == pytest.approx(float(single.residual_to_noise[0]), rel=1e-4)
+
+
+def test_the_local_step_majorises_the_penalty_forms_hessian():
+    """diag(1/τ) with τ = 1 / (‖D‖² (1 + γ_R b̄)) bounds Dᴴ(AᴴA + γ_R diag b)D: the largest eigenvalue of
+    τ^½ H τ^½ (power iteration) is at most 1 (0.75 here); the full step 1/‖D‖² everywhere, ignoring b, is not
+    a bound (above 1)."""
+    from cdl_lambda.recon.background import local_step
+    from cdl_lambda.recon.operators import make_operator
+
+    torch.manual_seed(8)
+    _, mask, maps = scan(4)
+    d = random_dictionary(6, 5)
+    op = make_operator(_fft.to_native(mask), _fft.to_native(maps), centred=False)
+    b = box_background() * torch.rand(1, *SHAPE).clamp_min(0.5)     # 0.5–1 on the border, 0 inside
+    weight, gain = _fft.to_native(b), torch.tensor(2.5)
+    d_hat = d.spectra(SHAPE)
+
+    def hessian(codes):
+        image = _fft.ifft2(d.synthesize_fourier(_fft.fft2(codes)))
+        return _fft.ifft2(d_hat.conj() * _fft.fft2(op.normal(image) + gain * weight * image).unsqueeze(1))
+
+    def largest(step):
+        v = torch.randn(1, 6, *SHAPE, dtype=torch.complex64)
+        for _ in range(300):
+            v = step.sqrt() * hessian(step.sqrt() * v)
+            value = v.norm()
+            v = v / value
+        return float(value)
+
+    local = local_step(weight, gain, d.lipschitz(SHAPE), d.kernel_size)
+    assert local.shape == (1, 1, *SHAPE) and float(local.max() / local.min()) == pytest.approx(3.5, rel=1e-3)
+    assert 0.6 < largest(local) <= 1.0 + 1e-3
+    assert largest(torch.full_like(local, 1 / d.lipschitz(SHAPE))) > 1.2
+
+
+def test_the_local_step_reaches_the_same_image_sooner(monkeypatch):
+    """Same objective, same minimiser: after 2000 iterations the images of both steps agree; after 24 the local
+    step's image is the closer to it (0.008 against 0.021 relative here)."""
+    kspace, mask, maps = scan(4)
+    d = random_dictionary(6, 5)
+    images = {}
+    for step in ("uniform", "local"):
+        model = CDLLambda(None, beta=2.0, scalar_lambda=0.5, iterations=2000, cg_iterations=100,
+                          withdraw_z=float("inf")).eval()  # the weighted solve itself, never withdrawn
+        terms = SimpleNamespace(**vars(terms_of(box_background())), step=step)
+        monkeypatch.setattr(model, "background_terms", lambda x0, terms=terms: terms)
+        with torch.no_grad():
+            images[step] = [model(kspace, mask, d, coil_maps=maps, noise_std=0.05, iterations=n).image
+                            for n in (24, 2000)]
+    (uniform_early, uniform), (local_early, local) = images["uniform"], images["local"]
+    assert ((local - uniform).norm() / uniform.norm()) < 5e-4  # float32, FISTA's slow tail: 1.5e-4
+    assert (local_early - local).norm() < 0.5 * (uniform_early - uniform).norm()
+
+
+def test_the_local_step_is_part_of_the_network_and_only_for_the_penalty_form():
+    net = LambdaNetV3(base_channels=4, stages=1, background=True, background_step="local")
+    rebuilt = build_lambda_net(net.config())
+    assert rebuilt.background.step == "local" and net.config()["background_step"] == "local"
+    assert "background_step" not in LambdaNetV3(base_channels=4, stages=1, background=True).config()
+    with pytest.raises(ValueError, match="penalty form"):
+        LambdaNetV3(base_channels=4, stages=1, background=True, background_form="factor", background_step="local")
+    with pytest.raises(ValueError, match="unknown background step"):
+        LambdaNetV3(base_channels=4, stages=1, background=True, background_step="adaptive")
