@@ -51,10 +51,7 @@ def evaluate(model: CDLLambda, dictionary, items) -> dict:
     """Per contrast and R the mean SSIM / NRMSE (lab.evaluation.product), seconds per slice, mean iterations used
     and the range of the residual relative to the noise."""
     results = product.reconstruct_and_score(model, items, dictionary)
-    rows = {}
-    for r in results:
-        rows.setdefault(f"{r.contrast}|{r.acceleration}", []).append((r.ssim, r.nrmse))
-    means = {k: [float(np.mean([q[0] for q in v])), float(np.mean([q[1] for q in v]))] for k, v in rows.items()}
+    means = {k: list(v) for k, v in product.mean_quality(results, lambda r: f"{r.contrast}|{r.acceleration}").items()}
     residuals = [r.residual_to_noise for r in results]
     return {"means": means, "seconds": float(np.mean([r.seconds for r in results])),
             "iterations": float(np.mean([r.iterations_used for r in results])),

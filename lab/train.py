@@ -278,9 +278,7 @@ def score_held_out(model: nn.Module, items, dictionary: Dictionary, iterations: 
     results = product.reconstruct_and_score(model, items, dictionary, iterations)
     errors = [r.nrmse for r in results]
     ssim_mean, nrmse = float(np.mean([r.ssim for r in results])), float(np.mean(errors))
-    by_size = {size: (float(np.mean([r.ssim for r in results if r.size == size])),
-                      float(np.mean([r.nrmse for r in results if r.size == size])))
-               for size in sorted({r.size for r in results})}
+    by_size = dict(sorted(product.mean_quality(results, lambda r: r.size).items()))
     return {"ssim": ssim_mean, "nrmse": nrmse, "by_size": by_size,
             "score": float(np.mean(np.square(errors))) + ssim_weight * (1 - ssim_mean)}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -20,7 +21,7 @@ class ScanResult:
     """One product scan's reconstruction: where it came from, its quality and what the solve did."""
     contrast: str
     acceleration: int
-    size: int
+    size: int                 # the matrix n: every product scan is n × n (lab.evaluation.scans.product_scans)
     ssim: float
     nrmse: float
     iterations_used: int
@@ -50,3 +51,12 @@ def reconstruct_and_score(model: nn.Module, items, dictionary: Dictionary,
     finally:
         model.train(was_training)
     return results
+
+
+def mean_quality(results: list[ScanResult], key) -> dict:
+    """{``key(result)``: (mean SSIM, mean NRMSE)} over ``results`` grouped by ``key`` (in order of first appearance)."""
+    groups: dict = {}
+    for result in results:
+        groups.setdefault(key(result), []).append(result)
+    return {group: (float(np.mean([r.ssim for r in members])), float(np.mean([r.nrmse for r in members])))
+            for group, members in groups.items()}

@@ -120,3 +120,17 @@ def test_targets_are_keyed_by_method_ids():
     ablation = [t for t in checked if "ablation: U-Net" in t.statement]
     assert len(ablation) == 1 and not ablation[0].met and "nan" in ablation[0].statement  # not run: MISSED
     assert math.isnan(by_id["cdl_lambda_v3"].summary("val", 0.2).get("ssim_mask", float("nan")))
+
+
+def test_the_product_scans_quality_is_averaged_per_group_in_order_of_appearance():
+    from cdl_lambda.lab.evaluation.product import ScanResult, mean_quality
+
+    def result(contrast, size, ssim, nrmse):
+        return ScanResult(contrast, 2, size, ssim, nrmse, iterations_used=32, residual_to_noise=1.0, seconds=0.1)
+
+    results = [result("t2", 256, 0.8, 0.10), result("t1", 128, 0.9, 0.05), result("t2", 256, 0.6, 0.20),
+               result("t1", 256, 0.7, 0.30)]
+    by_size = mean_quality(results, lambda r: r.size)
+    assert list(by_size) == [256, 128]
+    assert by_size[256] == pytest.approx((0.7, 0.2)) and by_size[128] == pytest.approx((0.9, 0.05))
+    assert mean_quality(results, lambda r: r.contrast)["t1"] == pytest.approx((0.8, 0.175))
