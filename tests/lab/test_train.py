@@ -141,7 +141,8 @@ def test_a_background_weight_trains_from_a_network_without_one(registry, tmp_pat
     second.save(tmp_path / "background.ckpt")
     entry = train.export(tmp_path / "background.ckpt", "with-background", root)
     assert entry["training"]["background"] == {"supervision": 0.1, "pretrain_steps": 0, "pretrain_lr": 1e-3,
-                                               "dropout": 0.0, "form": "penalty", "frozen": False}
+                                               "dropout": 0.0, "form": "penalty", "step": "uniform",
+                                               "frozen": False}
     exported = WeightsRegistry(root).network("with-background")
     assert exported.network.config()["background"] is True
     assert exported.settings["matrix"] == 32 and exported.network.background.matrix == 32  # b at its trained matrix
