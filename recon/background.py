@@ -70,7 +70,7 @@ class BackgroundWeight(nn.Module):
     """b = sigmoid(U([Re, Im] x₀)) ``(B, ny, nx)`` from the normalised zero-filled image, with the gains γ_L, γ_R.
 
     ``unet``: any 2 → 1 channel network (the Λ network's U-Net class); ``form``: how (PR) uses b (:data:`FORMS`);
-    ``step``: the penalty form's FISTA step (:data:`STEPS`, :func:`local_step`). Both are part of the network, as Λ
+    ``step``: the penalty form's FISTA step (:data:`STEPS`, :func:`local_curvature`). Both are part of the network, as Λ
     is trained for the solve it runs in."""
 
     def __init__(self, unet: nn.Module, form: str = "penalty", step: str = "uniform"):
@@ -133,9 +133,9 @@ def on_coarser_grid(infer, x0: torch.Tensor, matrix: int) -> torch.Tensor:
     return F.interpolate(weight.unsqueeze(1), size=(ny, nx), mode="bilinear", align_corners=False).squeeze(1)
 
 
-def local_step(weight: torch.Tensor, image_gain: torch.Tensor, lipschitz: float, kernel_size: int) -> torch.Tensor:
-    """The penalty form's FISTA step per code pixel, ``(B, 1, ny, nx)`` (native layout, as ``weight`` b):
-    τ(p) = 1 / (‖D‖² (1 + γ_R b̄(p))), b̄(p) the largest b within the filters' reach of p.
+def local_curvature(weight: torch.Tensor, image_gain: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """The penalty form's curvature per code pixel, ``(B, 1, ny, nx)`` (native layout, as ``weight`` b):
+    1 + γ_R b̄(p), b̄(p) the largest b within the filters' reach of p; FISTA's step is τ(p) = 1 / (‖D‖² (1 + γ_R b̄(p))).
 
     The smooth part's Hessian in the codes is Dᴴ(AᴴA + γ_R diag b)D. With ‖A‖ ≤ 1, DᴴAᴴAD ≤ ‖D‖² I. Writing
     b = ∫₀¹ 1[b > t] dt, each Dᴴ diag(1[b > t]) D touches only the codes whose filters reach {b > t}, so it is at
@@ -144,8 +144,7 @@ def local_step(weight: torch.Tensor, image_gain: torch.Tensor, lipschitz: float,
     while codes away from the background (b̄ ≈ 0, the anatomy) move (1 + γ_R) times as far per iteration."""
     reach = kernel_size // 2  # the filters are centred (recon.dictionary): a code reaches ± k_f // 2 pixels
     padded = F.pad(weight.unsqueeze(1), (reach,) * 4, mode="circular")
-    nearby = F.max_pool2d(padded, 2 * reach + 1, stride=1)
-    return 1.0 / (lipschitz * (1 + image_gain * nearby))
+    return 1 + image_gain * F.max_pool2d(padded, 2 * reach + 1, stride=1)
 
 
 def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:

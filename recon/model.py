@@ -49,7 +49,7 @@ from cdl_lambda.recon.noise import noise_level
 from cdl_lambda.recon.operators import make_operator
 from cdl_lambda.recon.admm import ADMM, Problem
 from cdl_lambda.recon.background import (WITHDRAW_Z, data_disagreement, disagreement_map,
-                                         kept_where_data_agree, local_step)
+                                         kept_where_data_agree, local_curvature)
 from cdl_lambda.recon.solvers import fista
 from cdl_lambda.recon.stopping import SolveInfo
 
@@ -268,16 +268,14 @@ class CDLLambda(nn.Module):
                               normal=scan.op.normal if scan.multi else None,
                               mask=None if scan.multi else scan.op.mask, y_hat=None if scan.multi else residual_data)
             return self.admm(problem, iterations, self.tolerance, grad_iterations)
-        b_hat, normal_fourier, curvature = _smooth_term(scan, x_low, background)
-        if background is not None and background.form == "penalty" and getattr(background, "step", "") == "local":
-            curvature = 1 / local_step(background.native, background.image_gain, 1.0, dictionary.kernel_size)
+        b_hat, normal_fourier, curvature = _smooth_term(scan, x_low, background, dictionary.kernel_size)
         return self._fista(b_hat, normal_fourier, curvature, lam, dictionary, d_hat, iterations, grad_iterations)
 
     def _fista(self, b_hat, normal_fourier, curvature, lam, dictionary, d_hat, iterations, grad_iterations):
         """FISTA on ½⟨D s, N D s⟩ − Re⟨D s, F⁻¹b̂⟩ + ‖Λ ⊙ s‖₁ (N and b̂ from :func:`_smooth_term`) with the step
         τ = c / (curvature · ‖D‖²) (≥ 1/‖N^½ D‖² since ‖A‖ ≤ 1), fused in the Fourier domain. ``curvature`` a
-        number, or a map ``(B, 1, ny, nx)`` per code pixel (:func:`recon.background.local_step`): then the step is
-        taken in the image domain."""
+        number, or a map ``(B, 1, ny, nx)`` per code pixel (:func:`recon.background.local_curvature`): then the step
+        is taken in the image domain."""
         shape = tuple(d_hat.shape[-2:])
         step = self.step_factor / (curvature * dictionary.lipschitz(shape))
         if isinstance(step, torch.Tensor):
@@ -332,9 +330,10 @@ def _factored_normal_fourier(op, keep: torch.Tensor):
     return lambda u: _fft.fft2(keep * op.normal(keep * _fft.ifft2(u)))
 
 
-def _smooth_term(scan, x_low: torch.Tensor, background=None):
-    """The smooth part of (PR) in the Fourier domain, the one place the background weight's form is read:
-    (b̂, N, curvature) with the gradient Dᴴ(N D s − F⁻¹b̂) and N's norm at most ``curvature``.
+def _smooth_term(scan, x_low: torch.Tensor, background=None, kernel_size: int = 1):
+    """The smooth part of (PR) in the Fourier domain, the one place the background weight's form and step are read:
+    (b̂, N, curvature) with the gradient Dᴴ(N D s − F⁻¹b̂) and Dᴴ N D ≤ ‖D‖² · curvature (a number, or per code pixel
+    for the local step: :func:`recon.background.local_curvature`, ``kernel_size`` the filters').
 
     Without a weight N = AᴴA and b̂ = F(Aᴴy′), y′ = y − A x_L. In the penalty form the smooth part gains
     (γ_R/2)‖√b ⊙ (x_L + D s)‖²: N = AᴴA + γ_R b, b̂ = F(Aᴴy′ − γ_R b ⊙ x_L), curvature 1 + γ_R. In the factor form
@@ -349,8 +348,10 @@ def _smooth_term(scan, x_low: torch.Tensor, background=None):
     if background is None:
         return b_hat, op.normal_fourier, 1.0
     image_weight = background.image_gain * background.native
+    curvature = (local_curvature(background.native, background.image_gain, kernel_size)
+                 if getattr(background, "step", "uniform") == "local" else 1 + background.image_gain)
     return (b_hat - _fft.fft2(image_weight * x_low), _weighted_normal_fourier(op, image_weight, scan.multi),
-            1 + background.image_gain)
+            curvature)
 
 
 def _weighted_normal_fourier(op, weight: torch.Tensor, multi: bool):

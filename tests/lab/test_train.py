@@ -277,13 +277,13 @@ def test_a_penalty_network_fine_tunes_into_the_local_step(registry, tmp_path):
     second = make_trainer(WeightsRegistry(root), "v3", init_network="penalty", weights_dir=str(root),
                           background=True, background_step="local", background_supervision=0.1)
     assert second.model.lambda_net.background.step == "local"
-    steps, real = [], model_module.local_step
-    model_module.local_step = lambda *args: steps.append(real(*args)) or steps[-1]
+    curvatures, real = [], model_module.local_curvature
+    model_module.local_curvature = lambda *args: curvatures.append(real(*args)) or curvatures[-1]
     try:
         second.train_step()
     finally:
-        model_module.local_step = real
-    assert steps and steps[0].ndim == 4 and steps[0].shape[1] == 1  # one step per code pixel, every filter
+        model_module.local_curvature = real
+    assert curvatures and curvatures[0].ndim == 4 and curvatures[0].shape[1] == 1  # per code pixel, every filter
     second.save(tmp_path / "local.ckpt")
     entry = train.export(tmp_path / "local.ckpt", "local", root)
     assert entry["training"]["background"]["step"] == "local"

@@ -424,7 +424,7 @@ def test_the_local_step_majorises_the_penalty_forms_hessian():
     """diag(1/τ) with τ = 1 / (‖D‖² (1 + γ_R b̄)) bounds Dᴴ(AᴴA + γ_R diag b)D: the largest eigenvalue of
     τ^½ H τ^½ (power iteration) is at most 1 (0.75 here); the full step 1/‖D‖² everywhere, ignoring b, is not
     a bound (above 1)."""
-    from cdl_lambda.recon.background import local_step
+    from cdl_lambda.recon.background import local_curvature
     from cdl_lambda.recon.operators import make_operator
 
     torch.manual_seed(8)
@@ -447,7 +447,7 @@ def test_the_local_step_majorises_the_penalty_forms_hessian():
             v = v / value
         return float(value)
 
-    local = local_step(weight, gain, d.lipschitz(SHAPE), d.kernel_size)
+    local = 1 / (d.lipschitz(SHAPE) * local_curvature(weight, gain, d.kernel_size))
     assert local.shape == (1, 1, *SHAPE) and float(local.max() / local.min()) == pytest.approx(3.5, rel=1e-3)
     assert 0.6 < largest(local) <= 1.0 + 1e-3
     assert largest(torch.full_like(local, 1 / d.lipschitz(SHAPE))) > 1.2
