@@ -178,10 +178,11 @@ def data_disagreement(op, residual: torch.Tensor, weight: torch.Tensor, window: 
     Z = max |box(r)| / √(v / window²) over the pixels with b > ½ and v > 0; 0 where b is nowhere above ½.
     For pure noise P(|box(r)| > t √(v / window²)) = exp(−t²) per pixel. ``residual`` is the k-space y − A x*,
     ``op`` and ``weight`` ``(B, ny, nx)`` in its layout (either: the box wraps around, as the FFT does)."""
-    return _largest_where_weighted(disagreement_map(op, residual, window), weight)
+    return largest_where_weighted(disagreement_map(op, residual, window), weight)
 
 
-def _largest_where_weighted(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def largest_where_weighted(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The check from a :func:`disagreement_map` ``z``: its largest value where ``weight`` > ½, ``(B,)``."""
     return torch.where(weight > 0.5, z, torch.zeros_like(z)).amax(dim=(-2, -1))
 
 
@@ -203,21 +204,25 @@ def kept_where_data_agree(op, y: torch.Tensor, plain: torch.Tensor, weight: torc
     Each step only lowers the factor's reach, and the data decide every pixel it keeps. ``op``, ``y``, ``plain``
     (already 0 outside the maps' support), ``weight`` b and ``disagreement`` in the native layout, ``(B, …)``.
 
-    Returns ``image``, ``weight`` b′, ``check`` (the final image's Z where b′ > ½) and ``kept`` (B,): the share of
-    b > ½ where b′ > ½ still (0 where the weight was withdrawn everywhere)."""
+    Returns ``image``, ``weight`` b′, ``check`` (the final image's Z where b′ > ½), ``kept`` (B,): the share of
+    b > ½ where b′ > ½ still (0 where the weight was withdrawn everywhere), and the k-space ``residual`` y − A·image."""
     withdrawn = _grown(disagreement > DISAGREE_Z, DISAGREE_MARGIN)
     for round_ in range(DISAGREE_ROUNDS + 1):
         kept_weight = weight * (~withdrawn).to(weight.dtype)
         image = plain * (1 - kept_weight)
-        z = disagreement_map(op, y - op.forward(image))
-        check = _largest_where_weighted(z, kept_weight)
+        residual = y - op.forward(image)
+        z = disagreement_map(op, residual)
+        check = largest_where_weighted(z, kept_weight)
         passed = check <= limit
         if bool(passed.all()) or round_ == DISAGREE_ROUNDS:
             break
         withdrawn = withdrawn | (_grown(z > DISAGREE_Z, DISAGREE_MARGIN) & ~passed.view(-1, 1, 1))
-    kept_weight = torch.where(passed.view(-1, 1, 1), kept_weight, torch.zeros_like(kept_weight))
-    image = torch.where(passed.view(-1, 1, 1), image, plain)
-    weighted = (weight > 0.5).sum(dim=(-2, -1)).clamp_min(1)
-    kept = (kept_weight > 0.5).sum(dim=(-2, -1)) / weighted
-    return SimpleNamespace(image=image, weight=kept_weight, check=torch.where(passed, check, torch.zeros_like(check)),
-                           kept=kept.to(weight.dtype))
+    if not bool(passed.all()):  # those slices fall back to the weight-free image
+        failed = ~passed.view(-1, *(1,) * (y.ndim - 1))
+        kept_weight = torch.where(failed.view(-1, 1, 1), torch.zeros_like(kept_weight), kept_weight)
+        image = torch.where(failed.view(-1, 1, 1), plain, image)
+        residual = torch.where(failed, y - op.forward(plain), residual)
+        check = torch.where(passed, check, torch.zeros_like(check))
+    kept = (kept_weight > 0.5).sum(dim=(-2, -1)) / (weight > 0.5).sum(dim=(-2, -1)).clamp_min(1)
+    return SimpleNamespace(image=image, weight=kept_weight, check=check, kept=kept.to(weight.dtype),
+                           residual=residual)

@@ -48,8 +48,8 @@ from cdl_lambda.recon.lowpass import LowPassSplit
 from cdl_lambda.recon.noise import noise_level
 from cdl_lambda.recon.operators import make_operator
 from cdl_lambda.recon.admm import ADMM, Problem
-from cdl_lambda.recon.background import (WITHDRAW_Z, data_disagreement, disagreement_map,
-                                         kept_where_data_agree, local_curvature)
+from cdl_lambda.recon.background import (WITHDRAW_Z, disagreement_map, kept_where_data_agree,
+                                         largest_where_weighted, local_curvature)
 from cdl_lambda.recon.solvers import fista
 from cdl_lambda.recon.stopping import SolveInfo
 
@@ -184,7 +184,8 @@ class CDLLambda(nn.Module):
         if not self.training:  # the weight checked against the data; withdrawn where they disagree
             with torch.no_grad():
                 residual = scan.y - scan.op.forward(image)                         # y − A x*, kept for _output
-                disagreement = data_disagreement(scan.op, residual, background.native)
+                disagreement_z = disagreement_map(scan.op, residual)               # Z per pixel
+                disagreement = largest_where_weighted(disagreement_z, background.native)
             withdrawn = disagreement > self.withdraw_z
             kept = torch.where(withdrawn, 0.0, 1.0).to(disagreement.dtype)
             applied = background.native
@@ -196,12 +197,11 @@ class CDLLambda(nn.Module):
                                                                  iterations, grad_iterations, None)
                 with torch.no_grad():  # the weight's factor given back where the data agree
                     part = kept_where_data_agree(again.op, again.y, plain, background.native[rows],
-                                                 disagreement_map(again.op, residual[rows]), self.withdraw_z)
+                                                 disagreement_z[rows], self.withdraw_z)
                     kept = kept.index_copy(0, rows, part.kept)
                     applied = applied.index_copy(0, rows, part.weight)
+                    residual = residual.index_copy(0, rows, part.residual)         # their images changed
                 image, x_low, info = _replace_rows(rows, (part.image, plain_low, plain_info), (image, x_low, info))
-                with torch.no_grad():                                              # their images changed
-                    residual = residual.index_copy(0, rows, again.y - again.op.forward(part.image))
         output = self._output(scan, image, x0, x_low, lam, info, residual)
         output.background = background.centred
         output.background_disagreement, output.background_withdrawn = disagreement, withdrawn
@@ -278,21 +278,23 @@ class CDLLambda(nn.Module):
         is taken in the image domain."""
         shape = tuple(d_hat.shape[-2:])
         step = self.step_factor / (curvature * dictionary.lipschitz(shape))
+        def residual(z_hat: torch.Tensor) -> torch.Tensor:
+            """F N D z − b̂ ``(B, ny, nx)``: the gradient before Dᴴ."""
+            return (normal_fourier(dictionary.synthesize_fourier(z_hat)) - b_hat).unsqueeze(1)
+
         if isinstance(step, torch.Tensor):
             conj = d_hat.conj()
 
             def forward_step(z: torch.Tensor) -> torch.Tensor:
-                """z − τ ⊙ Dᴴ (N D z − F⁻¹b̂), τ per code pixel."""
-                residual = normal_fourier(dictionary.synthesize_fourier(_fft.fft2(z))) - b_hat
-                return z - step * _fft.ifft2(residual.unsqueeze(1) * conj)
+                """z − τ ⊙ Dᴴ (N D z − F⁻¹b̂), τ per code pixel: the step in the image domain."""
+                return z - step * _fft.ifft2(residual(_fft.fft2(z)) * conj)
         else:
             step_conj = step * d_hat.conj()
 
             def forward_step(z: torch.Tensor) -> torch.Tensor:
                 """z − τ Dᴴ (N D z − F⁻¹b̂), computed as F⁻¹(ẑ − τ d̂ᴴ (F N D z − b̂)) in the Fourier domain."""
                 z_hat = _fft.fft2(z)
-                residual = normal_fourier(dictionary.synthesize_fourier(z_hat)) - b_hat
-                return _fft.ifft2(torch.addcmul(z_hat, residual.unsqueeze(1), step_conj, value=-1))
+                return _fft.ifft2(torch.addcmul(z_hat, residual(z_hat), step_conj, value=-1))
 
         codes0 = torch.zeros(b_hat.shape[0], dictionary.num_filters, *shape, dtype=d_hat.dtype, device=d_hat.device)
         return fista(forward_step, step * lam, codes0, iterations, grad_iterations, self.inertia,
@@ -349,7 +351,7 @@ def _smooth_term(scan, x_low: torch.Tensor, background=None, kernel_size: int = 
         return b_hat, op.normal_fourier, 1.0
     image_weight = background.image_gain * background.native
     curvature = (local_curvature(background.native, background.image_gain, kernel_size)
-                 if getattr(background, "step", "uniform") == "local" else 1 + background.image_gain)
+                 if background.step == "local" else 1 + background.image_gain)
     return (b_hat - _fft.fft2(image_weight * x_low), _weighted_normal_fourier(op, image_weight, scan.multi),
             curvature)
 

@@ -66,7 +66,7 @@ def test_both_steps_solve_their_weighted_problems(monkeypatch):
     model = CDLLambda(None, beta=2.0, scalar_lambda=0.5, iterations=1500, cg_iterations=200)
     b = box_background()
     terms = SimpleNamespace(centred=b, native=_fft.to_native(b), lowpass_gain=torch.tensor(5.0),
-                            image_gain=torch.tensor(2.0), form="penalty")
+                            image_gain=torch.tensor(2.0), form="penalty", step="uniform")
     monkeypatch.setattr(model, "background_terms", lambda x0: terms)
     with torch.no_grad():
         s = model._scan_in_noise_units(kspace, mask, maps, 1.0)
@@ -103,7 +103,7 @@ def test_the_factor_form_solves_its_problem(monkeypatch, coils):
     b = box_background()
     b[:, 5:8, 5:-5], b[:, -8:-5, 5:-5] = 0.5, 0.5
     terms = SimpleNamespace(centred=b, native=_fft.to_native(b), lowpass_gain=torch.tensor(5.0),
-                            image_gain=torch.tensor(2.0), form="factor")
+                            image_gain=torch.tensor(2.0), form="factor", step="uniform")
     monkeypatch.setattr(model, "background_terms", lambda x0: terms)
     keep = 1 - terms.native
     with torch.no_grad():
@@ -136,7 +136,7 @@ def test_only_the_penalty_form_shrinks_the_fista_step(monkeypatch, form):
     model = CDLLambda(None, beta=2.0, scalar_lambda=0.5, iterations=5).eval()
     b = box_background()
     terms = SimpleNamespace(centred=b, native=_fft.to_native(b), lowpass_gain=torch.tensor(5.0),
-                            image_gain=torch.tensor(2.0), form=form)
+                            image_gain=torch.tensor(2.0), form=form, step="uniform")
     monkeypatch.setattr(model, "background_terms", lambda x0: terms)
     thresholds, real = [], model_module.fista
     monkeypatch.setattr(model_module, "fista", lambda step, threshold, *args, **kwargs: (
@@ -155,7 +155,7 @@ def test_the_weight_pulls_the_background_down_and_keeps_the_object():
         plain = model(kspace, mask, d, coil_maps=maps, noise_std=0.05).image[0].abs()
     b = box_background()
     terms = SimpleNamespace(centred=b, native=_fft.to_native(b), lowpass_gain=torch.tensor(5.0),
-                            image_gain=torch.tensor(2.0), form="penalty")
+                            image_gain=torch.tensor(2.0), form="penalty", step="uniform")
     model.background_terms = lambda x0: terms
     with torch.no_grad():
         weighted = model(kspace, mask, d, coil_maps=maps, noise_std=0.05).image[0].abs()
@@ -213,7 +213,7 @@ def test_a_weight_on_the_object_is_withdrawn_and_one_beside_it_is_kept(monkeypat
         if name == "on the object":
             b[:, 8:16, 8:24] = 1
         terms = SimpleNamespace(centred=b, native=_fft.to_native(b), lowpass_gain=torch.tensor(10.0),
-                                image_gain=torch.tensor(2.0), form="penalty")
+                                image_gain=torch.tensor(2.0), form="penalty", step="uniform")
         monkeypatch.setattr(model, "background_terms", lambda x0, terms=terms: terms)
         with torch.no_grad():
             outcomes[name] = model(kspace, mask, d, coil_maps=maps, noise_std=0.05)
@@ -226,9 +226,9 @@ def test_a_weight_on_the_object_is_withdrawn_and_one_beside_it_is_kept(monkeypat
     assert beside.image[0].abs()[border].mean() < 0.5 * plain.image[0].abs()[border].mean()
 
 
-def terms_of(b: torch.Tensor, form: str = "penalty") -> SimpleNamespace:
+def terms_of(b: torch.Tensor, form: str = "penalty", step: str = "uniform") -> SimpleNamespace:
     return SimpleNamespace(centred=b, native=_fft.to_native(b), lowpass_gain=torch.tensor(10.0),
-                           image_gain=torch.tensor(2.0), form=form)
+                           image_gain=torch.tensor(2.0), form=form, step=step)
 
 
 def test_a_withdrawn_slice_keeps_the_weight_where_the_data_agree(monkeypatch):
@@ -280,6 +280,7 @@ def test_the_kept_weight_grows_its_withdrawal_until_the_data_agree():
     assert float(part.check[0]) <= WITHDRAW_Z and 0 < float(part.kept[0]) < 1
     assert data_disagreement(op, y - op.forward(part.image), part.weight) <= WITHDRAW_Z
     assert torch.equal(_fft.from_native(part.image)[0], truth)  # every pixel of the object back, the border 0
+    assert torch.allclose(part.residual, y - op.forward(part.image))
     rounds = background_module.DISAGREE_ROUNDS
     try:
         background_module.DISAGREE_ROUNDS = 0
@@ -287,6 +288,7 @@ def test_the_kept_weight_grows_its_withdrawal_until_the_data_agree():
     finally:
         background_module.DISAGREE_ROUNDS = rounds
     assert float(none_passes.kept[0]) == 0 and torch.equal(none_passes.image, plain)
+    assert torch.allclose(none_passes.residual, y - op.forward(plain))
 
 
 def test_in_a_batch_only_the_disagreeing_slice_is_solved_again(monkeypatch):
@@ -301,7 +303,7 @@ def test_in_a_batch_only_the_disagreeing_slice_is_solved_again(monkeypatch):
 
     def terms(b):
         return SimpleNamespace(centred=b, native=_fft.to_native(b), lowpass_gain=torch.tensor(10.0),
-                               image_gain=torch.tensor(2.0), form="penalty")
+                               image_gain=torch.tensor(2.0), form="penalty", step="uniform")
 
     with torch.no_grad():
         monkeypatch.setattr(model, "background_terms", lambda x0: terms(torch.cat([beside, on_object])))
@@ -325,7 +327,7 @@ def test_solving_without_the_weight_is_how_a_withdrawn_slice_is_solved(monkeypat
     on_object = torch.zeros(1, *SHAPE)
     on_object[:, 8:16, 8:24] = 1
     terms = SimpleNamespace(centred=on_object, native=_fft.to_native(on_object), lowpass_gain=torch.tensor(10.0),
-                            image_gain=torch.tensor(2.0), form="penalty")
+                            image_gain=torch.tensor(2.0), form="penalty", step="uniform")
     monkeypatch.setattr(model, "background_terms", lambda x0: terms)
     with torch.no_grad():
         withdrawn = model(kspace, mask, d, coil_maps=maps, noise_std=0.05)
@@ -344,7 +346,7 @@ def test_the_image_is_the_solution_times_one_minus_the_weight(monkeypatch):
     model = CDLLambda(None, beta=2.0, scalar_lambda=0.5, iterations=30).eval()
     b = 0.5 * box_background()
     terms = SimpleNamespace(centred=b, native=_fft.to_native(b), lowpass_gain=torch.tensor(5.0),
-                            image_gain=torch.tensor(2.0), form="penalty")
+                            image_gain=torch.tensor(2.0), form="penalty", step="uniform")
     monkeypatch.setattr(model, "background_terms", lambda x0: terms)
     with torch.no_grad():
         out = model(kspace, mask, d, coil_maps=maps, noise_std=1.0)
@@ -404,7 +406,7 @@ def test_in_a_batch_only_the_withdrawn_slice_is_solved_again_and_each_residual_i
 
     def terms_of(b):
         return SimpleNamespace(centred=b, native=_fft.to_native(b), lowpass_gain=torch.tensor(10.0),
-                               image_gain=torch.tensor(2.0), form="penalty")
+                               image_gain=torch.tensor(2.0), form="penalty", step="uniform")
 
     alone = []
     for b in (on_object, beside):
@@ -462,7 +464,7 @@ def test_the_local_step_reaches_the_same_image_sooner(monkeypatch):
     for step in ("uniform", "local"):
         model = CDLLambda(None, beta=2.0, scalar_lambda=0.5, iterations=2000, cg_iterations=100,
                           withdraw_z=float("inf")).eval()  # the weighted solve itself, never withdrawn
-        terms = SimpleNamespace(**vars(terms_of(box_background())), step=step)
+        terms = terms_of(box_background(), step=step)
         monkeypatch.setattr(model, "background_terms", lambda x0, terms=terms: terms)
         with torch.no_grad():
             images[step] = [model(kspace, mask, d, coil_maps=maps, noise_std=0.05, iterations=n).image

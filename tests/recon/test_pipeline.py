@@ -222,7 +222,7 @@ def test_a_withdrawn_background_weight_is_said_on_the_outcome(monkeypatch):
     reconstructor = Reconstructor(network="none", iterations=8, device="cpu", batch_size=2, compiled=False)
     weight = torch.ones(1, N, N)
     terms = SimpleNamespace(centred=weight, native=_fft.to_native(weight), lowpass_gain=torch.tensor(10.0),
-                            image_gain=torch.tensor(2.0), form="penalty")
+                            image_gain=torch.tensor(2.0), form="penalty", step="uniform")
     monkeypatch.setattr(reconstructor.model, "background_terms", lambda x0: terms)
     (outcome,) = reconstruct_slices(reconstructor, [_slice(level=1.0, seed=5)])
     assert outcome.background_withdrawn and outcome.background_disagreement > WITHDRAW_Z
