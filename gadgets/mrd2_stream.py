@@ -22,6 +22,8 @@ import threading
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_SECONDS = 30  # how long the stream waits, after its last image, for the reconstruction thread to end
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--chain", default=None, help="chain name (default: chosen by the registry from the header)")
@@ -62,7 +64,7 @@ def main(args) -> int:
 
     from cdl_lambda.gadgets.server import Server
     server = Server("127.0.0.1", 0)
-    server.start(max_connections=1)
+    serving = server.start(max_connections=1)
     peer = Peer.connect("127.0.0.1", server.port)
     failures: list[str] = []
 
@@ -105,6 +107,11 @@ def main(args) -> int:
         sender.join()
         peer.close()
         server.stop()
+    # the scan's thread may still be tidying up after its last reply: let it end before the interpreter does, so no
+    # native code runs while the process tears its libraries down
+    serving.join(timeout=SHUTDOWN_SECONDS)
+    if serving.is_alive():
+        log.warning("the reconstruction thread did not end within %d s of the stream's end", SHUTDOWN_SECONDS)
     output.close()
     log.info("%d image(s) written to stdout", count)
     return 1 if failures or not count else 0

@@ -61,6 +61,34 @@ def test_stream_is_a_node_between_mrd_python_tools(tmp_path):
     assert ours < 0.7 * theirs, (ours, theirs)
 
 
+def test_stream_waits_for_the_reconstruction_thread_before_it_returns(tmp_path, monkeypatch):
+    """The scan's thread may still be tidying up after its last reply; the stream returns only once it has ended,
+    so the interpreter never tears down its libraries under a running reconstruction (a process abort at exit)."""
+    import argparse
+    import threading
+    import time
+    from cdl_lambda.gadgets import mrd2_stream
+    from cdl_lambda.gadgets.server import Server
+    subprocess.run([sys.executable, "-m", "mrd.tools.phantom", "-m", "32", "-c", "2", "-n", "0.05", "-o",
+                    str(tmp_path / "phantom.mrd")], check=True, timeout=300)
+    serve_connection = Server.serve_connection
+    ended = threading.Event()
+
+    def slow_to_end(self, sock, address=None):
+        serve_connection(self, sock, address)
+        time.sleep(1.0)  # work after the last reply: the stream must not return before this ends
+        ended.set()
+
+    monkeypatch.setattr(Server, "serve_connection", slow_to_end)
+    output = open(tmp_path / "images.mrd", "wb")
+    monkeypatch.setattr(mrd2_stream, "_protected_stdout", lambda: output)
+    args = argparse.Namespace(chain=None, device="cpu", param=["iterations=2"], input=str(tmp_path / "phantom.mrd"))
+    assert mrd2_stream.main(args) == 0
+    assert ended.is_set()
+    _, items = read_stream(tmp_path / "images.mrd")
+    assert len(items) == 1
+
+
 def test_stream_refuses_input_that_is_not_mrd2(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-m", "cdl_lambda.gadgets.cli", "stream"], input=b"\x00garbage",
