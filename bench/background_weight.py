@@ -1,7 +1,8 @@
 """The background weight (recon.background) judged on held-out scans: does it clean the background without touching
 the object?
 
-For each network (the shipped default and each ``--candidate``, a shipped name or a training checkpoint) this
+For each network (the shipped default and each ``--candidate``, a shipped name or a training checkpoint, with
+``@SCALE`` its dictionary's scale: recon.model.CDLLambda.dictionary_scale_for) this
 reports, per split, the mean whole-image SSIM, SSIM inside and outside the anatomy and NRMSE
 (lab.evaluation.protocol.score); what each image keeps of the tissue: the 1st percentile of |x| / reference over the
 pixels brighter than 5 % of the maximum (worst scan of the split; darkened tissue lowers it); and for a network with
@@ -171,7 +172,9 @@ def draw(figure: dict, out: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--candidate", action="append", default=[], help="a shipped network or a checkpoint")
+    parser.add_argument("--candidate", action="append", default=[],
+                        help="NAME[@SCALE]: a shipped network or a checkpoint, and the dictionary's scale (default: "
+                             "the network's own; @1: the filters as learned)")
     parser.add_argument("--baseline", default=None, help="the network to compare against (default: the default)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--size", type=int, default=128, help="image matrix n (n × n)")
@@ -182,8 +185,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     registry = WeightsRegistry()
     shipped = registry.network(args.baseline or "default")
-    caps = {name: deployed_cap(name, registry) for name in [shipped.name, *args.candidate]}
-    networks = {f"{Path(name).name}, T = {cap}": model_of(name, "fista", cap, 0.0) for name, cap in caps.items()}
+    networks = {}
+    for spec in [shipped.name, *args.candidate]:
+        name, _, scale = spec.partition("@")
+        cap = deployed_cap(name, registry)
+        model = model_of(name, "fista", cap, 0.0)
+        if scale:
+            model.dictionary_scale = float(scale)
+        networks[f"{Path(name).name}, T = {cap}" + (f", filters at scale {scale}" if scale else "")] = model
     rows, figure = sweep(networks, registry.dictionary(None), args.size)
     command = " ".join(["python bench/background_weight.py", *(argv if argv is not None else sys.argv[1:])])
     publish(table(rows, args.size, command), args.out)

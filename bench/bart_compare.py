@@ -2,16 +2,17 @@
 
 A 256², 8-coil scan as lab.evaluation.scans simulates it (birdcage array, correlated channel noise and a noise
 pre-scan, prewhitened; R = 2 (``--accelerations``) outside 16 calibration lines; image SNR 20) is reconstructed by
-recon.pipeline.Reconstructor with each network of ``--networks`` (``NAME[:T]``: a shipped network and its cap; no
-T: the solver and cap its manifest entry names) and each solver of ``--solvers`` (default: the network's own; ADMM
-with its stopping rule ``--tolerance``) — timed as a whole and in its parts (ESPIRiT coil maps; CDL-Λ given the maps:
-CG low-pass part, NET_Θ, the solve) — and by BART's ``ecalib`` + ``pics`` with
-ℓ1-wavelets and with total variation, λ as tuned on the validation split under the protocol
+recon.pipeline.Reconstructor with each network of ``--networks`` (``NAME[:T][@SCALE]``: a shipped network and its
+cap, no T: the solver and cap its manifest entry names; SCALE: the dictionary's scale, default the network's own,
+``@1``: the filters as learned, recon.model.CDLLambda.dictionary_scale_for) and each solver of ``--solvers``
+(default: the network's own; ADMM with its stopping rule ``--tolerance``) — timed as a whole and in its parts
+(ESPIRiT coil maps; CDL-Λ given the maps: CG low-pass part, NET_Θ, the solve) — and by BART's ``ecalib`` + ``pics``
+with ℓ1-wavelets and with total variation, λ as tuned on the validation split under the protocol
 (docs/evaluation.md; ``--bart-l1`` / ``--bart-tv`` override), with OMP_NUM_THREADS = the torch threads. Quality:
 SSIM / NRMSE / PSNR against the true image (lab.evaluation.protocol.score, no rescaling). Writes
 docs/bench_bart.md.
 
-    python bench/bart_compare.py --threads 2 --repeats 3 [--accelerations 2 3] [--networks default OTHER:64]
+    python bench/bart_compare.py --threads 2 --repeats 3 [--accelerations 2 3] [--networks default default@1 OTHER:64]
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def main(argv=None) -> int:
                         help="solvers to time (default: the model's default only)")
     parser.add_argument("--tolerance", type=float, default=0.01, help="the ADMM stopping rule")
     parser.add_argument("--networks", nargs="+", default=["default"],
-                        help="NAME[:T]: shipped networks and caps (no T: the network's own)")
+                        help="NAME[:T][@SCALE]: shipped networks, caps (no T: the network's own) and dictionary "
+                             "scales (no SCALE: the network's own)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -67,9 +69,10 @@ def main(argv=None) -> int:
     magnitude = next(iter(load_split("test", (args.size, args.size)).values()))
     reconstructors = []
     for spec in args.networks:
+        spec, _, scale = spec.partition("@")
         name, _, cap = spec.partition(":")
         reconstructors.append(Reconstructor(network=name, iterations=int(cap) if cap else None, device="cpu",
-                                            batch_size=1))
+                                            batch_size=1, dictionary_scale=float(scale) if scale else "auto"))
     solvers = args.solvers or sorted({r.model.solver for r in reconstructors})
     sections = []
     for acceleration in args.accelerations:
@@ -88,14 +91,16 @@ def main(argv=None) -> int:
                 result = reconstructor.reconstruct(kspace, mask)
                 used = None if result.iterations_used is None else int(result.iterations_used[0])
                 rule = f"stopping rule {args.tolerance:g}, cap {cap}" if solver == "admm" else f"{cap} iterations"
+                filters = f"filters at {result.dictionary_scale:g}× their scale, " if reconstructor.model.lambda_net \
+                    else ""
                 name = (f"CDL-Λ {network} + {solver.upper()} (whole slice: noise level, ESPIRiT maps, CG low-pass, "
-                        f"NET_Θ, {rule}{f', {used} used' if used else ''})")
+                        f"NET_Θ, {filters}{rule}{f', {used} used' if used else ''})")
 
                 def whole(r=reconstructor):
                     return r.reconstruct(kspace, mask).image[0]
 
                 images[name] = (whole, score(result.image[0], scan.reference), best_of(whole, args.repeats))
-                parts.append((f"CDL-Λ {network} + {solver.upper()}, {cap} iterations, given the maps",
+                parts.append((f"CDL-Λ {network} + {solver.upper()}, {filters}{cap} iterations, given the maps",
                               best_of(lambda r=reconstructor: r.reconstruct(kspace, mask, coil_maps=maps,
                                                                             noise_std=1.0), args.repeats)))
         if bart.available():

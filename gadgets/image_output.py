@@ -223,11 +223,11 @@ def slice_note(outcome, assessment: Assessment | None = None) -> str:
 
 
 def noise_meta(outcome) -> dict:
-    """The noise level the slice was reconstructed in the units of, where it came from, and the final data
-    residual relative to it (≈ 1 when the fit stops at the noise; well above 1 means over-regularisation); the
-    solver's iterations; for a network with a background weight, whether it was applied, withdrawn in part (its
-    factor kept where the data agree) or withdrawn, the share of it kept and the data's disagreement with it
-    (recon.background)."""
+    """The noise level the slice was reconstructed in the units of, where it came from, and the final data residual
+    relative to it (≈ 1 when the fit stops at the noise; well above 1 means over-regularisation); the solver's
+    iterations; the scale the dictionary's filters were resampled to; for a network with a background weight,
+    whether it was applied, withdrawn in part (its factor kept where the data agree) or withdrawn, the share of
+    it kept and the data's disagreement with it (recon.background)."""
     meta = {}
     if getattr(outcome, "noise_source", ""):
         meta["CDL_NoiseSource"] = outcome.noise_source
@@ -238,6 +238,9 @@ def noise_meta(outcome) -> dict:
     if getattr(outcome, "iterations_used", None) is not None:  # the solver's stopping rule
         meta["CDL_IterationsUsed"] = str(int(outcome.iterations_used))
         meta["CDL_FinalRelativeChange"] = f"{outcome.final_relative_change:.3g}"
+    scale = getattr(outcome, "dictionary_scale", None)
+    if scale is not None:  # the grid the dictionary's filters were resampled onto (recon.model): 1 = as learned
+        meta["CDL_DictionaryScale"] = f"{scale:g}"
     if getattr(outcome, "background_disagreement", None) is not None:  # recon.background: the weight's check
         kept = getattr(outcome, "background_kept", None)
         meta["CDL_BackgroundWeight"] = ("applied" if not outcome.background_withdrawn

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # chain, dictionary and network names: no paths
 RECONSTRUCTOR = "reconstructor"  # field metadata: the Reconstructor argument this setting is passed as
+MIN_DICTIONARY_SCALE, MAX_DICTIONARY_SCALE = 0.5, 8.0  # resampling the filters beyond these is not meaningful
 
 
 def _reconstructor(argument: str, default):
@@ -33,6 +34,7 @@ class Parameters:
     dictionary: str = _reconstructor("dictionary", "default")
     network: str = _reconstructor("network", "default")
     iterations: int = _reconstructor("iterations", 0)  # 0: the cap the network was trained for (its manifest entry)
+    dictionary_scale: str = _reconstructor("dictionary_scale", "auto")  # "auto": the network's scale; or a number
     device: str = _reconstructor("device", "auto")
     batch_slices: int = _reconstructor("batch_size", 0)  # 0 = auto: 8 on a GPU, 1 on the CPU
     output: str = "magnitude"        # "magnitude" (float32) or "complex" (complex64)
@@ -68,6 +70,7 @@ class Parameters:
         if not 0 <= params.iterations <= 10000 or params.batch_slices < 0 or params.series_index < 0:
             raise InputError("properties iterations (0–10000; 0: the network's own), batch_slices (≥ 0), "
                              "series_index (≥ 0) out of range")
+        params.dictionary_scale = _dictionary_scale(params.dictionary_scale)
         return params
 
     @staticmethod
@@ -94,6 +97,21 @@ class Parameters:
     def calibration_in_data_flag(self) -> bool | None:
         """``calibration_in_data`` as True/False, or None for "auto"."""
         return {"auto": None, "true": True, "false": False}.get(self.calibration_in_data.lower())
+
+
+def _dictionary_scale(text) -> str | float:
+    """``dictionary_scale``: "auto" (the filters seen at the scale the network was trained at, recon.model) or a
+    number in [MIN_DICTIONARY_SCALE, MAX_DICTIONARY_SCALE] (1: the filters as learned)."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not MIN_DICTIONARY_SCALE <= value <= MAX_DICTIONARY_SCALE:
+        raise InputError(f"property dictionary_scale={text!r} must be 'auto' or a number from "
+                         f"{MIN_DICTIONARY_SCALE:g} to {MAX_DICTIONARY_SCALE:g} (1: the filters as learned)")
+    return value
 
 
 def properties_of(config) -> dict:

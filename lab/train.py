@@ -49,10 +49,10 @@ from cdl_lambda.lab.losses import background_loss, image_loss, relative_squared_
 from cdl_lambda.lab.baselines import BASELINES, build_baseline
 from cdl_lambda.lab.evaluation import product, scans
 from cdl_lambda.lab.manifest import update_manifest
-from cdl_lambda.recon.background import FORMS, STEPS, set_trained_matrix
+from cdl_lambda.recon.background import FORMS, STEPS
 from cdl_lambda.recon.device import choose_device
 from cdl_lambda.recon.dictionary import Dictionary
-from cdl_lambda.recon.lambda_nets import NETWORKS, build_lambda_net
+from cdl_lambda.recon.lambda_nets import NETWORKS, build_lambda_net, set_trained_matrix
 from cdl_lambda.recon.model import CDLLambda
 from cdl_lambda.recon.checksum import sha256_of
 from cdl_lambda.recon.weights import WeightsRegistry, save_network, trained_matrix
@@ -305,6 +305,8 @@ class Trainer:
         self.train_dicts, self.val_dicts = training_dictionaries(registry, config)
         k = self.train_dicts[0].num_filters if config.method in ("v1", "v2") else None
         self.model = build_model(config, k).to(self.device)
+        if config.method in NETWORKS:  # scored on held-out scans as it will be deployed
+            set_trained_matrix(self.model.lambda_net, config.trained_matrix)
         self.optimizer = make_optimizer(self.model, config)
         if config.data not in ("multicoil", "lowres"):
             raise ValueError(f"unknown training data {config.data!r}: multicoil or lowres")

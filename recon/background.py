@@ -108,15 +108,6 @@ class BackgroundWeight(nn.Module):
         return torch.sigmoid(self.unet(channels.contiguous())[:, 0])
 
 
-def set_trained_matrix(network: nn.Module, size: int | None) -> None:
-    """Make ``network``'s background weight (if it has one) infer b at no finer a grid than ``size`` × ``size``, the
-    matrix it was trained at: b judges where the object ends from the anatomy's shape, which the U-Net learned at
-    that scale (on a 256² image's own grid the weight trained at 128² reached onto tissue; docs/site-safety.md)."""
-    weight = getattr(network, "background", None)
-    if weight is not None and size:
-        weight.matrix = int(size)
-
-
 def on_coarser_grid(infer, x0: torch.Tensor, matrix: int) -> torch.Tensor:
     """``infer`` (a map from complex images to ``(B, ny, nx)`` weights) applied to ``x0`` ``(B, ny, nx)`` (centred)
     as if it had been acquired with at most ``matrix`` samples along its longer side: the central

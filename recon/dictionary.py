@@ -16,6 +16,7 @@ import io
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from cdl_lambda.recon.checksum import sha256_of_bytes
 
@@ -63,6 +64,7 @@ class Dictionary:
         self.name = name
         self.meta = dict(meta or {})
         self._spectra: dict[tuple, torch.Tensor] = {}
+        self._resampled: dict[float, Dictionary] = {}
 
     @property
     def num_filters(self) -> int:
@@ -78,6 +80,32 @@ class Dictionary:
     def permuted(self, order: torch.Tensor) -> "Dictionary":
         """The same dictionary with its filters reordered by ``order``."""
         return Dictionary(self.filters[order], name=f"{self.name}-permuted", meta=self.meta)
+
+    @property
+    def scale(self) -> float:
+        """How many times finer a pixel grid these filters were resampled onto (1: as learned)."""
+        return float(self.meta.get("scale", 1.0))
+
+    def resampled(self, scale: float) -> "Dictionary":
+        """The same filters on a pixel grid ``scale`` times finer (the same physical extent in smaller pixels, as a
+        larger matrix over the same field of view has): each filter interpolated bicubically onto
+        k′ = 2·round(scale·(k − 1)/2) + 1 taps, its old taps where they were (k′ − 1 = s·(k − 1), s the scale
+        that odd k′ allows), then set to unit norm again. Cached per scale; ``scale`` 1 is this dictionary."""
+        if not scale > 0:
+            raise DictionaryError(f"dictionary {self.name!r}: scale must be positive, got {scale}")
+        if scale == 1:
+            return self
+        if scale not in self._resampled:
+            k = self.kernel_size
+            taps = 2 * round(scale * (k - 1) / 2) + 1
+            if taps < 3:
+                raise DictionaryError(f"dictionary {self.name!r}: scale {scale:g} leaves fewer than 3 taps")
+            filters = F.interpolate(self.filters[:, None].double(), size=(taps, taps), mode="bicubic",
+                                    align_corners=True)[:, 0]
+            filters = filters / filters.flatten(1).norm(dim=1)[:, None, None]
+            meta = {**self.meta, "scale": self.scale * (taps - 1) / (k - 1), "kernel_size": taps}
+            self._resampled[scale] = Dictionary(filters.float(), name=self.name, meta=meta)
+        return self._resampled[scale]
 
     # ---- FFT-domain machinery -------------------------------------------------------------------------------
     def spectra(self, shape: tuple[int, int], device: torch.device | str = "cpu",

@@ -73,6 +73,7 @@ class LambdaNet(nn.Module):
     def __init__(self, upper_bound: float = 1.0):
         super().__init__()
         self.upper_bound = upper_bound
+        self.matrix: int | None = None  # the largest matrix it was trained at, set when a trained network is loaded
 
     def _init_head(self) -> None:
         nn.init.constant_(self.unet.head.bias, INITIAL_LOGIT)
@@ -176,3 +177,16 @@ def build_lambda_net(config: dict) -> LambdaNet:
     if version not in NETWORKS:
         raise ValueError(f"unknown Λ-network version {version!r}; expected one of {sorted(NETWORKS)}")
     return NETWORKS[version](**config)
+
+
+def set_trained_matrix(network: nn.Module, size: int | None) -> None:
+    """Record on ``network`` the largest matrix it was trained at, ``size`` × ``size``: its Λ network then sees a
+    larger image's dictionary at the scale it learned (:meth:`recon.model.CDLLambda.dictionary_scale_for`), and its
+    background weight (if any) infers b on a grid no finer (:func:`recon.background.on_coarser_grid`): both judge
+    the anatomy by its size in pixels, learned at that scale (docs/site-safety.md, docs/evaluation.md)."""
+    if not size:
+        return
+    network.matrix = int(size)
+    weight = getattr(network, "background", None)
+    if weight is not None:
+        weight.matrix = int(size)

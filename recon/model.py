@@ -72,6 +72,7 @@ class ReconOutput:
     background_withdrawn: torch.Tensor | None = None     # (B,) bool: reconstructed without it, the data disagreeing
     background_kept: torch.Tensor | None = None          # (B,) share of b > ½ whose factor the image keeps (1: all)
     background_applied: torch.Tensor | None = None       # (B, ny, nx) the weight whose factor 1 − b the image carries
+    dictionary_scale: float = 1.0  # the grid the dictionary's filters were resampled onto (CDLLambda.dictionary_scale)
 
 
 DEFAULT_SCALAR_LAMBDA = 1.0  # noise units; with β = DEFAULT_SCALAR_BETA the best pair on the validation split
@@ -99,8 +100,10 @@ class CDLLambda(nn.Module):
                  grad_iterations: int = 8, step_factor: float = 0.99, inertia: float = 3.0,
                  scalar_lambda: float = DEFAULT_SCALAR_LAMBDA, cg_iterations: int = 12, compiled: bool = False,
                  solver: str = "fista", tolerance: float = 0.0, admm: ADMM | None = None,
-                 withdraw_z: float = WITHDRAW_Z):
+                 withdraw_z: float = WITHDRAW_Z, dictionary_scale: float | str = "auto"):
         super().__init__()
+        if dictionary_scale != "auto" and not (isinstance(dictionary_scale, (int, float)) and dictionary_scale > 0):
+            raise ValueError(f"dictionary_scale must be 'auto' or a positive number, got {dictionary_scale!r}")
         if not 0 < step_factor < 1:
             raise ValueError(f"step_factor must be in (0, 1), got {step_factor}")
         if solver not in SOLVERS:
@@ -120,16 +123,29 @@ class CDLLambda(nn.Module):
         self.tolerance = tolerance
         self.admm = admm or ADMM()
         self.withdraw_z = withdraw_z
+        self.dictionary_scale = dictionary_scale
         if solver == "admm" and self._background_net() is not None:
             raise ValueError(ADMM_REFUSES_BACKGROUND)
 
     @classmethod
-    def deployed(cls, loaded, iterations: int | None = None, compiled: bool = False) -> "CDLLambda":
+    def deployed(cls, loaded, iterations: int | None = None, compiled: bool = False,
+                 dictionary_scale: float | str = "auto") -> "CDLLambda":
         """The model a shipped network runs as: its Λ network and β with the solver, cap and stopping rule of its
         manifest entry (``loaded``: a :class:`recon.weights.LoadedNetwork`); ``iterations`` overrides the cap."""
         solver = loaded.solver_settings()
         return cls(loaded.network, beta=loaded.beta, iterations=int(iterations or solver["iterations"]),
-                   compiled=compiled, solver=solver["solver"], tolerance=float(solver["tolerance"]))
+                   compiled=compiled, solver=solver["solver"], tolerance=float(solver["tolerance"]),
+                   dictionary_scale=dictionary_scale)
+
+    def dictionary_scale_for(self, shape: tuple[int, int]) -> float:
+        """How much finer a grid the dictionary's filters are resampled onto for an image of ``shape``
+        (:meth:`recon.dictionary.Dictionary.resampled`). ``"auto"``: n / m for an image whose longer side n exceeds
+        the matrix m the Λ network was trained at (the same field of view in smaller pixels: the filters keep the
+        extent in the anatomy the network learned Λ for), else 1; a number: that scale (1: the filters as learned)."""
+        if self.dictionary_scale != "auto":
+            return float(self.dictionary_scale)
+        matrix, n = getattr(self.lambda_net, "matrix", None), max(shape)
+        return n / matrix if matrix and n > matrix else 1.0
 
     def _background_net(self):
         return getattr(self.lambda_net, "background", None)
@@ -170,6 +186,7 @@ class CDLLambda(nn.Module):
         (training uses it to keep that image good)."""
         iterations = self.iterations if iterations is None else iterations
         grad_iterations = self.grad_iterations if grad_iterations is None else grad_iterations
+        dictionary = dictionary.resampled(self.dictionary_scale_for(tuple(kspace.shape[-2:])))  # at the net's scale
         scan = self._scan_in_noise_units(kspace, mask, coil_maps, noise_std)      # checks, σ, native layout
         x0 = scan.op.adjoint(scan.y)
         x0_centred = _fft.from_native(x0)
@@ -179,7 +196,9 @@ class CDLLambda(nn.Module):
         image, x_low, info = self._reconstruct(scan, x0, lam_native, dictionary,   # (PH), (PR)
                                                iterations, grad_iterations, background)
         if background is None:
-            return self._output(scan, image, x0, x_low, lam, info)
+            output = self._output(scan, image, x0, x_low, lam, info)
+            output.dictionary_scale = dictionary.scale
+            return output
         disagreement = withdrawn = residual = kept = applied = None
         if not self.training:  # the weight checked against the data; withdrawn where they disagree
             with torch.no_grad():
@@ -207,6 +226,7 @@ class CDLLambda(nn.Module):
         output.background_disagreement, output.background_withdrawn = disagreement, withdrawn
         output.background_kept = kept
         output.background_applied = None if kept is None else _fft.from_native(applied)
+        output.dictionary_scale = dictionary.scale
         return output
 
     # ---- the steps of forward ------------------------------------------------------------------------------

@@ -92,6 +92,7 @@ class ReconResult:
     background_disagreement: np.ndarray | None = None  # (slices,) the data against the background weight
     background_withdrawn: np.ndarray | None = None     # (slices,) bool: reconstructed without the weight
     background_kept: np.ndarray | None = None          # (slices,) share of b > ½ whose factor the image keeps
+    dictionary_scale: float = 1.0  # the grid the dictionary's filters were resampled onto (recon.model)
 
 
 class Reconstructor:
@@ -103,13 +104,15 @@ class Reconstructor:
     ("auto": when a compiler is available; the first slice of each size then pays a one-off compile).
     iterations: the solver's cap; None or 0 → the one the network was trained and validated for (its manifest
     entry's ``solver``, :meth:`recon.weights.LoadedNetwork.solver_settings`), which also sets the solver and its
-    stopping rule; the scalar-λ baseline runs :data:`recon.weights.DEFAULT_SOLVER`.
+    stopping rule; the scalar-λ baseline runs :data:`recon.weights.DEFAULT_SOLVER`. dictionary_scale: "auto" (the
+    filters resampled by n / m on an image larger than the matrix m the network was trained at) or a number (1: as
+    learned), :meth:`recon.model.CDLLambda.dictionary_scale_for`.
     """
 
     def __init__(self, dictionary: str | Dictionary = "default", network: str | None = "default",
                  iterations: int | None = None, device: str | None = None, batch_size: int = 8,
                  scalar_lambda: float = DEFAULT_SCALAR_LAMBDA, weights_dir: str | None = None,
-                 compiled: bool | str = "auto"):
+                 compiled: bool | str = "auto", dictionary_scale: float | str = "auto"):
         self.device = choose_device(device)
         if self.device.type == "cpu":
             keep_freed_memory_for_reuse()
@@ -123,9 +126,9 @@ class Reconstructor:
         if loaded is None:
             log.warning("no trained Λ network selected: using the scalar-λ baseline (λ = %g)", scalar_lambda)
             self.model = CDLLambda(None, beta=DEFAULT_SCALAR_BETA, iterations=cap,
-                                   scalar_lambda=scalar_lambda, compiled=compiled)
+                                   scalar_lambda=scalar_lambda, compiled=compiled, dictionary_scale=dictionary_scale)
         else:
-            self.model = CDLLambda.deployed(loaded, cap, compiled=compiled)
+            self.model = CDLLambda.deployed(loaded, cap, compiled=compiled, dictionary_scale=dictionary_scale)
         self.model.to(self.device).eval()
         self.batch_size = max(1, int(batch_size)) if batch_size else (8 if self.device.type == "cuda" else 1)
         self._device_lock = threading.Lock()  # one reconstruction at a time on the device (and torch.compile)
@@ -205,7 +208,8 @@ class Reconstructor:
                            final_relative_change=_joined([p.final_relative_change for p in parts]),
                            background_disagreement=_joined([p.background_disagreement for p in parts]),
                            background_withdrawn=_joined([p.background_withdrawn for p in parts]),
-                           background_kept=_joined([p.background_kept for p in parts]))
+                           background_kept=_joined([p.background_kept for p in parts]),
+                           dictionary_scale=parts[0].dictionary_scale)
 
 
 # ------------------------------------------------------------------------------------------------------- the door
@@ -255,6 +259,7 @@ class SliceOutcome:
     background_disagreement: float | None = None  # the data against the background weight (None: no weight)
     background_withdrawn: bool = False          # reconstructed without the weight: the data disagreed
     background_kept: float | None = None        # share of b > ½ whose factor the image keeps (1: all, 0: none)
+    dictionary_scale: float = 1.0               # the grid the dictionary's filters were resampled onto (recon.model)
     status: str = ""
     device: str = "cpu"
     note: str = ""
@@ -363,7 +368,7 @@ def _solve(reconstructor, batch: list[PreparedSlice], note: str = "") -> list[Sl
             iterations_used=_scalar(getattr(out, "iterations_used", None), i),
             final_relative_change=_scalar(getattr(out, "final_relative_change", None), i),
             background_disagreement=_scalar(disagreement, i), background_withdrawn=pulled,
-            background_kept=_scalar(kept, i),
+            background_kept=_scalar(kept, i), dictionary_scale=float(getattr(out, "dictionary_scale", 1.0)),
             status=one.source.status, device=device, note="; ".join(n for n in notes if n)))
     return outcomes
 

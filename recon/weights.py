@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from cdl_lambda.recon.background import set_trained_matrix
 from cdl_lambda.recon.checksum import sha256_of, sha256_of_bytes  # noqa: F401 - re-exported
 from cdl_lambda.recon.dictionary import Dictionary, dct_dictionary
-from cdl_lambda.recon.lambda_nets import LambdaNet, build_lambda_net
+from cdl_lambda.recon.lambda_nets import LambdaNet, build_lambda_net, set_trained_matrix
 
 
 class WeightsError(ValueError):

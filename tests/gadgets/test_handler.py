@@ -27,6 +27,17 @@ def test_parameters_from_properties_and_checks():
     assert properties_of(None) == {}
 
 
+def test_dictionary_scale_property_is_auto_or_a_number_in_range():
+    assert Parameters.from_sources({}).dictionary_scale == "auto"
+    assert Parameters.from_sources({"dictionary_scale": "1"}).dictionary_scale == 1.0
+    assert Parameters.from_sources({"dictionary_scale": " 2.5 "}).dictionary_scale == 2.5
+    for bad in ("0", "-1", "twice", "20", "nan"):
+        with pytest.raises(InputError, match="dictionary_scale"):
+            Parameters.from_sources({"dictionary_scale": bad})
+    scaled = Parameters.from_sources({"dictionary_scale": "1"}).reconstructor_arguments()
+    assert scaled["dictionary_scale"] == 1.0 and Parameters().reconstructor_arguments()["dictionary_scale"] == "auto"
+
+
 @pytest.fixture(scope="module")
 def reconstructor():
     return ReconstructorCache().get(Parameters(iterations=4))

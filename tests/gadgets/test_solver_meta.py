@@ -32,3 +32,10 @@ def test_meta_says_whether_the_background_weight_was_applied_withdrawn_in_part_o
     assert withdrawn["CDL_BackgroundWeight"] == "withdrawn" and withdrawn["CDL_BackgroundDisagreement"] == "11.50"
     assert withdrawn["CDL_BackgroundWeightKept"] == "0.00"
     assert "CDL_BackgroundWeight" not in noise_meta(SimpleNamespace(**base))
+
+
+def test_meta_says_the_scale_the_dictionary_was_resampled_to():
+    base = dict(noise_source="", noise_std=None, residual_to_noise=None)
+    assert noise_meta(SimpleNamespace(**base, dictionary_scale=2.0))["CDL_DictionaryScale"] == "2"
+    assert noise_meta(SimpleNamespace(**base, dictionary_scale=1.0))["CDL_DictionaryScale"] == "1"
+    assert "CDL_DictionaryScale" not in noise_meta(SimpleNamespace(**base))

@@ -8,10 +8,9 @@ import torch
 
 from support import phantom, random_dictionary, synthetic_maps
 from cdl_lambda.recon import fft as _fft
-from cdl_lambda.recon.background import (WITHDRAW_Z, data_disagreement, kept_where_data_agree, on_coarser_grid,
-                                         set_trained_matrix)
+from cdl_lambda.recon.background import WITHDRAW_Z, data_disagreement, kept_where_data_agree, on_coarser_grid
 from cdl_lambda.recon.fft import fft2c
-from cdl_lambda.recon.lambda_nets import LambdaNetV3, build_lambda_net
+from cdl_lambda.recon.lambda_nets import LambdaNetV3, build_lambda_net, set_trained_matrix
 from cdl_lambda.recon.lowpass import gradient_normal
 from cdl_lambda.recon.model import CDLLambda
 from cdl_lambda.recon.sampling import equispaced_line_mask
@@ -392,7 +391,7 @@ def test_a_larger_matrix_gets_the_weight_its_own_field_of_view_gets_at_the_train
 
 def test_a_shipped_network_infers_its_weight_at_the_matrix_it_was_trained_at():
     loaded = WeightsRegistry().network(None)
-    assert loaded.settings["size"] == 128 and loaded.network.background.matrix == 128
+    assert loaded.settings["size"] == 128 and loaded.network.background.matrix == 128 and loaded.network.matrix == 128
 
 
 def test_in_a_batch_only_the_withdrawn_slice_is_solved_again_and_each_residual_is_its_own_images(monkeypatch):

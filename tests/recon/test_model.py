@@ -125,3 +125,30 @@ def test_compiled_fista_kernel_matches_eager(monkeypatch):
         eager = CDLLambda(None, scalar_lambda=0.05, iterations=12)(kspace, mask, dictionary).image
         fused = CDLLambda(None, scalar_lambda=0.05, iterations=12, compiled=True)(kspace, mask, dictionary).image
     assert relative(fused, eager) < 1e-5
+
+
+def test_a_larger_image_sees_the_dictionary_at_the_scale_the_network_was_trained_at():
+    """dictionary_scale "auto": an image larger than the network's trained matrix m is solved with the filters
+    resampled by n / m — exactly the image the resampled dictionary gives at scale 1 — and says so; at or below m,
+    and without a network, the filters are used as learned; a number forces that scale."""
+    from cdl_lambda.recon.lambda_nets import set_trained_matrix
+    torch.manual_seed(0)
+    network = LambdaNetV3(base_channels=4, stages=1)
+    set_trained_matrix(network, 32)
+    dictionary = random_dictionary(4, 5, seed=2)
+    kspace = fft2c(phantom(64, 64))[None] * 20 + torch.randn(1, 64, 64, dtype=torch.complex64)
+    mask = equispaced_line_mask((64, 64), 2, 8)
+    auto = CDLLambda(network, beta=2.0, iterations=6).eval()
+    assert auto.dictionary_scale_for((64, 64)) == 2 and auto.dictionary_scale_for((32, 32)) == 1
+    assert auto.dictionary_scale_for((24, 48)) == 1.5
+    assert CDLLambda(None).dictionary_scale_for((64, 64)) == 1
+    forced = CDLLambda(network, beta=2.0, iterations=6, dictionary_scale=1).eval()
+    with torch.no_grad():
+        out = auto(kspace, mask, dictionary, noise_std=1.0)
+        same = forced(kspace, mask, dictionary.resampled(2), noise_std=1.0)
+        unscaled = forced(kspace, mask, dictionary, noise_std=1.0)
+    assert out.dictionary_scale == 2 and unscaled.dictionary_scale == 1
+    assert torch.allclose(out.image, same.image, atol=1e-5 * float(same.image.abs().max()))
+    assert (out.image - unscaled.image).abs().max() > 1e-2 * float(same.image.abs().max())
+    with pytest.raises(ValueError, match="dictionary_scale"):
+        CDLLambda(network, dictionary_scale=0)

@@ -355,7 +355,7 @@ def test_gpu_out_of_memory_redoes_the_slice_on_the_cpu(caplog):
 def test_gpu_fallback_wired_through_the_cache_and_server(registry):
     built = []
 
-    def factory(dictionary, network, iterations, device, batch_size):
+    def factory(dictionary, network, iterations, device, batch_size, dictionary_scale):
         built.append(device)
         return FakeReconstructor() if device == "cpu" else FakeReconstructor(
             device="cuda", error=torch.cuda.OutOfMemoryError("CUDA out of memory"))
