@@ -7,9 +7,10 @@ T1 and in a T2-weighted contrast (lab.contrasts.t2_weighted): ``--split val`` (d
 networks here) or ``--split test`` (itk-head: report only). ESPIRiT maps from the calibration lines; SSIM / NRMSE
 of the magnitude against the truth, no rescaling (lab.evaluation.protocol.score).
 
-Configurations: the shipped network with FISTA at T = 32, 64 and 256, and each ``--candidate NETWORK[:SOLVER:CAP:TOL]``
-(a shipped name or a training checkpoint; default FISTA at its deployed cap: the manifest's, or the checkpoint's
-validation cap).
+Configurations: the shipped network with FISTA at T = 32, 64 and 256, and each
+``--candidate NETWORK[:SOLVER:CAP:TOL][@SCALE]`` (a shipped name or a training checkpoint; default FISTA at its
+deployed cap: the manifest's, or the checkpoint's validation cap; SCALE: its dictionary's scale, default the
+network's own, recon.model.CDLLambda.dictionary_scale_for).
 Results are cached in ``--cache`` (JSON) by label, file time and scan set, so a later call only runs what is new.
 Writes a Markdown table.
 
@@ -66,13 +67,16 @@ def deployed_cap(network: str, registry: WeightsRegistry | None = None) -> int:
     return int((registry or WeightsRegistry()).network(network).solver_settings()["iterations"])
 
 
-def candidate_config(text: str) -> tuple[str, str, str, int, float]:
-    """``NETWORK[:SOLVER:CAP:TOL]`` → (label, network, solver, cap, tolerance); without the rest: FISTA at the
-    network's deployed cap (:func:`deployed_cap`)."""
+def candidate_config(text: str) -> tuple[str, str, str, int, float, float | str]:
+    """``NETWORK[:SOLVER:CAP:TOL][@SCALE]`` → (label, network, solver, cap, tolerance, dictionary scale); without
+    the rest: FISTA at the network's deployed cap (:func:`deployed_cap`) and the network's own scale ("auto")."""
+    text, _, scale = text.partition("@")
     network, *rest = text.split(":")
     solver, cap, tolerance = (rest[0], int(rest[1]), float(rest[2])) if rest else ("fista", deployed_cap(network), 0.0)
     stop = f", tol {tolerance:g}" if tolerance else ""
-    return f"{Path(network).name} + {solver.upper()}, T = {cap}{stop}", network, solver, cap, tolerance
+    filters = f", filters at scale {float(scale):g}" if scale else ""
+    return (f"{Path(network).name} + {solver.upper()}, T = {cap}{stop}{filters}", network, solver, cap, tolerance,
+            float(scale) if scale else "auto")
 
 
 def main(argv=None) -> int:
@@ -92,16 +96,19 @@ def main(argv=None) -> int:
     registry = WeightsRegistry()
     dictionary = registry.dictionary()
     args.baseline = args.baseline or registry.defaults["network"]
-    configs = [(f"{args.baseline} + FISTA, T = {t}", args.baseline, "fista", t, 0.0) for t in (32, 64, 256)]
+    configs = [(f"{args.baseline} + FISTA, T = {t}", args.baseline, "fista", t, 0.0, "auto") for t in (32, 64, 256)]
     configs += [candidate_config(c) for c in args.candidate]
     items = S.product_scans(args.split, args.per_contrast, args.size)
     cache_path = Path(args.cache)
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    for label, network, solver, cap, tolerance in configs:
+    for label, network, solver, cap, tolerance, scale in configs:
         stamp = os.path.getmtime(network) if Path(network).exists() else ""
         key = f"{label}|{network}|{stamp}|{args.split}|{len(items)}" + (f"|{args.size}" if args.size != 128 else "")
+        key += f"|filters {scale}"  # entries written before the dictionary's scale was chosen miss and run again
         if key not in cache:
-            cache[key] = evaluate(model_of(network, solver, cap, tolerance), dictionary, items)
+            model = model_of(network, solver, cap, tolerance)
+            model.dictionary_scale = scale
+            cache[key] = evaluate(model, dictionary, items)
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             cache_path.write_text(json.dumps(cache, indent=1))
             print(f"done {label}", file=sys.stderr, flush=True)
