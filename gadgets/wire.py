@@ -141,7 +141,11 @@ def read_image(source) -> ismrmrd.Image:
     if meta.strip():
         parse_xml_safely(meta, f"image (index {head.image_index}) meta")
     image = ismrmrd.Image(head_bytes, meta.decode("utf-8", "replace"))
-    image.data.ravel()[:] = np.frombuffer(source.read(values * itemsize), dtype=image.data.dtype)
+    pixels = source.read(values * itemsize)
+    if len(pixels) != values * itemsize:
+        raise ProtocolError(f"image (index {head.image_index}) is cut off: {len(pixels)} of its {values * itemsize} "
+                            "bytes of pixels arrived")
+    image.data.ravel()[:] = np.frombuffer(pixels, dtype=image.data.dtype)
     return image
 
 

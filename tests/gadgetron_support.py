@@ -16,6 +16,7 @@ zero-filled root-sum-of-squares of the same data is the bar every reconstruction
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 import uuid
@@ -106,7 +107,8 @@ class Run:
 
 
 def read_output(path: Path) -> tuple[list, bool]:
-    """The messages of a Gadgetron output stream, up to its end (a stream cut off by an abort has no CLOSE)."""
+    """The messages of a Gadgetron output stream, up to its end (a stream cut off by an abort has no CLOSE, and its
+    last message may be cut off mid-way: that one is left out; a malformed message before the end still fails)."""
     from cdl_lambda.gadgets import wire
     items, closed = [], False
     with open(path, "rb") as f:
@@ -118,14 +120,19 @@ def read_output(path: Path) -> tuple[list, bool]:
             if mid == wire.MSG_CLOSE:
                 closed = True
                 break
-            if mid == wire.MSG_IMAGE:
-                items.append((mid, wire.read_image(f)))
-            elif mid == wire.MSG_IMAGE_ARRAY:
-                items.append((mid, wire.read_image_array(f)))
-            elif mid in (wire.MSG_TEXT, wire.MSG_HEADER):
-                items.append((mid, wire.read_text(f).decode()))
-            else:
-                raise AssertionError(f"unexpected message id {mid} in Gadgetron's output")
+            try:
+                if mid == wire.MSG_IMAGE:
+                    items.append((mid, wire.read_image(f)))
+                elif mid == wire.MSG_IMAGE_ARRAY:
+                    items.append((mid, wire.read_image_array(f)))
+                elif mid in (wire.MSG_TEXT, wire.MSG_HEADER):
+                    items.append((mid, wire.read_text(f).decode()))
+                else:
+                    raise AssertionError(f"unexpected message id {mid} in Gadgetron's output")
+            except (wire.ProtocolError, ValueError, struct.error):
+                if f.read(1):  # not at the end: a malformed message, not a cut-off one
+                    raise
+                break
     return items, closed
 
 

@@ -134,6 +134,21 @@ def test_image_meta_with_entities_is_refused():
         read_image(Source())
 
 
+def test_an_image_cut_off_in_its_pixels_is_named_as_such():
+    """A stream that ends inside an image's pixels (a peer that aborted mid-write): a ProtocolError saying how much
+    arrived, not a numpy error; the whole image reads back."""
+    import io
+
+    import ismrmrd
+    import numpy as np
+    from cdl_lambda.gadgets.wire import encode_item
+    pixels = np.arange(12, dtype=np.float32).reshape(3, 4)
+    whole = encode_item(ismrmrd.Image.from_array(pixels))[2:]  # without the message id
+    assert np.array_equal(read_image(io.BytesIO(whole)).data[0, 0], pixels)
+    with pytest.raises(ProtocolError, match="cut off: 30 of its 48 bytes"):
+        read_image(io.BytesIO(whole[:-18]))
+
+
 def test_paths_cannot_escape_the_weights_folder(tmp_path):
     outside = tmp_path / "outside.pt"
     outside.write_bytes(b"x")
