@@ -74,7 +74,11 @@ def data_consistent_lowpass(op, x0: torch.Tensor, beta: torch.Tensor | float, it
 
 class LowPassSplit(nn.Module):
     """The (PH) step with a learnable β = softplus(raw_beta): ``forward(x0)`` for a single coil (exact),
-    ``data_consistent(op, x0, iterations)`` for several coils (CG)."""
+    ``data_consistent(op, x0, iterations)`` for several coils (CG).
+
+    ``scale``: how many times finer the image's grid is than the one β was learned on (the dictionary's scale,
+    :meth:`recon.dictionary.Dictionary.resampled`). At a fixed frequency in the anatomy ∇ᴴ∇'s eigenvalue falls by
+    scale² on the finer grid, so β · scale² keeps the split's cut-off where the filters' band starts."""
 
     def __init__(self, beta: float = 1.0):
         super().__init__()
@@ -84,9 +88,9 @@ class LowPassSplit(nn.Module):
     def beta(self) -> torch.Tensor:
         return F.softplus(self.raw_beta)
 
-    def forward(self, x0: torch.Tensor) -> torch.Tensor:
-        return tikhonov_lowpass(x0, self.beta)
+    def forward(self, x0: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return tikhonov_lowpass(x0, self.beta * scale ** 2)
 
     def data_consistent(self, op, x0: torch.Tensor, iterations: int,
-                        weight: torch.Tensor | None = None) -> torch.Tensor:
-        return data_consistent_lowpass(op, x0, self.beta, iterations, weight)
+                        weight: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+        return data_consistent_lowpass(op, x0, self.beta * scale ** 2, iterations, weight)

@@ -141,7 +141,8 @@ class CDLLambda(nn.Module):
         """How much finer a grid the dictionary's filters are resampled onto for an image of ``shape``
         (:meth:`recon.dictionary.Dictionary.resampled`). ``"auto"``: n / m for an image whose longer side n exceeds
         the matrix m the Λ network was trained at (the same field of view in smaller pixels: the filters keep the
-        extent in the anatomy the network learned Λ for), else 1; a number: that scale (1: the filters as learned)."""
+        extent in the anatomy the network learned Λ for, and the (PH) split's β follows as β · scale², its cut-off
+        where the filters' band starts), else 1; a number: that scale (1: the filters and β as learned)."""
         if self.dictionary_scale != "auto":
             return float(self.dictionary_scale)
         matrix, n = getattr(self.lambda_net, "matrix", None), max(shape)
@@ -233,7 +234,7 @@ class CDLLambda(nn.Module):
     def _reconstruct(self, scan, x0, lam, dictionary, iterations, grad_iterations, background):
         """(PH) and (PR) with or without the background weight: x* = x_L + D s* (times 1 − b with the weight),
         x_L and the solver's info, set to 0 outside the coil maps' support."""
-        x_low = self._low_pass(scan, x0, background)                                          # (PH)
+        x_low = self._low_pass(scan, x0, background, dictionary.scale)                        # (PH)
         codes, info = self._solve(scan, x_low, lam, dictionary, iterations, grad_iterations, background)  # (PR)
         image = x_low + _fft.ifft2(dictionary.synthesize_fourier(_fft.fft2(codes)))           # x* = x_L + D s*
         if background is not None:  # the background's remaining noise out; the data check judges this image
@@ -265,15 +266,15 @@ class CDLLambda(nn.Module):
         support = (maps.abs().pow(2).sum(dim=-3) > 0).to(y.real.dtype) if multi else None
         return SimpleNamespace(y=y, op=op, sigma=sigma, multi=multi, support=support)
 
-    def _low_pass(self, scan, x0: torch.Tensor, background=None) -> torch.Tensor:
+    def _low_pass(self, scan, x0: torch.Tensor, background=None, scale: float = 1.0) -> torch.Tensor:
         """x_L: the paper's filter for one coil, the data-consistent CG solve for several or with a background
-        weight (γ_L b on the diagonal)."""
+        weight (γ_L b on the diagonal); β at the dictionary's ``scale`` (:class:`recon.lowpass.LowPassSplit`)."""
         if background is not None:
             weight = background.lowpass_gain * background.native
-            return self.split.data_consistent(scan.op, x0, self.cg_iterations, weight)
+            return self.split.data_consistent(scan.op, x0, self.cg_iterations, weight, scale)
         if scan.multi:
-            return self.split.data_consistent(scan.op, x0, self.cg_iterations)
-        return self.split(x0)
+            return self.split.data_consistent(scan.op, x0, self.cg_iterations, scale=scale)
+        return self.split(x0, scale)
 
     def _solve(self, scan, x_low, lam, dictionary: Dictionary, iterations: int,
                grad_iterations: int, background=None) -> tuple[torch.Tensor, SolveInfo]:
