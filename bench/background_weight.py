@@ -178,6 +178,7 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", default=None, help="the network to compare against (default: the default)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--size", type=int, default=128, help="image matrix n (n × n)")
+    parser.add_argument("--dictionary", default=None, help="the dictionary (default: the manifest's default)")
     parser.add_argument("--out", default="docs/bench_background_weight.md")
     parser.add_argument("--figure", default="docs/figures/background-weight.png")
     args = parser.parse_args(argv)
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
         if scale:
             model.dictionary_scale = float(scale)
         networks[f"{Path(name).name}, T = {cap}" + (f", filters at scale {scale}" if scale else "")] = model
-    rows, figure = sweep(networks, registry.dictionary(None), args.size)
+    rows, figure = sweep(networks, registry.dictionary(args.dictionary), args.size)
     command = " ".join(["python bench/background_weight.py", *(argv if argv is not None else sys.argv[1:])])
     publish(table(rows, args.size, command), args.out)
     draw(figure, Path(args.figure))
