@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import publish
 from cdl_lambda.lab.evaluation import product, scans as S
+from cdl_lambda.lab.train import held_out_score
 from cdl_lambda.recon.model import CDLLambda
 from cdl_lambda.recon.weights import WeightsRegistry
 
@@ -35,16 +36,11 @@ SSIM_WEIGHT = 0.1  # the training loss's and the held-out score's weight of 1 �
 CHOSEN_AT = ("val", 128)
 
 
-def held_out_score(ssim: float, nrmse_values: list[float]) -> float:
-    """mean NRMSE² + SSIM_WEIGHT · (1 − mean SSIM): the form of lab.train.score_held_out."""
-    return float(np.mean(np.square(nrmse_values))) + SSIM_WEIGHT * (1 - ssim)
-
-
 def measure(model, dictionary, items) -> dict:
+    """Mean SSIM / NRMSE, the held-out score and the median seconds of ``model`` with ``dictionary`` on ``items``."""
     results = product.reconstruct_and_score(model, items, dictionary)
-    ssim, nrmse = float(np.mean([r.ssim for r in results])), [r.nrmse for r in results]
-    return {"ssim": ssim, "nrmse": float(np.mean(nrmse)), "score": held_out_score(ssim, nrmse),
-            "seconds": float(np.median([r.seconds for r in results]))}
+    return {"ssim": float(np.mean([r.ssim for r in results])), "nrmse": float(np.mean([r.nrmse for r in results])),
+            "score": held_out_score(results, SSIM_WEIGHT), "seconds": float(np.median([r.seconds for r in results]))}
 
 
 def main(argv=None) -> int:
