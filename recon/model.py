@@ -17,6 +17,10 @@ input's units. The final data residual relative to the noise, ‖A x* − y‖ /
 For several coils the coil maps are support-cropped (zero outside the object): the image is zero there
 (x* ⊙ 1[Σ|c|² > 0]) rather than reconstructed from noise.
 
+On an image larger than the matrix m the Λ network was trained at (the same field of view in smaller pixels) the
+dictionary is used at the network's scale: its filters resampled by n / m and β by (n / m)²
+(:meth:`CDLLambda.dictionary_scale_for`); the output says which scale it used.
+
 A network that infers a background weight b (:mod:`recon.background`) adds (γ_L/2)‖√b ⊙ x‖² to (PH) and
 (γ_R/2)‖√b ⊙ (x_L + D s)‖² to (PR): the image is pulled to zero where b says the object is absent (FISTA only),
 and the image is (1 − b) ⊙ (x_L + D s*): what the quadratic terms leave of noise there is taken out too.
