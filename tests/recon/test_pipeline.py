@@ -234,3 +234,31 @@ def test_a_withdrawn_background_weight_is_said_on_the_outcome(monkeypatch):
     top = np.abs(reference.image).max()
     signal = np.abs(reference.image) > 0.1 * top  # the object: its weight withdrawn, the weight-free image
     np.testing.assert_allclose(outcome.image[signal], reference.image[signal], atol=1e-5 * top)
+
+
+def _slice_of_size(n: int, seed: int = 3) -> SliceData:
+    """A 4-coil phantom scan of matrix n × n, R = 2 with 16 calibration lines, white noise of std ``NOISE``."""
+    maps = synthetic_maps(COILS, (n, n))
+    maps = maps / maps.abs().pow(2).sum(0).sqrt()
+    noise = torch.randn(COILS, n, n, dtype=torch.complex64, generator=torch.Generator().manual_seed(seed)) * NOISE
+    mask = equispaced_line_mask((n, n), 2, 16)
+    kspace = ((fft.fft2c(maps * phantom(n, n)) + noise) * mask)[:, None]
+    return SliceData(kspace=kspace, mask=mask[None].bool(), label=f"{n}² slice")
+
+
+def test_the_shipped_network_on_a_larger_matrix_uses_and_reports_its_dictionary_at_its_scale():
+    """The default network was trained at 128²: on a 256² scan its dictionary is used at twice its scale (the
+    filters' taps 2·(k − 1) + 1, the outcome and its meta saying 2), on a 128² scan as learned; dictionary_scale=1
+    turns it off."""
+    from cdl_lambda.gadgets.image_output import noise_meta
+    shipped = Reconstructor(iterations=2, device="cpu", batch_size=1, compiled=False)
+    as_learned = Reconstructor(iterations=2, device="cpu", batch_size=1, compiled=False, dictionary_scale=1)
+    k = shipped.dictionary.kernel_size
+    (outcome,) = reconstruct_slices(shipped, [_slice_of_size(256)])
+    assert outcome.dictionary_scale == 2 and noise_meta(outcome)["CDL_DictionaryScale"] == "2"
+    assert shipped.dictionary.resampled(2).kernel_size == 2 * (k - 1) + 1
+    (plain,) = reconstruct_slices(as_learned, [_slice_of_size(256)])
+    assert plain.dictionary_scale == 1 and noise_meta(plain)["CDL_DictionaryScale"] == "1"
+    assert np.abs(outcome.image - plain.image).max() > 1e-3 * np.abs(plain.image).max()
+    (at_128,) = reconstruct_slices(shipped, [_slice_of_size(128)])
+    assert at_128.dictionary_scale == 1

@@ -29,6 +29,7 @@ def test_replay_accelerated_file_counters_geometry_quality(accelerated_file, ser
         meta = image.meta
         assert meta["GADGETRON_DataRole"] == "Image" and meta["DataRole"] == "Image"
         assert meta["CDL_Dictionary"] and meta["CDL_DictionarySHA256"] and "WindowWidth" in meta
+        assert meta["CDL_DictionaryScale"] == "1"  # a 64² scan: the filters as learned
         assert len(meta["ImageRowDir"]) == 3
         error = relative_error(image.data[0, 0], reference)
         assert error < 0.33, error
