@@ -33,6 +33,7 @@ PROPERTY_OF = {
     "dictionary": "dictionary",
     "network": "network",
     "iterations": "iterations",
+    "dictionaryscale": "dictionary_scale",
     "sliceerrors": "slice_errors",
     "zerofilled": "send_zero_filled",
     "lambdamaps": "send_lambda_maps",
@@ -92,6 +93,9 @@ def label_parameters(chains=None, weights=None) -> list[dict]:
         _choice("network", "Lambda network", _keep_or(["default"] + sorted(weights.networks) + ["none"]), KEEP,
                 "network inferring the sparsity maps; none = the scalar-lambda baseline"),
         _int("iterations", "Iteration cap", 0, 1000, 0, "solver iterations; 0 = as the chain sets it"),
+        _choice("dictionaryscale", "Dictionary scale", _keep_or(["auto", "1"]), KEEP,
+                "auto: on a matrix larger than the network was trained at, the filters resampled to its scale; "
+                "1: the filters as learned"),
         _choice("sliceerrors", "Slice error policy", _keep_or(["report", "fail"]), "report",
                 "report: a failed slice comes back as a zero image marked NOT RECONSTRUCTED and the others are "
                 "kept; fail: the scan ends with an error after the good images"),

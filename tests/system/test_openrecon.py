@@ -93,6 +93,9 @@ def test_label_values_map_to_gadget_properties():
     # the gadget property names work as well (python-ismrmrd-server JSON written by hand)
     assert settings_from_values({"slice_errors": "fail", "iterations": "12"}) == (
         None, {"slice_errors": "fail", "iterations": "12"})
+    # the dictionary's scale from the scanner's UI reaches the gadget as a number
+    _, properties = settings_from_values({"dictionaryscale": "1", "dictionary": "chain"})
+    assert properties == {"dictionary_scale": "1"} and Parameters.from_sources(properties).dictionary_scale == 1.0
 
 
 def test_packaging_states_the_docker_steps_it_cannot_run(tmp_path):
