@@ -35,7 +35,8 @@ def outcome():
     dictionary = random_dictionary(8, 5)
     v3 = CDLLambda(LambdaNetV3(base_channels=4), iterations=16).eval()
     result, tests = mc_report.run_size(SIZE, plan, v3, [dictionary], [random_dictionary(8, 5, seed=3)], dictionary,
-                                       {}, with_bart=shutil.which("bart") is not None, images=images)
+                                       {}, with_bart=shutil.which("bart") is not None, images=images,
+                                       reference_dictionaries=[random_dictionary(8, 5, seed=4)])
     yield result, tests
     mp.undo()
 
@@ -52,7 +53,8 @@ def test_scans_are_prewhitened_and_the_reference_matches_the_truth(outcome):
 
 def test_every_method_scored_the_same_way_and_tuned_inside_its_grid(outcome):
     result, _ = outcome
-    for method_id in ("sense1", "cg_sense", "cdl_scalar", "cdl_lambda_v3", "cdl_lambda_v3_heldout"):
+    for method_id in ("sense1", "cg_sense", "cdl_scalar", "cdl_lambda_v3", "cdl_lambda_v3_training",
+                      "cdl_lambda_v3_heldout"):
         values = result.results[method_id].mean("test", (SIZE, 2, 20))
         assert 0 < values["ssim"] <= 1 and 0 < values["nrmse"] < 1.5 and values["psnr"] > 5
         assert 0.5 < values["ls_scale"] < 2  # recorded, not applied
@@ -67,6 +69,12 @@ def test_every_method_scored_the_same_way_and_tuned_inside_its_grid(outcome):
     if "bart_tv" in result.results:  # BART's output is in the units of the data, like every other method's
         assert result.results["bart_tv"].mean("test", (SIZE, 1, 20))["nrmse"] < 0.2
     assert any("R=1" in line and line.endswith("(ok)") for line in result.checks)
+    # the held-out dictionaries are judged against the training dictionaries' mean, with the numbers it says
+    (line,) = [line for line in mc_report.check_targets(result) if line.startswith("held-out dictionaries")]
+    settings = [(SIZE, 1, 20), (SIZE, 2, 20)]
+    gap = np.mean([result.results["cdl_lambda_v3_heldout"].mean("test", s)["ssim"]
+                   - result.results["cdl_lambda_v3_training"].mean("test", s)["ssim"] for s in settings])
+    assert "the training ones' mean" in line and f"{gap:+.4f}" in line
 
 
 def test_a_grid_that_never_brackets_is_refused():
