@@ -89,8 +89,9 @@ class Dictionary:
     def resampled(self, scale: float) -> "Dictionary":
         """The same filters on a pixel grid ``scale`` times finer (the same physical extent in smaller pixels, as a
         larger matrix over the same field of view has): each filter interpolated bicubically onto
-        k′ = 2·round(scale·(k − 1)/2) + 1 taps, its old taps where they were (k′ − 1 = s·(k − 1), s the scale
-        that odd k′ allows), then set to unit norm again. Cached per scale; ``scale`` 1 is this dictionary."""
+        k′ = 2·round(scale·(k − 1)/2) + 1 taps (halves round to even), its old taps where they were
+        (k′ − 1 = s·(k − 1), s the scale that odd k′ allows: :attr:`scale` of the result, which β follows), then set
+        to unit norm again. Cached per scale; ``scale`` 1 is this dictionary."""
         if not scale > 0:
             raise DictionaryError(f"dictionary {self.name!r}: scale must be positive, got {scale}")
         if scale == 1:
