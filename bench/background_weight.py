@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.codesign import deployed_cap, model_of
+from bench.codesign import deployed_cap, model_of, with_scale
 from bench.report import publish
 from cdl_lambda.lab import bart, metrics
 from cdl_lambda.lab.losses import OBJECT_FRACTION
@@ -188,12 +188,10 @@ def main(argv=None) -> int:
     shipped = registry.network(args.baseline or "default")
     networks = {}
     for spec in [shipped.name, *args.candidate]:
-        name, _, scale = spec.partition("@")
+        name, scale = with_scale(spec)
         cap = deployed_cap(name, registry)
-        model = model_of(name, "fista", cap, 0.0)
-        if scale:
-            model.dictionary_scale = float(scale)
-        networks[f"{Path(name).name}, T = {cap}" + (f", filters at scale {scale}" if scale else "")] = model
+        label = f"{Path(name).name}, T = {cap}" + (f", filters at scale {scale:g}" if scale != "auto" else "")
+        networks[label] = model_of(name, "fista", cap, 0.0, scale)
     rows, figure = sweep(networks, registry.dictionary(args.dictionary), args.size)
     command = " ".join(["python bench/background_weight.py", *(argv if argv is not None else sys.argv[1:])])
     publish(table(rows, args.size, command), args.out)

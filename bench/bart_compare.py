@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.codesign import with_scale
 from bench.report import publish
 from cdl_lambda.lab import bart
 from cdl_lambda.lab.evaluation import scans
@@ -69,10 +70,10 @@ def main(argv=None) -> int:
     magnitude = next(iter(load_split("test", (args.size, args.size)).values()))
     reconstructors = []
     for spec in args.networks:
-        spec, _, scale = spec.partition("@")
+        spec, scale = with_scale(spec)
         name, _, cap = spec.partition(":")
         reconstructors.append(Reconstructor(network=name, iterations=int(cap) if cap else None, device="cpu",
-                                            batch_size=1, dictionary_scale=float(scale) if scale else "auto"))
+                                            batch_size=1, dictionary_scale=scale))
     solvers = args.solvers or sorted({r.model.solver for r in reconstructors})
     sections = []
     for acceleration in args.accelerations:

@@ -36,8 +36,17 @@ from cdl_lambda.recon.model import CDLLambda
 from cdl_lambda.recon.weights import WeightsRegistry
 
 
-def model_of(network: str, solver: str, iterations: int, tolerance: float) -> CDLLambda:
-    """The named shipped network, or the network of a training checkpoint, with the given solver settings."""
+def with_scale(spec: str) -> tuple[str, float | str]:
+    """``NAME[@SCALE]`` → (NAME, the dictionary's scale: a number, or "auto" without one,
+    recon.model.CDLLambda.dictionary_scale_for)."""
+    name, _, scale = spec.partition("@")
+    return name, float(scale) if scale else "auto"
+
+
+def model_of(network: str, solver: str, iterations: int, tolerance: float,
+             dictionary_scale: float | str = "auto") -> CDLLambda:
+    """The named shipped network, or the network of a training checkpoint, with the given solver settings and
+    dictionary scale."""
     if Path(network).suffix == ".ckpt":
         from cdl_lambda.lab.train import load_trained
         trained, _ = load_trained(network)
@@ -45,7 +54,8 @@ def model_of(network: str, solver: str, iterations: int, tolerance: float) -> CD
     else:
         loaded = WeightsRegistry().network(network)
         lambda_net, beta = loaded.network, loaded.beta
-    return CDLLambda(lambda_net, beta=beta, iterations=iterations, solver=solver, tolerance=tolerance).eval()
+    return CDLLambda(lambda_net, beta=beta, iterations=iterations, solver=solver, tolerance=tolerance,
+                     dictionary_scale=dictionary_scale).eval()
 
 
 def evaluate(model: CDLLambda, dictionary, items) -> dict:
@@ -70,13 +80,12 @@ def deployed_cap(network: str, registry: WeightsRegistry | None = None) -> int:
 def candidate_config(text: str) -> tuple[str, str, str, int, float, float | str]:
     """``NETWORK[:SOLVER:CAP:TOL][@SCALE]`` → (label, network, solver, cap, tolerance, dictionary scale); without
     the rest: FISTA at the network's deployed cap (:func:`deployed_cap`) and the network's own scale ("auto")."""
-    text, _, scale = text.partition("@")
+    text, scale = with_scale(text)
     network, *rest = text.split(":")
     solver, cap, tolerance = (rest[0], int(rest[1]), float(rest[2])) if rest else ("fista", deployed_cap(network), 0.0)
     stop = f", tol {tolerance:g}" if tolerance else ""
-    filters = f", filters at scale {float(scale):g}" if scale else ""
-    return (f"{Path(network).name} + {solver.upper()}, T = {cap}{stop}{filters}", network, solver, cap, tolerance,
-            float(scale) if scale else "auto")
+    filters = f", filters at scale {scale:g}" if scale != "auto" else ""
+    return f"{Path(network).name} + {solver.upper()}, T = {cap}{stop}{filters}", network, solver, cap, tolerance, scale
 
 
 def main(argv=None) -> int:
@@ -106,9 +115,7 @@ def main(argv=None) -> int:
         key = f"{label}|{network}|{stamp}|{args.split}|{len(items)}" + (f"|{args.size}" if args.size != 128 else "")
         key += f"|filters {scale}"  # entries written before the dictionary's scale was chosen miss and run again
         if key not in cache:
-            model = model_of(network, solver, cap, tolerance)
-            model.dictionary_scale = scale
-            cache[key] = evaluate(model, dictionary, items)
+            cache[key] = evaluate(model_of(network, solver, cap, tolerance, scale), dictionary, items)
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             cache_path.write_text(json.dumps(cache, indent=1))
             print(f"done {label}", file=sys.stderr, flush=True)

@@ -5,8 +5,9 @@ Scans: lab.evaluation.scans.product_scans (8-coil birdcage, correlated noise pre
 ESPIRiT maps; R = 2, 3, 4, SNR 10 and 20; ``--per-contrast`` slices of a split's person in T1 and in a T2-weighted
 contrast) of the validation person and of the test head, at 128² (the network's trained matrix) and at each
 ``--size``. Per dictionary and set: mean SSIM / NRMSE against the truth (no rescaling), the held-out score that
-training keeps its best checkpoint by (lab.train.score_held_out: mean NRMSE² + 0.1 · (1 − mean SSIM), lower is
-better) and the median seconds per slice.
+training keeps its best checkpoint by (lab.evaluation.product.held_out_score: mean NRMSE² + w · (1 − mean SSIM),
+w the network's own training weight of SSIM, 0.1 for the shipped one; lower is better) and the median seconds per
+slice.
 
 The rule the default dictionary is chosen by: the lowest validation score at 128² among the dictionaries of the
 training split (a held-out dictionary stays held out). The test columns are reported, never chosen on.
@@ -28,19 +29,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import publish
 from cdl_lambda.lab.evaluation import product, scans as S
-from cdl_lambda.lab.train import held_out_score
 from cdl_lambda.recon.model import CDLLambda
 from cdl_lambda.recon.weights import WeightsRegistry
 
-SSIM_WEIGHT = 0.1  # the training loss's and the held-out score's weight of 1 − SSIM (lab.train)
 CHOSEN_AT = ("val", 128)
 
 
-def measure(model, dictionary, items) -> dict:
+def measure(model, dictionary, items, ssim_weight: float) -> dict:
     """Mean SSIM / NRMSE, the held-out score and the median seconds of ``model`` with ``dictionary`` on ``items``."""
     results = product.reconstruct_and_score(model, items, dictionary)
     return {"ssim": float(np.mean([r.ssim for r in results])), "nrmse": float(np.mean([r.nrmse for r in results])),
-            "score": held_out_score(results, SSIM_WEIGHT), "seconds": float(np.median([r.seconds for r in results]))}
+            "score": product.held_out_score(results, ssim_weight),
+            "seconds": float(np.median([r.seconds for r in results]))}
 
 
 def main(argv=None) -> int:
@@ -54,13 +54,14 @@ def main(argv=None) -> int:
     registry = WeightsRegistry()
     loaded = registry.network("default")
     model = CDLLambda.deployed(loaded).eval()
+    ssim_weight = float(registry.networks[loaded.name]["training"]["ssim_weight"])  # its training loss's weight
     sets = [(split, size) for size in [128, *args.size] for split in ("val", "test")]
     items = {key: S.product_scans(key[0], args.per_contrast, key[1]) for key in sets}
     rows = {}
     for name in sorted(registry.dictionaries):
         dictionary = registry.dictionary(name)
         product.reconstruct_and_score(model, items[sets[0]][:1], dictionary)  # warm-up: spectra, allocations
-        rows[name] = {key: measure(model, dictionary, items[key]) for key in sets}
+        rows[name] = {key: measure(model, dictionary, items[key], ssim_weight) for key in sets}
         print(f"done {name}", file=sys.stderr, flush=True)
     splits = {name: registry.dictionaries[name].get("split", "") for name in rows}
     chosen = min((name for name in rows if splits[name] == "train"), key=lambda n: rows[n][CHOSEN_AT]["score"])
@@ -81,7 +82,8 @@ def main(argv=None) -> int:
         f"{loaded.name} with its deployed solver (the dictionary's scale its own: recon.model), "
         f"{len(items[sets[0]])} scans per set (8 coils, SNR {' and '.join(map(str, S.SNRS))}, "
         f"R = {', '.join(map(str, S.PRODUCT_ACCELERATIONS))}; {args.per_contrast} slice(s) of the split's person in T1 "
-        "and T2 weighting), SSIM / NRMSE against the truth, no rescaling; score: mean NRMSE² + 0.1 · (1 − mean SSIM) "
+        "and T2 weighting), SSIM / NRMSE against the truth, no rescaling; score: mean NRMSE² + "
+        f"{ssim_weight:g} · (1 − mean SSIM) "
         "(lab.train's held-out score, lower is better); s: median seconds per slice "
         f"({args.threads} thread(s), load average {os.getloadavg()[0]:.1f}). The rule: the lowest validation score at "
         f"128² among the training split's dictionaries chooses the default; it chooses **{chosen}**, and the "

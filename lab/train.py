@@ -271,21 +271,14 @@ def validate(model: nn.Module, examples, dictionaries: list[Dictionary], iterati
     return {"loss": sum(errors) / len(errors), "ssim": sum(similarities) / len(similarities)}
 
 
-def held_out_score(results, ssim_weight: float) -> float:
-    """mean NRMSE² + ``ssim_weight`` · (1 − mean SSIM) over ``results`` (:class:`lab.evaluation.product.ScanResult`):
-    the training loss's form, lower is better."""
-    ssim = float(np.mean([r.ssim for r in results]))
-    return float(np.mean(np.square([r.nrmse for r in results]))) + ssim_weight * (1 - ssim)
-
-
 def score_held_out(model: nn.Module, items, dictionary: Dictionary, iterations: int, ssim_weight: float) -> dict:
     """Mean SSIM and NRMSE of the product's reconstruction of ``items`` (:mod:`lab.evaluation.product`: each scan
-    with its own coil maps, the data check on) with ``dictionary``; ``score``: :func:`held_out_score`; ``by_size``:
-    {matrix: (SSIM, NRMSE)}."""
+    with its own coil maps, the data check on) with ``dictionary``; ``score``: :func:`product.held_out_score`;
+    ``by_size``: {matrix: (SSIM, NRMSE)}."""
     results = product.reconstruct_and_score(model, items, dictionary, iterations)
     by_size = dict(sorted(product.mean_quality(results, lambda r: r.size).items()))
     return {"ssim": float(np.mean([r.ssim for r in results])), "nrmse": float(np.mean([r.nrmse for r in results])),
-            "by_size": by_size, "score": held_out_score(results, ssim_weight)}
+            "by_size": by_size, "score": product.held_out_score(results, ssim_weight)}
 
 
 def best_checkpoint_path(checkpoint: Path) -> Path:

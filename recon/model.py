@@ -201,9 +201,7 @@ class CDLLambda(nn.Module):
         image, x_low, info = self._reconstruct(scan, x0, lam_native, dictionary,   # (PH), (PR)
                                                iterations, grad_iterations, background)
         if background is None:
-            output = self._output(scan, image, x0, x_low, lam, info)
-            output.dictionary_scale = dictionary.scale
-            return output
+            return self._output(scan, image, x0, x_low, lam, info, scale=dictionary.scale)
         disagreement = withdrawn = residual = kept = applied = None
         if not self.training:  # the weight checked against the data; withdrawn where they disagree
             with torch.no_grad():
@@ -226,12 +224,11 @@ class CDLLambda(nn.Module):
                     applied = applied.index_copy(0, rows, part.weight)
                     residual = residual.index_copy(0, rows, part.residual)         # their images changed
                 image, x_low, info = _replace_rows(rows, (part.image, plain_low, plain_info), (image, x_low, info))
-        output = self._output(scan, image, x0, x_low, lam, info, residual)
+        output = self._output(scan, image, x0, x_low, lam, info, residual, dictionary.scale)
         output.background = background.centred
         output.background_disagreement, output.background_withdrawn = disagreement, withdrawn
         output.background_kept = kept
         output.background_applied = None if kept is None else _fft.from_native(applied)
-        output.dictionary_scale = dictionary.scale
         return output
 
     # ---- the steps of forward ------------------------------------------------------------------------------
@@ -326,9 +323,9 @@ class CDLLambda(nn.Module):
                      compiled=self.compiled, tolerance=self.tolerance, with_info=True)
 
     @staticmethod
-    def _output(scan, image, x0, x_low, lam, info: SolveInfo, residual=None) -> ReconOutput:
+    def _output(scan, image, x0, x_low, lam, info: SolveInfo, residual=None, scale: float = 1.0) -> ReconOutput:
         """Back to the centred layout and the input's units, with the data residual relative to the noise
-        (``residual`` y − A x* when the caller has it)."""
+        (``residual`` y − A x* when the caller has it) and the dictionary's ``scale``."""
         y = scan.y
         with torch.no_grad():
             residual = y - scan.op.forward(image) if residual is None else residual
@@ -338,7 +335,7 @@ class CDLLambda(nn.Module):
         return ReconOutput(image=_fft.from_native(image) * rescale, zero_filled=_fft.from_native(x0) * rescale,
                            low_pass=_fft.from_native(x_low) * rescale, lambda_maps=lam, noise_std=scan.sigma,
                            residual_to_noise=ratio, iterations_used=info.iterations,
-                           final_relative_change=info.relative_change)
+                           final_relative_change=info.relative_change, dictionary_scale=scale)
 
 
 def _replace_rows(rows: torch.Tensor, replacement: tuple, current: tuple) -> tuple:

@@ -233,7 +233,8 @@ def check_targets(outcome: Outcome) -> list[str]:
     held = results.get("cdl_lambda_v3_heldout")
     if held is not None:
         trained = results.get("cdl_lambda_v3_training")
-        reference, against = (trained, "the training ones' mean") if trained is not None else (v3, "the default")
+        reference, against = ((trained, "the training ones' mean") if trained is not None
+                              else (v3, f"the {DISPLAY['cdl_lambda_v3']} row's"))
         settings = [s for s in _settings(outcome, "test") if held.mean("test", s) and reference.mean("test", s)]
         gap = float(np.mean([held.mean("test", s)["ssim"] - reference.mean("test", s)["ssim"] for s in settings]))
         lines.append(f"held-out dictionaries (mean) within 0.005 SSIM of {against} (test, mean over settings): "

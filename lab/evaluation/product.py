@@ -60,3 +60,10 @@ def mean_quality(results: list[ScanResult], key) -> dict:
         groups.setdefault(key(result), []).append(result)
     return {group: (float(np.mean([r.ssim for r in members])), float(np.mean([r.nrmse for r in members])))
             for group, members in groups.items()}
+
+
+def held_out_score(results: list[ScanResult], ssim_weight: float) -> float:
+    """mean NRMSE² + ``ssim_weight`` · (1 − mean SSIM) over ``results``: the training loss's form, lower is better
+    (the score training keeps its best checkpoint by, lab.train.score_held_out)."""
+    ssim = float(np.mean([r.ssim for r in results]))
+    return float(np.mean(np.square([r.nrmse for r in results]))) + ssim_weight * (1 - ssim)
