@@ -31,8 +31,9 @@ brighter than 1 % of the image (lab.losses.background_loss), judged out of distr
 (bench/background_weight.py), and checked against the data for every image (:func:`data_disagreement`, on the image
 shown, after the factor 1 − b): where the data show signal the weight removed, the image is reconstructed without it
 and says so. That image keeps the weight's factor 1 − b where the data agree (:func:`kept_where_data_agree`): the
-weight is withdrawn around every box where they disagree, the factor applied to the weight-free image elsewhere, and
-the result checked again, so a knee whose dim edge b covered keeps its clean background everywhere else.
+weight is withdrawn around every box where they disagree (fading back over a few pixels: no hard edge), the factor
+applied to the weight-free image elsewhere, and the result checked again, so a knee whose dim edge b covered keeps
+its clean background everywhere else.
 b reads where the object ends from the anatomy's shape, so it is inferred at the scale it was trained at: an image
 with more samples than that matrix is seen through the centre of its k-space (the same field of view in larger
 pixels, :func:`on_coarser_grid`) and b interpolated back. Training solves a share of its batches without the weight
@@ -56,6 +57,7 @@ WINDOW = 5                    # pixels: the box over which the data residual is 
 WITHDRAW_Z = 5.5              # above this disagreement the weight is withdrawn (docs/site-safety.md says why)
 DISAGREE_Z = 3.0              # a box above this is where the data disagree (pure noise: exp(−9) ≈ 1e-4 per pixel)
 DISAGREE_MARGIN = 4           # pixels a disagreeing box is grown by before the weight is withdrawn there
+FEATHER = 5                   # pixels (odd) beyond that margin over which the withdrawal fades out
 DISAGREE_ROUNDS = 3           # times the withdrawn region may grow before the weight is withdrawn everywhere
 INITIAL_LOGIT = -6.0          # b ≈ 0.0025 everywhere before training: the network starts as it was
 FORMS = ("penalty", "factor")  # how (PR) uses b: the pull (γ_R/2)‖√b ⊙ x‖², or the factor 1 − b in the forward model
@@ -183,23 +185,38 @@ def _grown(region: torch.Tensor, margin: int) -> torch.Tensor:
     return F.max_pool2d(padded, 2 * margin + 1, stride=1).squeeze(1) > 0
 
 
+def withdrawal(core: torch.Tensor, margin: int = DISAGREE_MARGIN, feather: int = FEATHER) -> torch.Tensor:
+    """How much of the weight is withdrawn at each pixel, ``(B, ny, nx)`` in [0, 1], around the boxes ``core``
+    (bool) where the data disagree: 1 within ``margin`` pixels of them (Chebyshev distance d ≤ margin), then falling
+    linearly to 0 over the next ``feather`` pixels (1 − (d − margin)/feather, corners rounded by the box average),
+    0 beyond. A hard edge would leave a rectangle of the weight-free image's noise beside exact zeros, visible at a
+    background window; the fade withdraws more than the margin alone, never less."""
+    if feather < 1 or feather % 2 == 0:
+        raise ValueError(f"feather must be an odd number of pixels, got {feather}")
+    half = feather // 2  # a box of feather pixels over the region grown half as far again
+    return _box_mean(_grown(core, margin + half).to(torch.float32), feather)
+
+
 def kept_where_data_agree(op, y: torch.Tensor, plain: torch.Tensor, weight: torch.Tensor, disagreement: torch.Tensor,
-                          limit: float = WITHDRAW_Z) -> SimpleNamespace:
+                          limit: float = WITHDRAW_Z, feather: int | None = None) -> SimpleNamespace:
     """The weight-free image of slices whose weighted image the data contradicted, given back the weight's factor
     where the data agree.
 
-    b′ = b withdrawn (set to 0) within :data:`DISAGREE_MARGIN` pixels of every box whose Z (``disagreement``, the
-    map :func:`disagreement_map` of the weighted image) exceeds :data:`DISAGREE_Z`; the image is ``plain`` ⊙ (1 − b′)
-    and is checked as every image is, where b′ > ½. Where it still exceeds ``limit`` the region grows by the boxes
-    of its own map, up to :data:`DISAGREE_ROUNDS` times; a slice that never passes gets ``plain`` (b′ = 0).
+    b′ = b ⊙ (1 − w), w the :func:`withdrawal` around every box whose Z (``disagreement``, the map
+    :func:`disagreement_map` of the weighted image) exceeds :data:`DISAGREE_Z`: b′ = 0 within
+    :data:`DISAGREE_MARGIN` pixels of those boxes, back to b over the next ``feather`` (None: :data:`FEATHER`;
+    1: a hard edge). The image is
+    ``plain`` ⊙ (1 − b′) and is checked as every image is, where b′ > ½. Where it still exceeds ``limit`` the
+    boxes of its own map join, up to :data:`DISAGREE_ROUNDS` times; a slice that never passes gets ``plain`` (b′ = 0).
     Each step only lowers the factor's reach, and the data decide every pixel it keeps. ``op``, ``y``, ``plain``
     (already 0 outside the maps' support), ``weight`` b and ``disagreement`` in the native layout, ``(B, …)``.
 
     Returns ``image``, ``weight`` b′, ``check`` (the final image's Z where b′ > ½), ``kept`` (B,): the share of
     b > ½ where b′ > ½ still (0 where the weight was withdrawn everywhere), and the k-space ``residual`` y − A·image."""
-    withdrawn = _grown(disagreement > DISAGREE_Z, DISAGREE_MARGIN)
+    feather = FEATHER if feather is None else feather
+    disagree = disagreement > DISAGREE_Z
     for round_ in range(DISAGREE_ROUNDS + 1):
-        kept_weight = weight * (~withdrawn).to(weight.dtype)
+        kept_weight = weight * (1 - withdrawal(disagree, DISAGREE_MARGIN, feather).to(weight.dtype))
         image = plain * (1 - kept_weight)
         residual = y - op.forward(image)
         z = disagreement_map(op, residual)
@@ -207,7 +224,7 @@ def kept_where_data_agree(op, y: torch.Tensor, plain: torch.Tensor, weight: torc
         passed = check <= limit
         if bool(passed.all()) or round_ == DISAGREE_ROUNDS:
             break
-        withdrawn = withdrawn | (_grown(z > DISAGREE_Z, DISAGREE_MARGIN) & ~passed.view(-1, 1, 1))
+        disagree = disagree | ((z > DISAGREE_Z) & ~passed.view(-1, 1, 1))
     if not bool(passed.all()):  # those slices fall back to the weight-free image
         failed = ~passed.view(-1, *(1,) * (y.ndim - 1))
         kept_weight = torch.where(failed.view(-1, 1, 1), torch.zeros_like(kept_weight), kept_weight)

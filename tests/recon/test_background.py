@@ -234,7 +234,11 @@ def test_a_withdrawn_slice_keeps_the_weight_where_the_data_agree(monkeypatch):
     """b on the empty border and on a patch of the object: the data contradict the patch, so the slice is solved
     without the weight, and the image is that weight-free image on and around the patch but keeps the factor 1 − b
     on the border far from it (0 where b = 1); the share of b > ½ kept is some of the border's (R = 2 folds the
-    patch's disagreement onto the border rows half a field of view away, which lose the weight too)."""
+    patch's disagreement onto the border rows half a field of view away, which lose the weight too). With a hard
+    edge (FEATHER = 1): the fade's few pixels would cover most of a 32² grid (it has its own tests)."""
+    from cdl_lambda.recon import background as background_module
+
+    monkeypatch.setattr(background_module, "FEATHER", 1)
     kspace, mask, maps = scan(4)
     d = random_dictionary(6, 5)
     model = CDLLambda(None, beta=2.0, scalar_lambda=0.5, iterations=60).eval()
@@ -256,11 +260,34 @@ def test_a_withdrawn_slice_keeps_the_weight_where_the_data_agree(monkeypatch):
     assert float(out.background_kept[0]) == float((applied > 0.5).sum() / (b[0] > 0.5).sum())
 
 
+def test_the_withdrawal_is_full_within_the_margin_and_fades_out_beyond_it():
+    """One disagreeing pixel on a 40² grid: the withdrawal is 1 up to DISAGREE_MARGIN pixels away in each direction,
+    then 1 − j / FEATHER at j pixels beyond, 0 from FEATHER pixels beyond on; it never withdraws less than the hard
+    margin did, and an even fade width is refused."""
+    from cdl_lambda.recon.background import DISAGREE_MARGIN, FEATHER, withdrawal
+
+    core = torch.zeros(1, 40, 40, dtype=torch.bool)
+    core[0, 20, 20] = True
+    w = withdrawal(core)[0]
+    along_row = w[20, 20:]
+    expected = [1.0] * (DISAGREE_MARGIN + 1) + [1 - j / FEATHER for j in range(1, FEATHER + 1)]
+    assert torch.allclose(along_row[:len(expected)], torch.tensor(expected), atol=1e-6)
+    assert along_row[len(expected):].max() == 0
+    assert torch.equal(w[20, 10:21].flip(0), w[20, 20:31]) and torch.equal(w, w.T)  # symmetric about the pixel
+    hard = withdrawal(core, feather=1)[0]
+    assert hard.sum() == (2 * DISAGREE_MARGIN + 1) ** 2 and (w >= hard).all()
+    diagonal = torch.tensor([float(w[20 + j, 20 + j]) for j in range(12)])
+    assert (diagonal[1:] <= diagonal[:-1]).all() and diagonal[DISAGREE_MARGIN] == 1  # corners fade as well
+    with pytest.raises(ValueError, match="odd"):
+        withdrawal(core, feather=4)
+
+
 def test_the_kept_weight_grows_its_withdrawal_until_the_data_agree():
     """An image that fits its data to the noise (the truth, in noise units) and a weight on the empty border and on
     half of the object, with no disagreement to start from: the weight is withdrawn round by round where the data
     show what it removed, until the image passes the check with the object whole and part of the weight kept.
-    Allowed no round (the first image fails), the slice falls back to the weight-free image."""
+    Allowed no round (the first image fails), the slice falls back to the weight-free image. With a hard edge
+    (``feather=1``), as the 32² grid needs."""
     from cdl_lambda.recon import background as background_module
     from cdl_lambda.recon.operators import make_operator
 
@@ -275,7 +302,7 @@ def test_the_kept_weight_grows_its_withdrawal_until_the_data_agree():
     b = box_background()
     b[:, 6:16, 6:-6] = 1                                                    # half the object
     weight, nothing = _fft.to_native(b), torch.zeros(1, *SHAPE)
-    part = kept_where_data_agree(op, y, plain, weight, nothing)
+    part = kept_where_data_agree(op, y, plain, weight, nothing, feather=1)
     assert float(part.check[0]) <= WITHDRAW_Z and 0 < float(part.kept[0]) < 1
     assert data_disagreement(op, y - op.forward(part.image), part.weight) <= WITHDRAW_Z
     assert torch.equal(_fft.from_native(part.image)[0], truth)  # every pixel of the object back, the border 0
@@ -283,11 +310,43 @@ def test_the_kept_weight_grows_its_withdrawal_until_the_data_agree():
     rounds = background_module.DISAGREE_ROUNDS
     try:
         background_module.DISAGREE_ROUNDS = 0
-        none_passes = kept_where_data_agree(op, y, plain, weight, nothing)
+        none_passes = kept_where_data_agree(op, y, plain, weight, nothing, feather=1)
     finally:
         background_module.DISAGREE_ROUNDS = rounds
     assert float(none_passes.kept[0]) == 0 and torch.equal(none_passes.image, plain)
     assert torch.allclose(none_passes.residual, y - op.forward(plain))
+
+
+def test_a_kept_weight_fades_back_beside_where_the_data_disagree():
+    """On a 64² grid, an image that fits its data and a weight b = 1 on its empty border, a disagreeing box given on
+    the border: the weight kept is b ⊙ (1 − withdrawal), 0 on and beside the box and back to b over FEATHER pixels,
+    no step along the border larger than one pixel's share of the fade; the image passes the check in the first
+    round and is the truth (it is 0 wherever b acts)."""
+    from cdl_lambda.recon.background import DISAGREE_MARGIN, FEATHER, withdrawal
+    from cdl_lambda.recon.operators import make_operator
+
+    torch.manual_seed(7)
+    shape = (64, 64)
+    truth = torch.zeros(shape, dtype=torch.complex64)
+    truth[12:-12, 12:-12] = phantom(40, 40).to(torch.complex64) * 30
+    maps = synthetic_maps(4, shape)
+    maps = (maps / maps.abs().pow(2).sum(dim=0, keepdim=True).sqrt()).unsqueeze(0)
+    op = make_operator(_fft.to_native(equispaced_line_mask(shape, 2, 8)), _fft.to_native(maps), centred=False)
+    plain = _fft.to_native(truth[None])
+    y = op.forward(plain) + op.mask * torch.randn(1, 4, *shape, dtype=torch.complex64)
+    b = torch.ones(1, *shape)
+    b[:, 10:-10, 10:-10] = 0
+    core = torch.zeros(1, *shape)
+    core[:, 2:5, 30:33] = 10.0                                    # Z above DISAGREE_Z on one 3 × 3 box of the border
+    part = kept_where_data_agree(op, y, plain, _fft.to_native(b), _fft.to_native(core))
+    kept = _fft.from_native(part.weight)[0]
+    assert torch.allclose(kept, b[0] * (1 - withdrawal(core > 3)[0]), atol=1e-6)
+    row = kept[3]                                                 # along the border through the box
+    assert row[30 - DISAGREE_MARGIN:33 + DISAGREE_MARGIN].max() == 0
+    assert torch.allclose(row[33 + DISAGREE_MARGIN:33 + DISAGREE_MARGIN + FEATHER],
+                          torch.arange(1, FEATHER + 1) / FEATHER, atol=1e-6)
+    assert (row[1:] - row[:-1]).abs().max() <= 1 / FEATHER + 1e-6
+    assert float(part.check[0]) <= WITHDRAW_Z and torch.allclose(_fft.from_native(part.image)[0], truth)
 
 
 def test_in_a_batch_only_the_disagreeing_slice_is_solved_again(monkeypatch):

@@ -213,12 +213,15 @@ def test_oversampled_3d_group_gives_one_outcome_per_partition(reconstructor):
 def test_a_withdrawn_background_weight_is_said_on_the_outcome(monkeypatch):
     """A network whose background weight covers the whole field of view: the data disagree, the slice is
     reconstructed without the weight, its factor kept only where the data agree (a few empty pixels), and its
-    outcome says so (the image comment and meta come from these fields)."""
+    outcome says so (the image comment and meta come from these fields). With a hard edge to the withdrawn region
+    (FEATHER = 1): the fade would cover the few empty pixels of this small grid."""
     from types import SimpleNamespace
 
+    from cdl_lambda.recon import background as background_module
     from cdl_lambda.recon import fft as _fft
     from cdl_lambda.recon.background import WITHDRAW_Z
 
+    monkeypatch.setattr(background_module, "FEATHER", 1)
     reconstructor = Reconstructor(network="none", iterations=8, device="cpu", batch_size=2, compiled=False)
     weight = torch.ones(1, N, N)
     terms = SimpleNamespace(centred=weight, native=_fft.to_native(weight), lowpass_gain=torch.tensor(10.0),
