@@ -205,9 +205,9 @@ def kept_where_data_agree(op, y: torch.Tensor, plain: torch.Tensor, weight: torc
     b′ = b ⊙ (1 − w), w the :func:`withdrawal` around every box whose Z (``disagreement``, the map
     :func:`disagreement_map` of the weighted image) exceeds :data:`DISAGREE_Z`: b′ = 0 within
     :data:`DISAGREE_MARGIN` pixels of those boxes, back to b over the next ``feather`` (None: :data:`FEATHER`;
-    1: a hard edge). The image is
-    ``plain`` ⊙ (1 − b′) and is checked as every image is, where b′ > ½. Where it still exceeds ``limit`` the
-    boxes of its own map join, up to :data:`DISAGREE_ROUNDS` times; a slice that never passes gets ``plain`` (b′ = 0).
+    1: a hard edge). The image is ``plain`` ⊙ (1 − b′) and is checked as every image is, where b′ > ½. Where it
+    still exceeds ``limit`` the boxes of its own map join, up to :data:`DISAGREE_ROUNDS` times; a slice that never
+    passes gets ``plain`` (b′ = 0).
     Each step only lowers the factor's reach, and the data decide every pixel it keeps. ``op``, ``y``, ``plain``
     (already 0 outside the maps' support), ``weight`` b and ``disagreement`` in the native layout, ``(B, …)``.
 
