@@ -50,12 +50,12 @@ def model_of(network: str, solver: str, iterations: int, tolerance: float,
     if Path(network).suffix == ".ckpt":
         from cdl_lambda.lab.train import load_trained
         trained, _ = load_trained(network)
-        lambda_net, beta = trained.lambda_net, float(trained.split.beta.detach())
+        lambda_net, beta, passes = trained.lambda_net, float(trained.split.beta.detach()), trained.lambda_passes
     else:
         loaded = WeightsRegistry().network(network)
-        lambda_net, beta = loaded.network, loaded.beta
+        lambda_net, beta, passes = loaded.network, loaded.beta, 1
     return CDLLambda(lambda_net, beta=beta, iterations=iterations, solver=solver, tolerance=tolerance,
-                     dictionary_scale=dictionary_scale).eval()
+                     dictionary_scale=dictionary_scale, lambda_passes=passes).eval()
 
 
 def evaluate(model: CDLLambda, dictionary, items) -> dict:

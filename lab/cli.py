@@ -170,6 +170,8 @@ TRAIN_HELP = {
     "background_lr": "learning rate of those steps",
     "background_dropout": "with --background: share of the batches solved without the weight, as a slice whose "
                           "weight the data check withdraws is",
+    "lambda_passes": "v3 with FISTA: split the iterations into this many passes, Λ inferred again by the network "
+                     "from the image so far before each pass after the first (the codes carried on)",
     "background_form": "with --background: how the solve uses the weight: penalty (a pull to zero, the step "
                        "divided by 1 + γ_R) or factor (1 − b in the forward model, the full step)",
     "background_step": "with --background in the penalty form: FISTA's step, uniform (1 / ((1 + γ_R)‖D‖²)) or "

@@ -102,6 +102,7 @@ class TrainConfig:
     background_pretrain: int = 0   # before step 1: this many steps training b alone on that BCE
     background_lr: float = 1e-3    # Adam learning rate of b's network in those steps
     background_dropout: float = 0.0  # share of training batches solved without b, as a withdrawn slice is
+    lambda_passes: int = 1  # FISTA passes, Λ inferred again from the image before each after the first
                                      # (recon.background.data_disagreement): keeps that image good
     background_form: str = "penalty"  # how (PR) uses b: "penalty" or "factor" (recon.background.FORMS)
     background_step: str = "uniform"  # the penalty form's FISTA step: "uniform" or "local" (recon.background.STEPS)
@@ -179,7 +180,7 @@ def build_model(config: TrainConfig, num_filters: int | None = None) -> nn.Modul
         network.requires_grad_(False)
         network.background.requires_grad_(True)
     model = CDLLambda(network, beta=beta, iterations=config.iterations, grad_iterations=config.grad_iterations,
-                      solver=config.solver, tolerance=config.tolerance)
+                      solver=config.solver, tolerance=config.tolerance, lambda_passes=config.lambda_passes)
     if config.background_only:
         model.split.requires_grad_(False)
     return model

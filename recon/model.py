@@ -98,14 +98,20 @@ class CDLLambda(nn.Module):
     ``iterations`` is the cap and ``tolerance`` the stopping rule (0: always run the cap): FISTA stops an item when
     the relative change of its codes ‖s⁺ − s‖/‖s⁺‖ is at most ``tolerance``, ADMM when its relative primal residual
     and change are. ``compiled`` fuses FISTA's element-wise work with ``torch.compile`` where no gradient is
-    built."""
+    built. ``lambda_passes`` P > 1 (FISTA only): the cap is split into P passes, and before each pass after the first
+    Λ is inferred again by the same network from the image so far, x_L + D s (less aliased than x₀), the codes
+    carried on; each pass differentiates its last ``grad_iterations`` steps. The output's Λ is the first pass's."""
 
     def __init__(self, lambda_net: LambdaNet | None = None, beta: float = 1.0, iterations: int = 64,
                  grad_iterations: int = 8, step_factor: float = 0.99, inertia: float = 3.0,
                  scalar_lambda: float = DEFAULT_SCALAR_LAMBDA, cg_iterations: int = 12, compiled: bool = False,
                  solver: str = "fista", tolerance: float = 0.0, admm: ADMM | None = None,
-                 withdraw_z: float = WITHDRAW_Z, dictionary_scale: float | str = "auto"):
+                 withdraw_z: float = WITHDRAW_Z, dictionary_scale: float | str = "auto", lambda_passes: int = 1):
         super().__init__()
+        if not (isinstance(lambda_passes, int) and lambda_passes >= 1):
+            raise ValueError(f"lambda_passes must be a positive integer, got {lambda_passes!r}")
+        if lambda_passes > 1 and solver != "fista":
+            raise ValueError("lambda_passes > 1 continues FISTA's codes from pass to pass: use the FISTA solver")
         if dictionary_scale != "auto" and not (isinstance(dictionary_scale, (int, float)) and dictionary_scale > 0):
             raise ValueError(f"dictionary_scale must be 'auto' or a positive number, got {dictionary_scale!r}")
         if not 0 < step_factor < 1:
@@ -128,6 +134,7 @@ class CDLLambda(nn.Module):
         self.admm = admm or ADMM()
         self.withdraw_z = withdraw_z
         self.dictionary_scale = dictionary_scale
+        self.lambda_passes = lambda_passes
         if solver == "admm" and self._background_net() is not None:
             raise ValueError(ADMM_REFUSES_BACKGROUND)
 
@@ -236,13 +243,26 @@ class CDLLambda(nn.Module):
         """(PH) and (PR) with or without the background weight: x* = x_L + D s* (times 1 − b with the weight),
         x_L and the solver's info, set to 0 outside the coil maps' support."""
         x_low = self._low_pass(scan, x0, background, dictionary.scale)                        # (PH)
-        codes, info = self._solve(scan, x_low, lam, dictionary, iterations, grad_iterations, background)  # (PR)
-        image = x_low + _fft.ifft2(dictionary.synthesize_fourier(_fft.fft2(codes)))           # x* = x_L + D s*
-        if background is not None:  # the background's remaining noise out; the data check judges this image
+        codes, used = None, 0
+        for n, steps in enumerate(_pass_lengths(iterations, self.lambda_passes)):              # (PR)
+            if n:  # Λ again from the image so far
+                lam = _fft.to_native(self.lambda_maps(_fft.from_native(self._image(scan, x_low, codes, dictionary,
+                                                                                   background)), dictionary))
+            codes, info = self._solve(scan, x_low, lam.to(x_low.real.dtype), dictionary, steps, grad_iterations,
+                                      background, codes)
+            used = info.iterations + used
+        info = SolveInfo(used, info.relative_change)
+        image = self._image(scan, x_low, codes, dictionary, background)
+        return image, (x_low if scan.support is None else x_low * scan.support), info
+
+    @staticmethod
+    def _image(scan, x_low, codes, dictionary, background):
+        """x* = x_L + D s (times 1 − b with the weight: the background's remaining noise out; the data check judges
+        this image), 0 outside the coil maps' support."""
+        image = x_low + _fft.ifft2(dictionary.synthesize_fourier(_fft.fft2(codes)))
+        if background is not None:
             image = image * (1 - background.native)
-        if scan.support is not None:
-            image, x_low = image * scan.support, x_low * scan.support
-        return image, x_low, info
+        return image if scan.support is None else image * scan.support
 
     @staticmethod
     def _scan_in_noise_units(kspace, mask, coil_maps, noise_std) -> SimpleNamespace:
@@ -278,8 +298,9 @@ class CDLLambda(nn.Module):
         return self.split(x0, scale)
 
     def _solve(self, scan, x_low, lam, dictionary: Dictionary, iterations: int,
-               grad_iterations: int, background=None) -> tuple[torch.Tensor, SolveInfo]:
-        """s* of (PR) for y′ = y − A x_L with the chosen solver, its cap and stopping rule."""
+               grad_iterations: int, background=None, initial=None) -> tuple[torch.Tensor, SolveInfo]:
+        """s* of (PR) for y′ = y − A x_L with the chosen solver, its cap and stopping rule (FISTA from the codes
+        ``initial``, None: zero)."""
         shape = tuple(x_low.shape[-2:])
         d_hat = dictionary.spectra(shape, x_low.device, x_low.dtype)
         if self.solver == "admm":
@@ -291,9 +312,11 @@ class CDLLambda(nn.Module):
                               mask=None if scan.multi else scan.op.mask, y_hat=None if scan.multi else residual_data)
             return self.admm(problem, iterations, self.tolerance, grad_iterations)
         b_hat, normal_fourier, curvature = _smooth_term(scan, x_low, background, dictionary.kernel_size)
-        return self._fista(b_hat, normal_fourier, curvature, lam, dictionary, d_hat, iterations, grad_iterations)
+        return self._fista(b_hat, normal_fourier, curvature, lam, dictionary, d_hat, iterations, grad_iterations,
+                           initial)
 
-    def _fista(self, b_hat, normal_fourier, curvature, lam, dictionary, d_hat, iterations, grad_iterations):
+    def _fista(self, b_hat, normal_fourier, curvature, lam, dictionary, d_hat, iterations, grad_iterations,
+               initial=None):
         """FISTA on ½⟨D s, N D s⟩ − Re⟨D s, F⁻¹b̂⟩ + ‖Λ ⊙ s‖₁ (N and b̂ from :func:`_smooth_term`) with the step
         τ = c / (curvature · ‖D‖²) (≥ 1/‖N^½ D‖² since ‖A‖ ≤ 1), fused in the Fourier domain. ``curvature`` a
         number, or a map ``(B, 1, ny, nx)`` per code pixel (:func:`recon.background.local_curvature`): then the step
@@ -318,7 +341,8 @@ class CDLLambda(nn.Module):
                 z_hat = _fft.fft2(z)
                 return _fft.ifft2(torch.addcmul(z_hat, residual(z_hat), step_conj, value=-1))
 
-        codes0 = torch.zeros(b_hat.shape[0], dictionary.num_filters, *shape, dtype=d_hat.dtype, device=d_hat.device)
+        codes0 = torch.zeros(b_hat.shape[0], dictionary.num_filters, *shape, dtype=d_hat.dtype, device=d_hat.device) \
+            if initial is None else initial
         return fista(forward_step, step * lam, codes0, iterations, grad_iterations, self.inertia,
                      compiled=self.compiled, tolerance=self.tolerance, with_info=True)
 
@@ -336,6 +360,12 @@ class CDLLambda(nn.Module):
                            low_pass=_fft.from_native(x_low) * rescale, lambda_maps=lam, noise_std=scan.sigma,
                            residual_to_noise=ratio, iterations_used=info.iterations,
                            final_relative_change=info.relative_change, dictionary_scale=scale)
+
+
+def _pass_lengths(iterations: int, passes: int) -> list[int]:
+    """The cap split into ``passes`` passes as evenly as it goes, the longer ones last (32 in 2: 16, 16)."""
+    base, extra = divmod(iterations, passes)
+    return [base + (n >= passes - extra) for n in range(passes)]
 
 
 def _replace_rows(rows: torch.Tensor, replacement: tuple, current: tuple) -> tuple:

@@ -152,3 +152,44 @@ def test_a_larger_image_sees_the_dictionary_at_the_scale_the_network_was_trained
     assert (out.image - unscaled.image).abs().max() > 1e-2 * float(same.image.abs().max())
     with pytest.raises(ValueError, match="dictionary_scale"):
         CDLLambda(network, dictionary_scale=0)
+
+
+def test_lambda_passes_with_a_fixed_lambda_reach_the_same_minimiser():
+    """With one scalar Λ a second pass only restarts FISTA's momentum from the codes so far: run long enough, one pass
+    and two reach the same minimiser, and the iterations used add up to the cap."""
+    torch.manual_seed(2)
+    x = phantom(*SHAPE).unsqueeze(0)
+    y = fft2c(x) + 0.1 * torch.randn(1, *SHAPE, dtype=torch.complex64)
+    mask = equispaced_line_mask(SHAPE, 2, 8)
+    dictionary = random_dictionary(8, 5)
+    with torch.no_grad():
+        one = CDLLambda(None, scalar_lambda=1.0, iterations=600)(y * mask, mask, dictionary, noise_std=0.1)
+        two = CDLLambda(None, scalar_lambda=1.0, iterations=600, lambda_passes=2)(y * mask, mask, dictionary,
+                                                                                 noise_std=0.1)
+        short = CDLLambda(None, scalar_lambda=1.0, iterations=8, lambda_passes=2)(y * mask, mask, dictionary,
+                                                                                 noise_std=0.1)
+    assert relative(two.image, one.image) < 1e-3 and relative(short.image, one.image) > 10 * relative(two.image,
+                                                                                                      one.image)
+    assert int(two.iterations_used[0]) == 600
+
+
+def test_lambda_passes_infer_lambda_again_from_the_image_so_far(monkeypatch):
+    """Two passes call the network twice, first on x₀ and then on the image after the first pass (a different
+    input), and give a different image from one pass; ADMM refuses them."""
+    torch.manual_seed(3)
+    x = phantom(*SHAPE).unsqueeze(0)
+    mask = equispaced_line_mask(SHAPE, 3, 8)
+    y = (fft2c(x) + 0.1 * torch.randn(1, *SHAPE, dtype=torch.complex64)) * mask
+    dictionary = random_dictionary(8, 5)
+    net = LambdaNetV3(base_channels=4)
+    seen = []
+    original = net.forward
+    monkeypatch.setattr(net, "forward", lambda x0, d: seen.append(x0.clone()) or original(x0, d))
+    with torch.no_grad():
+        two = CDLLambda(net, iterations=16, lambda_passes=2)(y, mask, dictionary, noise_std=0.1)
+        first_only = len(seen)
+        one = CDLLambda(net, iterations=16)(y, mask, dictionary, noise_std=0.1)
+    assert first_only == 2 and relative(seen[1], seen[0]) > 1e-3 and torch.equal(seen[2], seen[0])
+    assert relative(two.image, one.image) > 1e-3
+    with pytest.raises(ValueError, match="FISTA"):
+        CDLLambda(net, solver="admm", lambda_passes=2)
