@@ -544,7 +544,7 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
                 "lr": config.lr, "weight_decay": config.weight_decay, "beta_lr": config.beta_lr,
                 "iterations": config.iterations, "grad_iterations": config.grad_iterations,
                 "base_channels": config.base_channels, "stages": config.stages, "seed": config.seed,
-                "solver": config.solver, "tolerance": config.tolerance}
+                "solver": config.solver, "tolerance": config.tolerance, "lambda_passes": config.lambda_passes}
     if config.background:  # recon.background: how its weight was trained
         training["background"] = {"supervision": config.background_supervision,
                                   "pretrain_steps": config.background_pretrain, "pretrain_lr": config.background_lr,
@@ -576,7 +576,8 @@ def export(checkpoint: Path, name: str, weights_dir: Path, set_default: bool = F
         entry = {"name": name, "file": f"{buffer_dir}/{name}.pt", "version": config.method, "sha256": sha,
                  "beta": round(float(model.split.beta.detach()), 4),
                  "solver": {"solver": config.solver, "iterations": int(deployed_iterations or config.val_iterations),
-                            "tolerance": config.tolerance},
+                            "tolerance": config.tolerance,
+                            **({"lambda_passes": config.lambda_passes} if config.lambda_passes > 1 else {})},
                  "training": training, "metrics": metrics}
         default = {"network": name} if set_default else {}
         if default_dictionary:

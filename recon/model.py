@@ -141,12 +141,13 @@ class CDLLambda(nn.Module):
     @classmethod
     def deployed(cls, loaded, iterations: int | None = None, compiled: bool = False,
                  dictionary_scale: float | str = "auto") -> "CDLLambda":
-        """The model a shipped network runs as: its Λ network and β with the solver, cap and stopping rule of its
-        manifest entry (``loaded``: a :class:`recon.weights.LoadedNetwork`); ``iterations`` overrides the cap."""
+        """The model a shipped network runs as: its Λ network and β with the solver, cap, stopping rule and Λ passes
+        of its manifest entry (``loaded``: a :class:`recon.weights.LoadedNetwork`); ``iterations`` overrides the
+        cap."""
         solver = loaded.solver_settings()
         return cls(loaded.network, beta=loaded.beta, iterations=int(iterations or solver["iterations"]),
                    compiled=compiled, solver=solver["solver"], tolerance=float(solver["tolerance"]),
-                   dictionary_scale=dictionary_scale)
+                   dictionary_scale=dictionary_scale, lambda_passes=int(solver.get("lambda_passes", 1)))
 
     def dictionary_scale_for(self, shape: tuple[int, int]) -> float:
         """How much finer a grid the dictionary's filters are resampled onto for an image of ``shape``

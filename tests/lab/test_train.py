@@ -117,6 +117,26 @@ def test_a_campaign_records_its_total_steps_and_the_solver_it_was_validated_for(
     assert "val_ssim" in second.history[-1] and 0 < second.history[-1]["val_ssim"] <= 1
 
 
+def test_a_network_trained_in_two_lambda_passes_is_deployed_with_them(registry, tmp_path):
+    """--lambda-passes 2: the exported entry's solver names the passes and the deployed model runs them (a network
+    trained without them names none and runs one)."""
+    import shutil
+
+    from cdl_lambda.recon.model import CDLLambda
+
+    root = tmp_path / "weights"
+    shutil.copytree(registry.root, root)
+    trainer = make_trainer(registry, "v3", steps=1, validate_every=1, lambda_passes=2)
+    assert trainer.model.lambda_passes == 2
+    trainer.run(tmp_path / "two.ckpt", progress=False)
+    entry = train.export(tmp_path / "two.ckpt", "two", root)
+    assert entry["solver"]["lambda_passes"] == 2 and entry["training"]["lambda_passes"] == 2
+    assert CDLLambda.deployed(WeightsRegistry(root).network("two")).lambda_passes == 2
+    make_trainer(registry, "v3", steps=1, validate_every=1).run(tmp_path / "one.ckpt", progress=False)
+    assert "lambda_passes" not in train.export(tmp_path / "one.ckpt", "one", root)["solver"]
+    assert CDLLambda.deployed(WeightsRegistry(root).network("one")).lambda_passes == 1
+
+
 def test_a_background_weight_trains_from_a_network_without_one(registry, tmp_path):
     """--background on a shipped network without the weight: the Λ network's weights carry over, the new weight
     starts near 0 (the network reconstructs as before) and its supervision reaches every new parameter."""
