@@ -102,10 +102,10 @@ class TrainConfig:
     background_pretrain: int = 0   # before step 1: this many steps training b alone on that BCE
     background_lr: float = 1e-3    # Adam learning rate of b's network in those steps
     background_dropout: float = 0.0  # share of training batches solved without b, as a withdrawn slice is
-    lambda_passes: int = 1  # FISTA passes, Λ inferred again from the image before each after the first
                                      # (recon.background.data_disagreement): keeps that image good
     background_form: str = "penalty"  # how (PR) uses b: "penalty" or "factor" (recon.background.FORMS)
     background_step: str = "uniform"  # the penalty form's FISTA step: "uniform" or "local" (recon.background.STEPS)
+    lambda_passes: int = 1  # FISTA passes, Λ inferred again from the image before each after the first
     freeze_background: bool = False  # keep b's network and its gains as they start: only Λ's network and β train
     background_only: bool = False  # train b's network and its gains alone: Λ's network and β stay as they start
     scan_mix: str = "broad"        # multicoil: the training scans' draws (lab.multicoil.SCAN_MIXES)
