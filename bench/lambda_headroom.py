@@ -68,12 +68,14 @@ def fitted(model: CDLLambda, dictionary, scan, steps: int, lr: float) -> dict:
         x0_centred = _fft.from_native(x0)
         background = model.background_terms(x0_centred)
         lam0 = _fft.to_native(model.lambda_maps(x0_centred, dictionary).to(x0.real.dtype))
+        x_low = model._low_pass(data, x0, background, dictionary.scale)  # (PH) does not depend on Λ: once
     reference = torch.as_tensor(np.abs(scan.reference), dtype=torch.float32)
     cap = model.iterations
 
     def image(lam):
-        out, _, _ = model._reconstruct(data, x0, lam, dictionary, cap, cap, background)
-        return _fft.from_native(out)[0]
+        """The shipped image for this Λ: (PR) at the cap, every step differentiated, x* = x_L + D s* as shown."""
+        codes, _ = model._solve(data, x_low, lam, dictionary, cap, cap, background)
+        return _fft.from_native(model._image(data, x_low, codes, dictionary, background))[0]
 
     def quality(lam):
         with torch.no_grad():
