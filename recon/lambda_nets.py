@@ -7,6 +7,8 @@ All take the zero-filled image ``x0`` (complex ``(B, ny, nx)``, centred layout, 
 * V2: U-Net on [Re, Im] of Dᴴx0, 2K → K. Channels mix across filters (not equivariant).
 * V3: one shared U-Net 2 → 1 applied to each filter's [Re, Im] (Dᴴx0)_k, filters folded into the batch. Exactly
   equivariant, Λ(πD) = πΛ(D), so x* is invariant to the filter order; any K and any k_f at inference.
+  With ``context=True`` every filter's input also carries what is the same for all filters: [Re, Im] x0 and the
+  mean over filters of |(Dᴴx0)_k| (a symmetric function of the filters), 5 → 1: still exactly equivariant, any K.
 
 V3 with ``background=True`` also infers the background weight b of :mod:`recon.background` from x0 (its own small
 U-Net; b does not depend on the dictionary, so the equivariance holds).
@@ -53,6 +55,46 @@ class UNet(nn.Module):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(torch.cat([x, skip], dim=1))
         return self.head(x)
+
+    @torch.no_grad()
+    def load_narrower(self, state: dict, base_channels: int) -> None:
+        """Start from the weights ``state`` of a U-Net of the same stages, ``base_channels`` ≤ this one's and no more
+        inputs, so that this one computes the same output on inputs whose extra channels follow the old ones: every
+        old weight in its place, the weights from new channels (and inputs) into the old channels zero — the new
+        channels compute, but nothing reads them yet — and the new channels' own from their initialisation. A block
+        that concatenates the up-sampled features with the skip is mapped part by part."""
+        stages = len(self.up)
+        old = [base_channels * 2 ** i for i in range(stages + 1)]
+        new = [self.head.in_channels * 2 ** i for i in range(stages + 1)]
+        if any(o > n for o, n in zip(old, new)):
+            raise ValueError(f"a U-Net of {base_channels} base channels is not narrower than {new[0]}")
+
+        def spans(parts):  # old input channels → positions among the new ones: [(new_start, count), …]
+            starts = [0]
+            for _, n in parts[:-1]:
+                starts.append(starts[-1] + n)
+            return [(start, o) for start, (o, _) in zip(starts, parts)]
+
+        inputs = {}  # module prefix → (old input spans, old output channels)
+        inputs["down.0.0"] = ([(0, state["down.0.0.weight"].shape[1])], old[0])  # the first inputs may be fewer
+        inputs["down.0.2"] = (spans([(old[0], new[0])]), old[0])
+        for i in range(1, stages + 1):
+            inputs[f"down.{i}.0"] = (spans([(old[i - 1], new[i - 1])]), old[i])
+            inputs[f"down.{i}.2"] = (spans([(old[i], new[i])]), old[i])
+        for j, i in enumerate(reversed(range(stages))):
+            inputs[f"up.{j}.0"] = (spans([(old[i + 1], new[i + 1]), (old[i], new[i])]), old[i])
+            inputs[f"up.{j}.2"] = (spans([(old[i], new[i])]), old[i])
+        inputs["head"] = (spans([(old[0], new[0])]), self.head.out_channels)
+        own = self.state_dict()
+        for prefix, (parts, out) in inputs.items():
+            weight, bias = own[prefix + ".weight"], own[prefix + ".bias"]
+            weight[:out] = 0
+            column = 0
+            for start, count in parts:
+                weight[:out, start:start + count] = state[prefix + ".weight"][:, column:column + count]
+                column += count
+            bias[:out] = state[prefix + ".bias"]
+        self.load_state_dict(own)
 
 
 def _complex_to_channels(x: torch.Tensor) -> torch.Tensor:
@@ -125,8 +167,21 @@ class LambdaNetV2(LambdaNetV1):
         return self.activate(self.unet(_complex_to_channels(dictionary.analyze(x0))))
 
 
+CONTEXT_CHANNELS = 3
+
+
+def filter_context(x0: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """What every filter's Λ may also see, invariant to the filters' order: real ``(B, 3, ny, nx)`` of [Re x0,
+    Im x0, mean_k |(Dᴴx0)_k|] (the image, and how much the dictionary as a whole responds at each pixel)."""
+    image = torch.view_as_real(x0).permute(0, 3, 1, 2)
+    # sorted first, so the sum runs in the same order whatever the filters' order: exactly invariant, not to rounding
+    response = coefficients.abs().sort(dim=1).values.mean(dim=1, keepdim=True)
+    return torch.cat([image, response], dim=1)
+
+
 class LambdaNetV3(LambdaNet):
-    """One U-Net 2 → 1 shared by all filters: Λ_k = u_b · sigmoid(U([Re, Im] (Dᴴx0)_k)).
+    """One U-Net 2 → 1 shared by all filters: Λ_k = u_b · sigmoid(U([Re, Im] (Dᴴx0)_k)); with ``context``,
+    5 → 1: Λ_k = u_b · sigmoid(U([Re, Im] (Dᴴx0)_k, :func:`filter_context`)).
 
     ``chunk`` bounds how many filter maps pass through the U-Net at once (memory on large K × batch). On the CPU the
     chunk is also cut to about :data:`CPU_CHUNK_PIXELS` pixels, so that the activations stay in the caches: the
@@ -135,10 +190,11 @@ class LambdaNetV3(LambdaNet):
     version = "v3"
 
     def __init__(self, base_channels: int = 16, stages: int = 2, upper_bound: float = 1.0, chunk: int = 256,
-                 background: bool = False, background_form: str = "penalty", background_step: str = "uniform"):
+                 background: bool = False, background_form: str = "penalty", background_step: str = "uniform",
+                 context: bool = False):
         super().__init__(upper_bound)
-        self.base_channels, self.stages, self.chunk = base_channels, stages, chunk
-        self.unet = UNet(2, 1, base_channels, stages)
+        self.base_channels, self.stages, self.chunk, self.context = base_channels, stages, chunk, context
+        self.unet = UNet(2 + CONTEXT_CHANNELS * context, 1, base_channels, stages)
         self._init_head()
         self.background = (BackgroundWeight(UNet(2, 1, base_channels, stages), background_form, background_step)
                            if background else None)
@@ -147,6 +203,10 @@ class LambdaNetV3(LambdaNet):
         coefficients = dictionary.analyze(x0)  # (B, K, ny, nx)
         batch, k = coefficients.shape[:2]
         per_filter = _complex_to_channels(coefficients.flatten(0, 1).unsqueeze(1))  # (B·K, 2, ny, nx)
+        if self.context:
+            shared = filter_context(x0, coefficients)  # (B, 3, ny, nx), the same for every filter
+            shared = shared.unsqueeze(1).expand(batch, k, *shared.shape[1:]).flatten(0, 1)
+            per_filter = torch.cat([per_filter, shared], dim=1)  # (B·K, 5, ny, nx)
         # channels-last activations: oneDNN/cuDNN convolutions run markedly faster in that layout
         per_filter = per_filter.contiguous(memory_format=torch.channels_last)
         chunk = self.chunk
@@ -156,7 +216,7 @@ class LambdaNetV3(LambdaNet):
         return self.activate(out.view(batch, k, *out.shape[-2:]))
 
     def config(self) -> dict:
-        extra = {}
+        extra = {"context": True} if self.context else {}  # without it, as every network before it
         if self.background is not None:  # the penalty form is the default and stays implicit
             extra["background"] = True
             if self.background.form != "penalty":

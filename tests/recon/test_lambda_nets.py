@@ -52,6 +52,30 @@ def test_v3_permutation_leaves_image_unchanged(data):
     assert out.lambda_maps.std() > 1e-3  # the maps are not trivially constant
 
 
+def test_v3_with_filter_context_stays_equivariant_and_sees_the_image(data):
+    """The context channels (x0 and the filters' mean response) are the same for every filter: Λ(πD) = πΛ(D) still,
+    for any K; and a filter's Λ now depends on the image beyond its own response."""
+    kspace, mask = data
+    dictionary = random_dictionary(12, 5, seed=3)
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(7))
+    net = _randomise(LambdaNetV3(base_channels=8, context=True))
+    out = reconstruct(net, kspace, mask, dictionary)
+    permuted = reconstruct(net, kspace, mask, dictionary.permuted(order))
+    assert relative(permuted.image, out.image) < 1e-5
+    assert torch.allclose(permuted.lambda_maps, out.lambda_maps[:, order], atol=1e-6)
+    assert out.lambda_maps.std() > 1e-3
+    assert reconstruct(net, kspace, mask, random_dictionary(20, 7, seed=5)).lambda_maps.shape == (1, 20, *SHAPE)
+    # the first filter's Λ with the other eleven filters replaced: its own response is unchanged, the context not
+    others = random_dictionary(12, 5, seed=9).filters
+    swapped = type(dictionary)(torch.cat([dictionary.filters[:1], others[1:]]))
+    x0 = torch.randn(1, *SHAPE, dtype=torch.complex64)
+    with torch.no_grad():
+        first, second = net(x0, dictionary)[:, 0], net(x0, swapped)[:, 0]
+        plain = _randomise(LambdaNetV3(base_channels=8))
+        assert torch.equal(plain(x0, dictionary)[:, 0], plain(x0, swapped)[:, 0])  # without context: its own alone
+    assert relative(second, first) > 1e-3
+
+
 @pytest.mark.parametrize("net_class", [LambdaNetV1, LambdaNetV2])
 def test_v1_v2_are_not_permutation_invariant(data, net_class):
     kspace, mask = data
@@ -80,7 +104,8 @@ def test_v1_refuses_a_dictionary_of_another_size(data):
 
 
 def test_networks_rebuild_from_their_config():
-    for net in (LambdaNetV1(8, base_channels=8), LambdaNetV2(8, base_channels=8), LambdaNetV3(base_channels=8)):
+    for net in (LambdaNetV1(8, base_channels=8), LambdaNetV2(8, base_channels=8), LambdaNetV3(base_channels=8),
+                LambdaNetV3(base_channels=8, context=True)):
         rebuilt = build_lambda_net(net.config())
         assert type(rebuilt) is type(net)
         rebuilt.load_state_dict(net.state_dict())
@@ -105,3 +130,23 @@ def test_v3_in_cpu_sized_chunks_equals_one_pass(monkeypatch):
         whole = net(x0, dictionary)
     assert passes == [3, 3, 3, 3, 12]
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_a_wider_unet_started_from_a_narrower_one_computes_the_same(stages):
+    """UNet.load_narrower: twice the channels and three more inputs, the same output (the new ones unread at first);
+    the zero weights from the new channels into the old ones receive gradients, so training starts reading them."""
+    from cdl_lambda.recon.lambda_nets import UNet
+
+    torch.manual_seed(stages)
+    narrow, wide = UNet(2, 1, 4, stages), UNet(5, 1, 8, stages)
+    wide.load_narrower(narrow.state_dict(), 4)
+    x = torch.randn(3, 5, 37, 30)
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), narrow(x[:, :2]), rtol=0, atol=1e-6)
+        assert (wide(x * torch.tensor([1, 1, 2, 2, 2]).view(1, 5, 1, 1)) == wide(x)).all()  # the new inputs unread
+    wide(x).square().sum().backward()
+    assert wide.down[0][0].weight.grad[:4, 2:].abs().sum() > 0  # from the new inputs
+    assert wide.down[0][2].weight.grad[:4, 4:].abs().sum() > 0  # from the new channels
+    with pytest.raises(ValueError, match="not narrower"):
+        UNet(2, 1, 4, stages).load_narrower(wide.state_dict(), 8)
