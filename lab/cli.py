@@ -170,6 +170,8 @@ TRAIN_HELP = {
     "background_lr": "learning rate of those steps",
     "background_dropout": "with --background: share of the batches solved without the weight, as a slice whose "
                           "weight the data check withdraws is",
+    "context": "v3: each filter's U-Net also sees the image x0 and the filters' mean response |Dᴴx0| (still "
+               "equivariant to the filter order; from --init-network without it, the network starts as that one)",
     "lambda_passes": "v3 with FISTA: split the iterations into this many passes, Λ inferred again by the network "
                      "from the image so far before each pass after the first (the codes carried on)",
     "background_form": "with --background: how the solve uses the weight: penalty (a pull to zero, the step "

@@ -52,7 +52,7 @@ from cdl_lambda.lab.manifest import update_manifest
 from cdl_lambda.recon.background import FORMS, STEPS
 from cdl_lambda.recon.device import choose_device
 from cdl_lambda.recon.dictionary import Dictionary
-from cdl_lambda.recon.lambda_nets import NETWORKS, build_lambda_net, set_trained_matrix
+from cdl_lambda.recon.lambda_nets import NETWORKS, UNet, build_lambda_net, set_trained_matrix
 from cdl_lambda.recon.model import CDLLambda
 from cdl_lambda.recon.checksum import sha256_of
 from cdl_lambda.recon.weights import WeightsRegistry, save_network, trained_matrix
@@ -105,6 +105,7 @@ class TrainConfig:
                                      # (recon.background.data_disagreement): keeps that image good
     background_form: str = "penalty"  # how (PR) uses b: "penalty" or "factor" (recon.background.FORMS)
     background_step: str = "uniform"  # the penalty form's FISTA step: "uniform" or "local" (recon.background.STEPS)
+    context: bool = False  # v3: each filter's U-Net also sees x0 and the filters' mean response (lambda_nets)
     lambda_passes: int = 1  # FISTA passes, Λ inferred again from the image before each after the first
     freeze_background: bool = False  # keep b's network and its gains as they start: only Λ's network and β train
     background_only: bool = False  # train b's network and its gains alone: Λ's network and β stay as they start
@@ -156,6 +157,10 @@ def build_model(config: TrainConfig, num_filters: int | None = None) -> nn.Modul
     if config.background_only and (config.freeze_background or config.background_dropout):
         raise ValueError("--background-only leaves nothing to train with --freeze-background, or in the batches "
                          "--background-dropout solves without the weight")
+    if config.context:
+        if config.method != "v3":
+            raise ValueError("--context needs --method v3")
+        net_config["context"] = True
     if config.background:
         if config.method != "v3":
             raise ValueError("--background needs --method v3")
@@ -187,16 +192,32 @@ def build_model(config: TrainConfig, num_filters: int | None = None) -> nn.Modul
 
 
 def load_shipped_network(network: nn.Module, shipped: nn.Module, name: str) -> None:
-    """Copy a shipped Λ network's weights into ``network`` of the same architecture; a shipped network without a
-    background weight may start one that has it (the new weight keeps its initialisation)."""
+    """Copy a shipped Λ network's weights into ``network`` of the same architecture, or of a larger one that starts
+    as the shipped one computes: a shipped network without a background weight may start one that has it (the new
+    weight keeps its initialisation), one without the filter context one with it, one with fewer base channels a
+    wider one (:meth:`recon.lambda_nets.UNet.load_narrower`: the new inputs and channels start unread)."""
     own, theirs = dict(network.config()), dict(shipped.config())
     own_background, their_background = own.pop("background", False), theirs.pop("background", False)
+    own_context, their_context = own.pop("context", False), theirs.pop("context", False)
+    own_base, their_base = own.pop("base_channels"), theirs.pop("base_channels")
     for solve in ("background_form", "background_step"):  # a network may move to another form or step
         own.pop(solve, None), theirs.pop(solve, None)
-    if own != theirs or (their_background and not own_background):
+    if (own != theirs or (their_background and not own_background) or (their_context and not own_context)
+            or their_base > own_base):
         raise ValueError(f"--init-network {name}: its architecture {shipped.config()} differs from the configured "
                          f"{network.config()}")
-    network.load_state_dict(shipped.state_dict(), strict=own_background == their_background)
+    state = shipped.state_dict()
+    if own_context == their_context and own_base == their_base:
+        network.load_state_dict(state, strict=own_background == their_background)
+        return
+    unets = [prefix for prefix, module in network.named_modules() if isinstance(module, UNet)]
+    inside = {prefix: {key[len(prefix) + 1:]: value for key, value in state.items() if key.startswith(prefix + ".")}
+              for prefix in unets}
+    rest = {key: value for key, value in state.items() if not any(key.startswith(p + ".") for p in unets)}
+    network.load_state_dict(rest, strict=False)  # the gains; the U-Nets below
+    for prefix in unets:
+        if inside[prefix]:  # a background U-Net the shipped network lacks keeps its initialisation
+            network.get_submodule(prefix).load_narrower(inside[prefix], their_base)
 
 
 def shipped_baseline_state(config: TrainConfig, model: nn.Module) -> dict:

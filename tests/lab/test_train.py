@@ -167,7 +167,39 @@ def test_a_background_weight_trains_from_a_network_without_one(registry, tmp_pat
     assert exported.network.config()["background"] is True
     assert exported.settings["matrix"] == 32 and exported.network.background.matrix == 32  # b at its trained matrix
     with pytest.raises(ValueError, match="architecture"):
-        make_trainer(WeightsRegistry(root), "v3", init_network="plain", weights_dir=str(root), base_channels=8)
+        make_trainer(WeightsRegistry(root), "v3", init_network="plain", weights_dir=str(root), stages=2)
+
+
+@pytest.mark.parametrize("base_channels", [4, 8])
+def test_filter_context_trains_from_a_network_without_it(registry, tmp_path, base_channels):
+    """--context (and a wider U-Net) on a shipped network without it: the network starts where that one is (the
+    same Λ), its new input weights receive gradients, and it exports and loads with the context; the reverse and a
+    narrower network are refused."""
+    import shutil
+
+    root = tmp_path / "weights"
+    shutil.copytree(registry.root, root)
+    first = make_trainer(registry, "v3", steps=1)
+    first.run(tmp_path / "first.ckpt", progress=False)
+    train.export(tmp_path / "first.ckpt", "plain", root)
+    second = make_trainer(WeightsRegistry(root), "v3", init_network="plain", weights_dir=str(root), context=True,
+                          base_channels=base_channels)
+    plain = WeightsRegistry(root).network("plain").network
+    batch = next(second.stream)
+    dictionary = second.train_dicts[0]
+    x0 = torch.randn(2, 32, 32, dtype=torch.complex64)
+    with torch.no_grad():
+        torch.testing.assert_close(second.model.lambda_net(x0, dictionary), plain(x0, dictionary), rtol=0, atol=1e-6)
+    first_conv = second.model.lambda_net.unet.down[0][0].weight
+    assert first_conv.shape[:2] == (base_channels, 5) and not first_conv[:4, 2:].any()
+    train.image_loss(train.reconstruct(second.model, batch, dictionary).image, batch.target).backward()
+    assert first_conv.grad[:, 2:].abs().sum() > 0
+    second.save(tmp_path / "context.ckpt")
+    train.export(tmp_path / "context.ckpt", "with-context", root)
+    assert WeightsRegistry(root).network("with-context").network.config()["context"] is True
+    for narrower in (dict(base_channels=base_channels), dict(context=True, base_channels=base_channels // 2)):
+        with pytest.raises(ValueError, match="architecture"):
+            make_trainer(WeightsRegistry(root), "v3", init_network="with-context", weights_dir=str(root), **narrower)
 
 
 def test_pretraining_the_background_weight_lowers_its_cross_entropy(registry):
