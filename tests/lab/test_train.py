@@ -137,16 +137,22 @@ def test_a_network_trained_in_two_lambda_passes_is_deployed_with_them(registry, 
     assert CDLLambda.deployed(WeightsRegistry(root).network("one")).lambda_passes == 1
 
 
-def test_a_background_weight_trains_from_a_network_without_one(registry, tmp_path):
-    """--background on a shipped network without the weight: the Λ network's weights carry over, the new weight
-    starts near 0 (the network reconstructs as before) and its supervision reaches every new parameter."""
+def weights_with_plain_network(registry, tmp_path):
+    """A copy of the test weights folder with a V3 network "plain" (no background weight, no context) trained one
+    step and exported into it."""
     import shutil
 
     root = tmp_path / "weights"
     shutil.copytree(registry.root, root)
-    first = make_trainer(registry, "v3", steps=1)
-    first.run(tmp_path / "first.ckpt", progress=False)
+    make_trainer(registry, "v3", steps=1).run(tmp_path / "first.ckpt", progress=False)
     train.export(tmp_path / "first.ckpt", "plain", root)
+    return root
+
+
+def test_a_background_weight_trains_from_a_network_without_one(registry, tmp_path):
+    """--background on a shipped network without the weight: the Λ network's weights carry over, the new weight
+    starts near 0 (the network reconstructs as before) and its supervision reaches every new parameter."""
+    root = weights_with_plain_network(registry, tmp_path)
     second = make_trainer(WeightsRegistry(root), "v3", init_network="plain", weights_dir=str(root), background=True,
                           background_supervision=0.1)
     plain = WeightsRegistry(root).network("plain").network
@@ -175,13 +181,7 @@ def test_filter_context_trains_from_a_network_without_it(registry, tmp_path, bas
     """--context (and a wider U-Net) on a shipped network without it: the network starts where that one is (the
     same Λ), its new input weights receive gradients, and it exports and loads with the context; the reverse and a
     narrower network are refused."""
-    import shutil
-
-    root = tmp_path / "weights"
-    shutil.copytree(registry.root, root)
-    first = make_trainer(registry, "v3", steps=1)
-    first.run(tmp_path / "first.ckpt", progress=False)
-    train.export(tmp_path / "first.ckpt", "plain", root)
+    root = weights_with_plain_network(registry, tmp_path)
     second = make_trainer(WeightsRegistry(root), "v3", init_network="plain", weights_dir=str(root), context=True,
                           base_channels=base_channels)
     plain = WeightsRegistry(root).network("plain").network
